@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` (the main job on its embedded default) and
+# `make test` (the whole suite). Each builds .venv by itself and is idempotent.
+PY := .venv/bin/python
+.DEFAULT_GOAL := demo
+
+.venv/.base: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned (a CPU build from this machine's disk); never an open range.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+.venv/.dev: .venv/.base
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: .venv/.base
+	.venv/bin/llmkit demo
+
+test: .venv/.dev
+	$(PY) -m pytest -q
+
+.PHONY: demo test

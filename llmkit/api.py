@@ -1,0 +1,126 @@
+"""The public Python surface: `llmkit.load(path)` → LanguageModel (.model, .tokenizer, .generate).
+
+A path is a training output directory (its newest complete checkpoint is used) or one checkpoint
+directory (`config.json` + `model.safetensors` + `tokenizer.json`). Weights are read with
+safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from llmkit.config import ModelConfig
+from llmkit.errors import CheckpointError, GenerationError
+from llmkit.inference.generate import generate_stream
+from llmkit.inference.sampling import SamplingParams
+from llmkit.io.checkpoint import latest_checkpoint, load_tensors, read_json, verify_checkpoint
+from llmkit.io.weights import load_model_tensors
+from llmkit.models.causal_lm import CausalLM
+from llmkit.tokenizer import Tokenizer
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model directory")
+    if (path / "manifest.json").exists():
+        verify_checkpoint(path)
+        return path
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise CheckpointError(f"{path}/checkpoints: no complete checkpoint")
+        return found
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    for pickled in ("pytorch_model.bin", "model.pt", "model.bin"):
+        if (path / pickled).exists():
+            raise CheckpointError(f"{path / pickled}: pickle checkpoints are refused (they can run code); "
+                                  f"convert it to safetensors")
+    raise CheckpointError(f"{path}: not a model directory (no checkpoints/, manifest.json or model.safetensors)")
+
+
+def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> "LanguageModel":
+    """Load a model and its tokenizer.
+
+    Args:
+        path: a `llmkit train` output directory or a checkpoint directory.
+        device: where to put the weights ("cpu", "cuda", …).
+        dtype: cast floating weights to this dtype (default: as stored).
+    """
+    ckpt = resolve_checkpoint(path)
+    meta = read_json(ckpt / "config.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{ckpt / 'config.json'}: missing the \"model\" object")
+    cfg = ModelConfig.from_dict(meta["model"], where=str(ckpt / "config.json"))
+    model = CausalLM(cfg)
+    load_model_tensors(model, load_tensors(ckpt / "model.safetensors"), where=str(ckpt / "model.safetensors"))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embeddings.embed.weight
+    model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+    return LanguageModel(model, Tokenizer.load(ckpt), ckpt)
+
+
+@dataclass
+class LanguageModel:
+    model: nn.Module
+    tokenizer: Tokenizer
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    def stream(self, prompt: str, *, max_new_tokens: int = 128, stop: Sequence[str] = (),
+               seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece as it is generated.
+
+        Args:
+            prompt: text to continue.
+            max_new_tokens: token budget; generation also ends at EOS, a stop string or the context limit.
+            stop: strings that end generation (not included in the output).
+            seed: makes sampling repeatable.
+            use_cache: False recomputes the whole sequence every step (slow; for comparison).
+            **sampling: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+                frequency_penalty (see llmkit.inference.sampling; temperature 0 is greedy).
+        """
+        unknown = sorted(set(sampling) - SAMPLING_FIELDS)
+        if unknown:
+            raise GenerationError(f"unknown sampling option(s): {', '.join(unknown)}")
+        params = SamplingParams(**sampling)
+        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+        # llmkit's training streams put EOS between documents, so EOS is also "a document starts here".
+        ids = eos + self.tokenizer.encode(prompt)
+        new: list[int] = []
+        emitted = 0
+        hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
+        for step in generate_stream(self.model, [ids], max_new_tokens=max_new_tokens, params=params,
+                                    eos_ids=eos, pad_id=self.tokenizer.pad_id or 0,
+                                    use_cache=use_cache, seed=seed):
+            new.append(step[0])
+            text = self.tokenizer.decode(new)
+            cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            if text.endswith("\ufffd"):
+                continue  # the last token ends inside a multi-byte character: wait for the rest
+            safe = len(text) - hold if stop else len(text)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text = self.tokenizer.decode(new)
+        if len(text) > emitted:
+            yield text[emitted:]
+
+    def generate(self, prompt: str, **kwargs: Any) -> str:
+        """The whole continuation of `prompt` as one string; same options as `stream`."""
+        return "".join(self.stream(prompt, **kwargs))

@@ -1,0 +1,221 @@
+"""The `llmkit` command line: thin argparse subcommands over the library.
+
+Each handler parses flags into a dataclass and calls one library function. Errors in user input
+(LlmkitError) print one line, `error: ...`, and exit with status 2; argparse does the same for bad
+flags. Progress bars and all printing live here, never in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import LlmkitError
+
+DEFAULT_OUT = "runs/demo"
+DEMO_PROMPTS = ("def ", "import os\n\n", "class Cache:\n    def __init__(self")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One `--dash-case` flag per dataclass field, its default and help taken from the field."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        base = f.type.replace(" | None", "") if isinstance(f.type, str) else f.type.__name__
+        kind = {"int": int, "float": float, "str": str}[base]
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"),
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def train_config_from(args: argparse.Namespace):
+    from llmkit.training.config import TrainConfig, load_config_file
+
+    values, model = load_config_file(args.config) if args.config else ({}, {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})  # flags override the file
+    return TrainConfig(**values), model
+
+
+def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Path:
+    from llmkit.training.pretrain import pretrain
+
+    cfg, model_overrides = train_config_from(args)
+    bar = None
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        nonlocal bar
+        if kind == "files":
+            skipped = ", ".join(f"{n} {k}" for k, n in info["skipped"].items() if n)
+            print(f"corpus: {info['files']} text files" + (f" (skipped: {skipped})" if skipped else ""),
+                  file=sys.stderr)
+        elif kind == "tokenizer":
+            print(f"training a BPE tokenizer (vocab {info['vocab_size']}) on "
+                  f"{info['sample_bytes'] / 1e6:.0f} MB of the corpus …", file=sys.stderr)
+        elif kind == "tokens":
+            print(f"tokens: {info['train_tokens']:,} train, {info['val_tokens']:,} validation", file=sys.stderr)
+        elif kind == "model":
+            print(f"model: {info['params'] / 1e6:.2f}M parameters", file=sys.stderr)
+        elif kind == "resume" and info["path"]:
+            print(f"resuming from {info['path']} (step {info['step']})", file=sys.stderr)
+        elif kind == "start":
+            from tqdm import tqdm
+
+            bar = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True,
+                       file=sys.stderr, disable=None)
+        elif kind == "eval":
+            line = f"step {info['step']}: val loss {info['val_loss']:.4f}, ppl {info['val_ppl']:.2f}"
+            if "val_bpb" in info:
+                line += f", {info['val_bpb']:.3f} bits/byte"
+            (bar.write if bar is not None else print)(line)
+
+    def on_step(row: dict) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            lr=f"{row['lr']:.1e}", refresh=False)
+
+    try:
+        pretrain(args.data, args.out, cfg, model_overrides=model_overrides, tokenizer_path=args.tokenizer,
+                 resume=args.resume, exclude=exclude, on_event=on_event, on_step=on_step)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)
+    return Path(args.out)
+
+
+def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import llmkit
+
+    from llmkit.inference.sampling import SamplingParams
+
+    sampling = sampling_from(args)
+    SamplingParams(**sampling)  # reject bad values before loading anything
+    lm = llmkit.load(args.model)
+    print(args.prompt, end="", flush=True)
+    for piece in lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
+                           seed=args.seed, use_cache=not args.no_kv_cache, **sampling):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from llmkit.data.corpus import find_text_files, read_text_file
+    from llmkit.tokenizer import Tokenizer
+
+    files, skipped = find_text_files(args.data)
+    tokenizer = Tokenizer.train((read_text_file(f) for f in files), args.vocab_size)
+    path = tokenizer.save(args.out)
+    print(f"trained on {len(files)} files; vocab {tokenizer.vocab_size}; saved {path}", file=sys.stderr)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The embedded default: train on this interpreter's standard library, then sample from it."""
+    import llmkit
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    args.data, args.tokenizer, args.config, args.resume = [stdlib], None, None, True
+    started = time.perf_counter()
+    cmd_train(args, exclude=("site-packages", "__pycache__"))
+    rows = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = [r for r in rows if "val_loss" in r][-1]
+    print(f"\nvalidation (held-out stdlib files): loss {last['val_loss']:.4f} nats/token, "
+          f"perplexity {last['val_ppl']:.2f}, {last.get('val_bpb', float('nan')):.3f} bits/byte "
+          f"[{time.perf_counter() - started:.0f} s]")
+    print(f"loss curve: {Path(args.out) / 'loss.png'}")
+    lm = llmkit.load(args.out)
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        text = lm.generate(prompt, max_new_tokens=96, temperature=0.8, top_k=50, seed=i)
+        print(f"\n--- sample {i + 1} (prompt {prompt!r}) ---\n{prompt}{text}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from llmkit.config import PRESETS, preset
+
+    for name in PRESETS:
+        cfg = preset(name)
+        print(f"{name:14s} {cfg.num_params() / 1e6:8.2f}M  d_model={cfg.d_model} layers={cfg.n_layers} "
+              f"heads={cfg.n_heads}/{cfg.n_kv_heads} {cfg.position} {cfg.norm} {cfg.mlp}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmkit.training.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="llmkit", description="Train, run and inspect language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def train_flags(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+        if not demo:
+            p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                           help="text files or directories (read recursively; every UTF-8 file counts)")
+            p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer (default: train one on the data)")
+            p.add_argument("--config", metavar="FILE", help="JSON file of training fields (+ \"model\": {...})")
+            p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+        p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
+                       help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
+        add_dataclass_flags(p, TrainConfig)
+
+    train_flags(sub.add_parser("train", help="pretrain a causal LM on text (next-token prediction)"))
+    demo = sub.add_parser("demo", help="the embedded default: train on the Python stdlib, then sample")
+    train_flags(demo, demo=True)
+    demo.set_defaults(steps=600, max_minutes=6.0, dtype="bf16", lr=2e-3, warmup_steps=30, eval_interval=100,
+                      batch_size=16)
+
+    gen = sub.add_parser("generate", help="continue a prompt, streaming tokens as they are made")
+    gen.add_argument("--model", required=True, metavar="DIR", help="a training output or checkpoint directory")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default: 128)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass ≥ p (1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × top probability")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    gen.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    gen.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
+    gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
+                                                                             required=True)
+    tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    tok_train.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    tok_train.add_argument("--vocab-size", type=int, default=8192)
+    tok_train.add_argument("--out", required=True, metavar="DIR")
+
+    sub.add_parser("presets", help="list model presets")
+    return parser
+
+
+HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
+            "tokenizer": cmd_tokenizer_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        HANDLERS[args.command](args)
+    except LlmkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

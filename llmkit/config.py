@@ -1,0 +1,156 @@
+"""ModelConfig: one frozen description of a model, interpreted by one set of layers.
+
+A GPT-2 and a LLaMA differ only in the fields below (norm kind and placement, MLP kind, position
+scheme, biases, tying). Presets are plain dicts; a preset name selects field values, never a code
+path. Derived values and range checks live in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from llmkit.errors import ConfigError
+
+Norm = Literal["layernorm", "rmsnorm"]
+NormPosition = Literal["pre", "post"]
+MLPKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    max_seq_len: int = 256
+    d_model: int = 384
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None → n_heads (MHA); 1 → MQA; in between → GQA
+    head_dim: int | None = None  # None → d_model // n_heads
+    d_ff: int | None = None  # None → 4·d_model (gelu/relu) or LLaMA's 8/3·d_model rounded (gated)
+    mlp: MLPKind = "gelu_tanh"
+    norm: Norm = "layernorm"
+    norm_position: NormPosition = "pre"
+    norm_eps: float = 1e-5
+    position: PositionKind = "learned"
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in every linear layer and LayerNorm
+    qkv_bias: bool | None = None  # None → bias (Qwen2: True with bias=False)
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        def derive(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name, allowed in (("mlp", MLP_KINDS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
+                              ("position", POSITION_KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
+                                  f"got {getattr(self, name)!r}")
+        if self.n_kv_heads is None:
+            derive("n_kv_heads", self.n_heads)
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by "
+                                  f"n_heads={self.n_heads}; set head_dim explicitly")
+            derive("head_dim", self.d_model // self.n_heads)
+        if self.position == "rope" and self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.d_ff is None:
+            gated = self.mlp in ("swiglu", "geglu")
+            # LLaMA keeps the gated MLP's parameter count equal to a 4x MLP: 2/3 of 4·d, rounded up to 64.
+            derive("d_ff", 64 * math.ceil(8 * self.d_model / 3 / 64) if gated else 4 * self.d_model)
+        if self.qkv_bias is None:
+            derive("qkv_bias", self.bias)
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "config") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown model field(s) {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a wrong type reached a comparison in __post_init__
+            raise ConfigError(f"{where}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        """Parameter count, computed from the fields (checked against the module in tests)."""
+        d, f, L = self.d_model, self.d_ff, self.n_layers
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attn = d * q_out + 2 * d * kv_out + q_out * d
+        if self.qkv_bias:
+            attn += q_out + 2 * kv_out
+        if self.bias:
+            attn += d
+        mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        total = L * (attn + mlp + 2 * norm) + norm
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            if self.position == "learned":
+                total += self.max_seq_len * d
+        return total
+
+
+_GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
+_LLAMA = dict(mlp="swiglu", norm="rmsnorm", position="rope", bias=False, tie_embeddings=False, norm_eps=1e-6)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # tiny sizes for tests: a second or two to build and run
+    "gpt2-tiny": dict(_GPT2, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+    "llama-tiny": dict(_LLAMA, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
+    # the embedded demo's model: sized to learn the most in ~4 minutes on 2 CPU cores
+    "gpt2-demo": dict(_GPT2, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
+    "llama-demo": dict(_LLAMA, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    # the benchmark's config (6 layers, 6 heads, width 384, context 256)
+    "gpt2-mini": dict(_GPT2, d_model=384, n_layers=6, n_heads=6, max_seq_len=256),
+    "llama-mini": dict(_LLAMA, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=256),
+    # the published shapes
+    "gpt2-small": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50257),
+    "gpt2-medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50257),
+    "llama-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                     max_seq_len=2048, vocab_size=32000, rope_theta=500000.0),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a named preset, with field overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

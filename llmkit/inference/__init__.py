@@ -1,0 +1,1 @@
+"""Sampling, the KV cache and the autoregressive generation loop."""

@@ -1,0 +1,94 @@
+"""Turning next-token logits into a token: penalties, temperature, truncation, then a draw.
+
+The chain, applied in this documented order (Hugging Face's: temperature before truncation):
+  1. repetition penalty (CTRL, Keskar et al. 2019) over prompt + generated tokens;
+     presence / frequency penalties (OpenAI) over generated tokens only;
+  2. temperature (0 → greedy argmax, nothing else below applies);
+  3. top-k: keep the k most likely;
+  4. top-p (nucleus, Holtzman et al. 2019): keep the smallest set whose probability reaches p;
+  5. min-p: drop tokens whose probability is below min_p × the top probability;
+  6. draw from the renormalised distribution with the caller's torch.Generator (repeatable by seed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from llmkit.errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a number ≥ 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer ≥ 0"),
+            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a number > 0"),
+            ("presence_penalty", math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2,
+             "in [-2, 2]"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2,
+             "in [-2, 2]"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise GenerationError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_penalties(logits: Tensor, params: SamplingParams, seen: Tensor, generated_counts: Tensor) -> Tensor:
+    """logits (B, V); seen (B, V) bool over prompt + output; generated_counts (B, V) over output."""
+    if params.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.presence_penalty or params.frequency_penalty:
+        counts = generated_counts.to(logits.dtype)
+        logits = logits - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+    return logits
+
+
+def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach p (the top token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, *, generator: torch.Generator | None = None,
+           seen: Tensor | None = None, generated_counts: Tensor | None = None) -> Tensor:
+    """Pick the next token for each row of (B, V) logits → (B,) LongTensor."""
+    if seen is not None:
+        logits = apply_penalties(logits, params, seen, generated_counts)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, params).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

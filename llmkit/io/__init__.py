@@ -1,0 +1,1 @@
+"""File formats and crash-safe on-disk protocols (checkpoints, atomic writes)."""

@@ -1,0 +1,1 @@
+"""The building blocks every model family is made of."""

@@ -1,0 +1,95 @@
+"""Scaled dot-product attention (Vaswani et al. 2017) for every variant: MHA, GQA, MQA; causal or
+bidirectional; with padding masks, additive biases (ALiBi) and a KV cache.
+
+`attend` is the kernel, in two implementations proven equal in tests:
+- "reference": softmax(q·kᵀ/√d + bias + mask) · v, written as a reader expects;
+- "sdpa": torch's fused `scaled_dot_product_attention` (the default).
+`Attention` is the layer: projections → heads → RoPE → cache → kernel → merge, written once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.config import ModelConfig
+from llmkit.layers.position import apply_rope
+
+
+def causal_mask(q_index: Tensor, k_index: Tensor) -> Tensor:
+    """(Tq, Tk) bool, True where query i may see key j (j ≤ i, by absolute index)."""
+    return k_index[None, :] <= q_index[:, None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tensor | None = None,
+           bias: Tensor | None = None, scale: float | None = None, dropout: float = 0.0,
+           impl: str = "sdpa") -> Tensor:
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D).
+
+    `mask` is bool, broadcastable to (B, H, Tq, Tk), True = may attend. `bias` is added to the
+    scores. `causal` aligns the last query with the last key (queries are the newest positions),
+    which is the right convention when Tq < Tk during cached decoding.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if causal and (Tq != Tk or impl == "reference" or mask is not None or bias is not None):
+        offset = torch.arange(Tk - Tq, Tk, device=q.device)
+        cm = causal_mask(offset, torch.arange(Tk, device=q.device))
+        mask = cm if mask is None else mask & cm
+        causal = False
+    if impl == "reference":
+        return _attend_reference(q, k, v, mask=mask, bias=bias, scale=scale, dropout=dropout)
+    assert impl == "sdpa", f"unknown attention impl {impl}"
+    attn_mask = mask
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)
+        if mask is not None:
+            attn_mask = attn_mask.masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout,
+                                          is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attend_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
+                      scale: float, dropout: float) -> Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA/MQA: each key/value head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, Tq, Tk)
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout).to(v.dtype)
+    return weights @ v  # (B, H, Tq, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.impl = "sdpa"
+
+    def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
+                mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # k, v become everything cached so far plus these T positions
+            k, v = cache.update(layer, k, v)
+        y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl,
+                   dropout=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
+        return self.resid_dropout(self.o_proj(y))

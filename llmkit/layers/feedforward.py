@@ -1,0 +1,47 @@
+"""Position-wise feed-forward networks: the plain MLP (GPT-2, BERT) and the gated MLP (LLaMA).
+
+MLP:       down(act(up(x)))
+GatedMLP:  down(act(gate(x)) * up(x))   — SwiGLU uses SiLU, GeGLU uses GELU (Shazeer 2020,
+           "GLU Variants Improve Transformer", arXiv 2002.05202).
+"""
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "relu": F.relu,
+    "swiglu": F.silu,
+    "geglu": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, *, kind: str, bias: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[kind]
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(self.act(self.up_proj(x))))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, *, kind: str, bias: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[kind]
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def build_mlp(kind: str, d_model: int, d_ff: int, *, bias: bool, dropout: float) -> nn.Module:
+    cls = GatedMLP if kind in ("swiglu", "geglu") else MLP
+    return cls(d_model, d_ff, kind=kind, bias=bias, dropout=dropout)

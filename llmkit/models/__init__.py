@@ -1,0 +1,1 @@
+"""Model families assembled from llmkit.layers."""

@@ -1,0 +1,66 @@
+"""Decoder-only language model (GPT-2, LLaMA): embeddings → causal Stack → LM head.
+
+`model(input_ids)` returns logits (B, T, vocab). For generation, pass a KVCache (`cache=`); the
+model advances `cache.pos` after the layer loop. `attention_mask` (B, T_total) marks real tokens
+(1) and left padding (0) for batches of prompts with different lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llmkit.config import ModelConfig
+from llmkit.models.transformer import Embeddings, Stack
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.stack = Stack(cfg, causal=True)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embeddings.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
+                positions: Tensor | None = None, cache=None) -> Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask,
+                                               positions=positions, cache=cache))
+
+    def hidden_states(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
+                      positions: Tensor | None = None, cache=None) -> Tensor:
+        B, T = input_ids.shape
+        offset = cache.pos if cache is not None else 0
+        if attention_mask is not None:
+            assert attention_mask.shape == (B, offset + T), "attention_mask must cover cached and new tokens"
+        if positions is None:
+            positions = default_positions(B, T, offset, attention_mask, input_ids.device)
+        assert int(positions.max()) < self.cfg.max_seq_len or self.cfg.position in ("rope", "alibi", "none"), \
+            f"position {int(positions.max())} is past max_seq_len={self.cfg.max_seq_len}"
+        x = self.embeddings(input_ids, positions)
+        x = self.stack(x, positions, key_mask=attention_mask, cache=cache)
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+
+def default_positions(B: int, T: int, offset: int, attention_mask: Tensor | None, device) -> Tensor:
+    """Positions (B, T): offset..offset+T-1, or, with left padding, counted from each row's first
+    real token so a padded prompt sees exactly the positions it would see alone."""
+    if attention_mask is None:
+        return torch.arange(offset, offset + T, device=device).expand(B, T)
+    counted = attention_mask.long().cumsum(-1) - 1
+    return counted[:, offset:].clamp(min=0)

@@ -1,0 +1,187 @@
+"""Byte-level BPE tokenizer: a thin, strict wrapper around the Hugging Face `tokenizers` library.
+
+Text is mapped to bytes before BPE, and all 256 byte symbols are in every vocabulary, so any
+Python `str` round-trips exactly: `decode(encode(s)) == s`. The special tokens of
+`SPECIAL_TOKENS` are registered first and so own ids 0..6; their literal text in the input
+encodes to those ids. The file format is the library's own `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llmkit.errors import CheckpointError, ConfigError
+
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "pad": "<|pad|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",
+}
+
+FILE_NAME = "tokenizer.json"
+_NUM_BYTES = 256
+
+
+def _one_line(text: str) -> str:
+    """Collapse a (possibly multi-line) library message into one line for an error."""
+    return " ".join(str(text).split()) or "unknown error"
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer; `encode` never adds special tokens, `decode` keeps them."""
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        bos_token: str | None = SPECIAL_TOKENS["bos"],
+        eos_token: str | None = SPECIAL_TOKENS["eos"],
+        pad_token: str | None = SPECIAL_TOKENS["pad"],
+    ) -> None:
+        self.backend = backend
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.pad_token = pad_token
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
+        """Learn merges from `texts`; `vocab_size` counts the specials and the 256 bytes."""
+        minimum = _NUM_BYTES + len(SPECIAL_TOKENS)
+        if vocab_size < minimum:
+            raise ConfigError(
+                f"vocab_size: {vocab_size} is too small; a byte-level BPE needs at least "
+                f"{minimum} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+            )
+        if min_frequency < 1:
+            raise ConfigError(f"min_frequency: {min_frequency} must be >= 1")
+        backend = tokenizers.Tokenizer(models.BPE())
+        # add_prefix_space=False: a leading space would be invented on encode and break round trip.
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=False,  # the library never prints
+            special_tokens=list(SPECIAL_TOKENS.values()),  # trained first → ids 0..6 in order
+            # Every byte gets a symbol even if unseen, otherwise unseen bytes would be dropped.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        backend.train_from_iterator(texts, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Read a `tokenizer.json` file, or a directory holding one."""
+        path = Path(path)
+        file = path / FILE_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no {FILE_NAME} found")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
+        except OSError as exc:
+            raise CheckpointError(f"{file}: cannot read {FILE_NAME} ({_one_line(exc)})") from exc
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
+        except Exception as exc:  # the Rust side raises a bare Exception for every parse error
+            raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
+        return cls(backend)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/tokenizer.json` atomically and return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / FILE_NAME
+        data = self.backend.to_str(pretty=True).encode("utf-8")
+        # A temporary file in the same directory, then os.replace: readers never see a half file.
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{FILE_NAME}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_directory(directory)
+        return target
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token text inside it maps to the special ids."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts, encoded in parallel by the Rust backend."""
+        texts = list(texts)
+        # encode_batch_fast skips offset tracking, which we never use.
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [enc.ids for enc in encode(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens included."""
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    # ---- vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def _special_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_id(self.pad_token)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON: equal fingerprints mean identical tokenization."""
+        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself; some platforms cannot open a directory, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,95 @@
+"""TrainConfig: every training knob, with its default and help text in one place.
+
+The CLI builds its flags from these fields (dash-case flags, snake_case fields), and `--config
+FILE` (JSON) fills the same fields, rejecting unknown keys by name. Model shape lives in
+ModelConfig; a config file may carry it under "model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmkit.errors import ConfigError
+
+
+def knob(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    preset: str = knob("gpt2-demo", "model preset (see `llmkit presets`)")
+    steps: int = knob(1000, "optimizer steps to train for (total, counting resumed ones)")
+    batch_size: int = knob(16, "sequences per micro-batch")
+    seq_len: int | None = knob(None, "tokens per sequence (default: the model's context length)")
+    grad_accum: int = knob(1, "micro-batches accumulated per optimizer step")
+    lr: float = knob(1e-3, "peak learning rate")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak (cosine decay)")
+    warmup_steps: int = knob(50, "linear warmup steps")
+    weight_decay: float = knob(0.1, "AdamW weight decay (never on norms, biases or embeddings)")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
+    dtype: str = knob("fp32", "compute precision: fp32, or bf16 autocast", choices=("fp32", "bf16"))
+    eval_interval: int = knob(100, "evaluate (and checkpoint) every N steps")
+    eval_batches: int = knob(20, "validation batches per evaluation")
+    log_interval: int = knob(10, "log train loss every N steps")
+    keep_checkpoints: int = knob(2, "complete checkpoints to keep (at least 2)")
+    seed: int = knob(1337, "seed for initialisation, data order and dropout")
+    vocab_size: int = knob(8192, "tokenizer vocabulary size when one is trained on the data")
+    tokenizer_sample_bytes: int = knob(8_000_000, "bytes of the corpus used to train the tokenizer")
+    val_fraction: float = knob(0.02, "fraction of files held out for validation")
+    skip_nonfinite_steps: int = knob(0, "skip up to K consecutive steps with NaN/Inf loss or "
+                                        "gradients instead of stopping at the first")
+    max_minutes: float | None = knob(None, "stop (and save) after this many minutes of training")
+    threads: int | None = knob(None, "CPU threads for torch (default: all cores)")
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
+                    "vocab_size", "tokenizer_sample_bytes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps", "skip_nonfinite_steps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {value}")
+        if self.seq_len is not None and self.seq_len <= 0:
+            raise ConfigError(f"--seq-len must be > 0, got {self.seq_len}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ConfigError("--min-lr-ratio must be in [0, 1] and --beta1/--beta2 in [0, 1)")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a JSON config: TrainConfig fields at the top level, ModelConfig fields under "model"."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: config file is not UTF-8") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    model = data.pop("model", {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown training field(s) {', '.join(unknown)}")
+    if not isinstance(model, dict):
+        raise ConfigError(f"{path}: \"model\" must be a JSON object of ModelConfig fields")
+    return data, model
