@@ -64,6 +64,8 @@ def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Pat
             print(f"model: {info['params'] / 1e6:.2f}M parameters", file=sys.stderr)
         elif kind == "resume" and info["path"]:
             print(f"resuming from {info['path']} (step {info['step']})", file=sys.stderr)
+        elif kind == "start" and info["step"] >= info["steps"]:
+            print(f"already trained to step {info['step']} of {info['steps']}; nothing to do", file=sys.stderr)
         elif kind == "start":
             from tqdm import tqdm
 

@@ -60,6 +60,10 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
+        for name in ("n_kv_heads", "head_dim", "d_ff"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
         if self.n_kv_heads is None:
             derive("n_kv_heads", self.n_heads)
         if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
@@ -120,7 +124,7 @@ class ModelConfig:
             attn += d
         mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        total = L * (attn + mlp + 2 * norm) + norm
+        total = L * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.position == "learned":

@@ -59,21 +59,21 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
     seen = counts = None
     if penalties:
-        seen = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True) if mask is None else seen.scatter_(1, ids, mask.bool())
+        real = torch.ones_like(ids) if mask is None else mask  # padding does not count as seen
+        seen = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.long, device=device).scatter_add_(1, ids, real) > 0
         counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.long, device=device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # prefill
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits.float(), params, generator=generator, seen=seen, generated_counts=counts)
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             return
         yield [None if done else int(t) for t, done in zip(token.tolist(), finished.tolist())]
-        if ids.shape[1] >= max_len:
-            return  # context window full
+        if i == max_new_tokens - 1 or ids.shape[1] + 1 >= cfg.max_seq_len:
+            return  # budget spent, or prompt + output fill the context window: no wasted forward
         token = token.masked_fill(finished, pad_id)[:, None]  # (B, 1)
         if penalties:
             seen.scatter_(1, token, True)

@@ -93,3 +93,12 @@ class Attention(nn.Module):
                    dropout=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.resid_dropout(self.o_proj(y))
+
+
+def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Switch every Attention layer of `model` to "reference" or "sdpa" (returns the model)."""
+    assert impl in ("reference", "sdpa"), f"unknown attention impl {impl}"
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.impl = impl
+    return model

@@ -9,8 +9,6 @@ encodes to those ids. The file format is the library's own `tokenizer.json`.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmkit.errors import CheckpointError, ConfigError
+from llmkit.io.checkpoint import atomic_write_bytes
 
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<|bos|>",
@@ -107,18 +106,7 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / FILE_NAME
         data = self.backend.to_str(pretty=True).encode("utf-8")
-        # A temporary file in the same directory, then os.replace: readers never see a half file.
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{FILE_NAME}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_directory(directory)
+        atomic_write_bytes(target, data)  # readers never see a half-written file
         return target
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -171,17 +159,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself; some platforms cannot open a directory, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
