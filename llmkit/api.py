@@ -18,7 +18,7 @@ from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, GenerationError
 from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
-from llmkit.io.checkpoint import latest_checkpoint, load_tensors, read_json, verify_checkpoint
+from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
 from llmkit.io.weights import load_model_tensors
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
@@ -34,10 +34,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         verify_checkpoint(path)
         return path
     if (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise CheckpointError(f"{path}/checkpoints: no complete checkpoint")
-        return found
+        return require_checkpoint(path / "checkpoints")
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     for pickled in ("pytorch_model.bin", "model.pt", "model.bin"):

@@ -107,9 +107,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = sampling_from(args)
     SamplingParams(**sampling)  # reject bad values before loading anything
     lm = llmkit.load(args.model)
-    print(args.prompt, end="", flush=True)
-    for piece in lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
-                           seed=args.seed, use_cache=not args.no_kv_cache, **sampling):
+    pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
+                       seed=args.seed, use_cache=not args.no_kv_cache, **sampling)
+    first = next(pieces, "")  # validates the prompt (length) before anything is printed
+    print(args.prompt + first, end="", flush=True)
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
 

@@ -25,6 +25,23 @@ MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
 
 
+def check_field_types(obj: Any, where: str) -> None:
+    """Reject values whose type does not match the dataclass annotation (JSON gives "3" for 3)."""
+    for f in dataclasses.fields(obj):
+        value, annotation = getattr(obj, f.name), str(f.type)
+        if value is None and annotation.endswith("| None"):
+            continue
+        base = annotation.replace(" | None", "")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = {"int": is_number and float(value).is_integer(), "float": is_number,
+              "bool": isinstance(value, bool)}.get(base, isinstance(value, str))  # str and Literal kinds
+        if not ok:
+            expected = {"int": "an integer", "float": "a number", "bool": "true or false"}.get(base, "a string")
+            raise ConfigError(f"{where}.{f.name} must be {expected}, got {value!r}")
+        if base == "int" and not isinstance(value, int):
+            object.__setattr__(obj, f.name, int(value))  # 3.0 from JSON is 3
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -50,6 +67,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         def derive(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
+
+        check_field_types(self, "ModelConfig")
 
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)
@@ -157,4 +176,4 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     """Build a ModelConfig from a named preset, with field overrides."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return ModelConfig.from_dict({**PRESETS[name], **overrides}, where=f"preset {name}")

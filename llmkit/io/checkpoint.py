@@ -298,3 +298,18 @@ def latest_checkpoint(root: str | Path, *, verify: bool = True) -> Path | None:
         except CheckpointError:
             continue  # a corrupt newer checkpoint falls back to the previous one
     return None
+
+
+def require_checkpoint(root: str | Path) -> Path:
+    """The newest checkpoint that verifies, or a CheckpointError that says why there is none."""
+    path = latest_checkpoint(root)
+    if path is not None:
+        return path
+    candidates = list_checkpoints(root)
+    if not candidates:
+        raise CheckpointError(f"{root}: no complete checkpoint")
+    try:
+        verify_checkpoint(candidates[-1])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{root}: no usable checkpoint; the newest is corrupt: {exc}") from None
+    raise AssertionError("unreachable: a verified checkpoint was not returned")  # pragma: no cover

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmkit.config import check_field_types
 from llmkit.errors import ConfigError
 
 
@@ -50,6 +51,7 @@ class TrainConfig:
     threads: int | None = knob(None, "CPU threads for torch (default: all cores)")
 
     def __post_init__(self) -> None:
+        check_field_types(self, "TrainConfig")
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "log_interval",
                     "vocab_size", "tokenizer_sample_bytes")
         for name in positive:

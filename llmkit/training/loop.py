@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import CheckpointError, NonFiniteError
-from llmkit.io.checkpoint import latest_checkpoint, load_tensors, read_json, save_checkpoint
+from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, require_checkpoint, save_checkpoint
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.training.config import TrainConfig
 from llmkit.training.optim import build_optimizer, lr_at
@@ -71,13 +71,13 @@ class Trainer:
             json_files={**self.checkpoint_json, "train_state.json": train_state},
             copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
 
-    def resume(self, *, required: bool = False) -> Path | None:
-        """Load the newest complete checkpoint under out_dir, if any; returns its path."""
-        path = latest_checkpoint(self.checkpoint_root)
-        if path is None:
-            if required:
-                raise CheckpointError(f"{self.checkpoint_root}: no complete checkpoint to resume from")
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint under out_dir; None when there has never been one.
+
+        Checkpoints that exist but all fail verification are an error, not a fresh start."""
+        if not list_checkpoints(self.checkpoint_root):
             return None
+        path = require_checkpoint(self.checkpoint_root)
         saved = read_json(path / "train_state.json")
         mismatched = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
         if mismatched:

@@ -24,7 +24,7 @@ from llmkit.config import ModelConfig, preset
 from llmkit.data.batches import TokenBatches, eval_batches
 from llmkit.data.corpus import find_text_files, read_text_file, split_files, token_dtype, tokenize_files
 from llmkit.errors import ConfigError, DatasetError
-from llmkit.io.checkpoint import atomic_write_bytes, atomic_write_text
+from llmkit.io.checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints
 from llmkit.models.causal_lm import CausalLM
 from llmkit.plots import plot_loss_curve
 from llmkit.tokenizer import Tokenizer
@@ -137,6 +137,9 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     seq_len = cfg.seq_len or probe.max_seq_len
     if seq_len > probe.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({probe.max_seq_len})")
+    if not resume and list_checkpoints(out_dir / "checkpoints"):
+        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
+                          f"another --out")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -165,9 +168,6 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     if resume:
         path = trainer.resume()
         emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    elif (out_dir / "checkpoints").exists() and any((out_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
-                          f"another --out")
     emit("start", {"step": trainer.state.step, "steps": cfg.steps})
 
     def on_eval(row: dict) -> None:

@@ -301,4 +301,5 @@ def test_refused_train_leaves_the_run_tokenizer_alone(cli):
     line = one_error_line(results["again_other_tok"], progress_ok=True)
     assert "--resume" in line
     run_tok = paths["root"] / "again_other_tok" / "tokenizer.json"
-    assert run_tok.read_bytes() == (paths["tok"] / "tokenizer.json").read_bytes()
+    assert run_tok.read_bytes() == (paths["tok"] / "tokenizer.json").read_bytes(), \
+        f"{run_tok} was overwritten by the refused run's --tokenizer"
