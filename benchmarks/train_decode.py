@@ -221,29 +221,42 @@ class TrainResult:
     loss: float
 
 
-def time_training(name: str, precision: str, model: torch.nn.Module,
-                  loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor], optimizer: torch.optim.Optimizer,
-                  batch: tuple[torch.Tensor, torch.Tensor], *, warmup: int, steps: int) -> TrainResult:
-    """Median wall time of one optimizer step: forward + cross-entropy + backward + clip + step + zero_grad."""
-    bf16 = precision == "bf16"
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    times, loss = [], float("nan")
-    for i in range(warmup + steps):
+class Contestant:
+    """One model + optimizer whose optimizer steps are timed (forward + cross-entropy + backward +
+    clip + step + zero_grad)."""
+
+    def __init__(self, name: str, precision: str, model: torch.nn.Module,
+                 loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+        self.name, self.precision, self.model, self.loss_fn, self.optimizer = name, precision, model, loss_fn, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.times: list[float] = []
+        self.loss = float("nan")
+        model.train()
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor], record: bool) -> None:
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss_t = loss_fn(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss_t = self.loss_fn(self.model, batch)
         loss_t.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
-        loss = float(loss_t.detach())
-    ms = statistics.median(times) * 1e3
-    tokens = batch[1].numel()
-    return TrainResult(name, precision, ms, tokens / (ms / 1e3), loss)
+        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if record:
+            self.times.append(time.perf_counter() - t0)
+        self.loss = float(loss_t.detach())
+
+    def result(self, tokens: int) -> TrainResult:
+        ms = statistics.median(self.times) * 1e3
+        return TrainResult(self.name, self.precision, ms, tokens / (ms / 1e3), self.loss)
+
+
+def time_interleaved(contestants: list[Contestant], batch: tuple[torch.Tensor, torch.Tensor], *,
+                     warmup: int, steps: int) -> list[TrainResult]:
+    """Steps alternate between contestants, so a slow spell of a shared machine hits all alike."""
+    for i in range(warmup + steps):
+        for c in contestants:
+            c.step(batch, record=i >= warmup)
+    return [c.result(batch[1].numel()) for c in contestants]
 
 
 def llmkit_loss(model, batch):
@@ -272,20 +285,18 @@ def run_training(args, peaks: dict[str, float], use_hf: bool) -> tuple[str, list
     for precision in ("fp32", "bf16"):
         model = CausalLM(cfg)
         model.load_state_dict(init)
-        opt = build_optimizer(model, tcfg)  # AdamW(fused=True), decay only on ≥2-D non-embedding weights
-        results.append(time_training("llmkit", precision, model, llmkit_loss, opt, batch,
-                                     warmup=args.warmup, steps=args.steps))
-        del model, opt
+        # AdamW(fused=True), decay only on ≥2-D non-embedding weights
+        contestants = [Contestant("llmkit", precision, model, llmkit_loss, build_optimizer(model, tcfg))]
         if use_hf:
             src = CausalLM(cfg)
             src.load_state_dict(init)
-            model, impl = hf_model(cfg)
-            copy_llmkit_into_hf(src, model)
+            hf, impl = hf_model(cfg)
+            copy_llmkit_into_hf(src, hf)
             del src
-            opt = torch.optim.AdamW(parameter_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
-            results.append(time_training("transformers", precision, model, hf_loss, opt, batch,
-                                         warmup=args.warmup, steps=args.steps))
-            del model, opt
+            opt = torch.optim.AdamW(parameter_groups(hf, WEIGHT_DECAY), lr=LR, betas=BETAS, fused=True)
+            contestants.append(Contestant("transformers", precision, hf, hf_loss, opt))
+        results += time_interleaved(contestants, batch, warmup=args.warmup, steps=args.steps)
+        del contestants
 
     flops_tok = train_flops_per_token(cfg, CONTEXT)
     ref = {r.precision: r.tokens_per_s for r in results if r.name == "transformers"}
@@ -300,7 +311,8 @@ def run_training(args, peaks: dict[str, float], use_hf: bool) -> tuple[str, list
     notes.append(f"model FLOPs/token = {flops_tok / 1e6:.1f} M "
                  f"(6·N_nonemb, N_nonemb = {cfg.num_params(embeddings=False) / 1e6:.2f} M; + 6·d·V; "
                  f"+ 12·L·d·T); {BATCH}×{CONTEXT} = {BATCH * CONTEXT} tokens/step; "
-                 f"median of {args.steps} steps after {args.warmup} warm-up")
+                 f"median of {args.steps} steps after {args.warmup} warm-up, "
+                 f"steps interleaved between the libraries")
     if use_hf:
         notes.append(f"transformers attention implementation: {impl}; training forward with use_cache=False")
     notes.append("loss = after the last step (same init, same batch: fp32 rows should agree closely)")

@@ -1,10 +1,23 @@
-"""llmkit: a complete large-language-model system in one small, readable PyTorch codebase."""
+"""llmkit: a complete large-language-model system in one small, readable PyTorch codebase.
+
+The public surface is `llmkit.load(path)`; everything else lives in the submodules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    import torch
 
-def load(path, **kwargs):
-    """Load a model directory or checkpoint: see `llmkit.api.load`."""
-    from llmkit.api import load as _load
+    from llmkit.api import LanguageModel
 
-    return _load(path, **kwargs)
+
+def load(path: str | Path, *, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "LanguageModel":
+    """Load a model and its tokenizer (see `llmkit.api.load`)."""
+    from llmkit.api import load as _load  # deferred: `import llmkit` stays cheap for the CLI
+
+    return _load(path, device=device, dtype=dtype)

@@ -85,7 +85,8 @@ def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Pat
 
     try:
         pretrain(args.data, args.out, cfg, model_overrides=model_overrides, tokenizer_path=args.tokenizer,
-                 resume=args.resume, exclude=exclude, on_event=on_event, on_step=on_step)
+                 resume=args.resume, exclude=(*(getattr(args, "exclude", None) or ()), *exclude),
+                 on_event=on_event, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer (default: train one on the data)")
             p.add_argument("--config", metavar="FILE", help="JSON file of training fields (+ \"model\": {...})")
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+            p.add_argument("--exclude", action="append", metavar="NAME",
+                           help="skip directories with this name while reading --data (repeatable)")
         p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
         add_dataclass_flags(p, TrainConfig)

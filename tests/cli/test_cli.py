@@ -21,6 +21,7 @@ import pytest
 
 import llmkit
 from llmkit.tokenizer import Tokenizer
+from conftest import make_corpus
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -30,20 +31,6 @@ LONG_PROMPT = "def f(x):\n    return x\n" * 60  # far more than gpt2-tiny's 128-
 def llmkit_cmd() -> list[str]:
     script = Path(sys.executable).with_name("llmkit")
     return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
-
-
-def make_corpus(root: Path) -> Path:
-    """Python source (the stdlib json package) plus generated prose: ~60 KB of varied text."""
-    root.mkdir(parents=True, exist_ok=True)
-    for src in sorted((STDLIB / "json").glob("*.py")):
-        shutil.copyfile(src, root / src.name)
-    rng = random.Random(1)
-    words = ("a small model learns which token follows which and the loss goes down as it "
-             "sees more of the text in every batch of every step").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
-             for _ in range(250)]
-    (root / "notes.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 class Runner:

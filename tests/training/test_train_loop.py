@@ -34,26 +34,13 @@ from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer
 from llmkit.training.objectives import next_token_loss
 from llmkit.training.pretrain import pretrain
+from conftest import make_corpus
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TOL = 1e-6
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-def make_corpus(root: Path) -> Path:
-    """A few files of varied text: Python source (the stdlib json package) plus generated prose."""
-    root.mkdir(parents=True, exist_ok=True)
-    for src in sorted((STDLIB / "json").glob("*.py")):
-        shutil.copyfile(src, root / src.name)
-    rng = random.Random(0)
-    words = ("the model reads tokens and predicts the next one while the optimizer lowers the loss "
-             "every step of training moves the weights a little closer to the data").split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))).capitalize() + "."
-             for _ in range(250)]
-    (root / "notes.md").write_text("# Notes\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
-    return root
-
 
 def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
