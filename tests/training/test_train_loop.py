@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ import llmkit
 from llmkit.cli import main as cli_main
 from llmkit.config import preset
 from llmkit.errors import CheckpointError, NonFiniteError
-from llmkit.io.checkpoint import FAULT_ENV, latest_checkpoint, list_checkpoints, load_tensors, read_json
+from llmkit.io.checkpoint import (FAULT_ENV, latest_checkpoint, list_checkpoints, load_tensors, read_json,
+                                  verify_checkpoint)
 from llmkit.models.causal_lm import CausalLM
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer
@@ -490,3 +492,35 @@ def test_config_file_bad_fields_are_user_errors(corpus, tmp_path, capsys, conten
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], err
     assert not (tmp_path / "out").exists()
+
+
+# -- kill -9 at random wall-clock moments (T2): whatever was interrupted, the newest complete
+# checkpoint loads and resume finishes ------------------------------------------------------------
+
+def test_kill_at_random_moments_leaves_a_loadable_run(corpus, tmp_path):
+    rng = random.Random(7)
+    delays = [rng.uniform(3.0, 9.0) for _ in range(3)]  # seconds after start: torch import, then saves
+    flags = ["--eval-interval=1", "--keep-checkpoints=2"]  # a save after every step: kills land in saves
+    runs = [tmp_path / f"run{i}" for i in range(len(delays))]
+    procs = start_parallel([([*llmkit_cmd(), *train_args(corpus, run, 400), *flags], {}) for run in runs],
+                           cwd=tmp_path)
+    started = time.monotonic()
+    for proc, delay in sorted(zip(procs, delays), key=lambda pair: pair[1]):
+        time.sleep(max(0.0, started + delay - time.monotonic()))
+        proc.kill()
+    finish_parallel(procs)
+    for run, proc in zip(runs, procs):
+        assert proc.returncode == -9, "the run should still have been training when killed"
+        complete = list_checkpoints(run / "checkpoints")
+        for path in complete:  # a directory that looks complete is complete: no half checkpoint
+            verify_checkpoint(path)
+        if complete:
+            assert llmkit.load(run).path == complete[-1]
+        step = int(complete[-1].name.split("-")[1]) if complete else 0
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = cli_main([*train_args(corpus, run, step + 2), *flags, "--resume"])
+        assert rc == 0, err.getvalue()[-2000:]
+        leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
+        assert leftovers == []
+        assert llmkit.load(run).path.name == f"step-{step + 2:08d}"
