@@ -18,11 +18,13 @@ Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 
 
 def check_field_types(obj: Any, where: str) -> None:
@@ -58,6 +60,16 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: PositionKind = "learned"
     rope_theta: float = 10000.0
+    # RoPE context extension, named as in transformers' rope_parameters (see layers/position.py).
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int | None = None  # pretraining context; None → max_seq_len (dynamic/yarn/llama3)
+    rope_attention_factor: float | None = None  # YaRN cos/sin multiplier; None → 0.1·ln(factor) + 1
+    rope_beta_fast: float = 32.0  # YaRN: dims turning more than this often over the context keep their frequency
+    rope_beta_slow: float = 1.0  # YaRN: dims turning less than this often are fully interpolated
+    rope_truncate: bool = True  # YaRN: round the ramp's ends to whole dims (gpt-oss sets False)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
     bias: bool = True  # biases in every linear layer and LayerNorm
     qkv_bias: bool | None = None  # None → bias (Qwen2: True with bias=False)
     tie_embeddings: bool = True
@@ -75,11 +87,11 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in (("mlp", MLP_KINDS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
-                              ("position", POSITION_KINDS)):
+                              ("position", POSITION_KINDS), ("rope_scaling", ROPE_SCALINGS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
-        for name in ("n_kv_heads", "head_dim", "d_ff"):
+        for name in ("n_kv_heads", "head_dim", "d_ff", "rope_original_max_seq_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer or None, got {value!r}")
@@ -100,12 +112,30 @@ class ModelConfig:
             derive("d_ff", 64 * math.ceil(8 * self.d_model / 3 / 64) if gated else 4 * self.d_model)
         if self.qkv_bias is None:
             derive("qkv_bias", self.bias)
-        for name in ("norm_eps", "rope_theta", "init_std"):
-            value = float(getattr(self, name))
-            if not math.isfinite(value) or value <= 0:
+        for name in ("norm_eps", "rope_theta", "init_std", "rope_factor", "rope_attention_factor", "rope_beta_fast",
+                     "rope_beta_slow", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(float(value)) or value <= 0):
                 raise ConfigError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if self.rope_scaling != "none":
+            self._check_rope_scaling()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def _check_rope_scaling(self) -> None:
+        if self.position != "rope":
+            raise ConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r} needs position='rope', "
+                              f"got {self.position!r}")
+        if self.rope_factor < 1:
+            raise ConfigError(f"ModelConfig.rope_factor must be >= 1 with rope_scaling, got {self.rope_factor!r}")
+        if self.rope_scaling == "dynamic" and self.head_dim <= 2:  # NTK's exponent D/(D-2)
+            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be > 2 for rope_scaling='dynamic'")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ConfigError(f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                              f"rope_low_freq_factor={self.rope_low_freq_factor}")
+        if self.rope_original_max_seq_len is None and self.rope_scaling != "linear":
+            # transformers' default too: dynamic reads max_position_embeddings, yarn/llama3 fall back to it
+            object.__setattr__(self, "rope_original_max_seq_len", self.max_seq_len)
 
     @property
     def gated_mlp(self) -> bool:

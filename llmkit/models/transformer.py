@@ -14,7 +14,8 @@ from llmkit.config import ModelConfig
 from llmkit.layers.attention import Attention, causal_mask
 from llmkit.layers.feedforward import build_mlp
 from llmkit.layers.norm import build_norm
-from llmkit.layers.position import alibi_bias, alibi_slopes, rope_cos_sin, rope_inv_freq, sinusoidal_table
+from llmkit.layers.position import (alibi_bias, alibi_slopes, rope_cos_sin, rope_dynamic_inv_freq, rope_frequencies,
+                                    sinusoidal_table)
 
 
 class Embeddings(nn.Module):
@@ -65,7 +66,9 @@ class Stack(nn.Module):
         self.final_norm = (build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
                            if cfg.norm_position == "pre" else nn.Identity())
         if cfg.position == "rope":
-            self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+            # A plain fp32 attribute, not a buffer: `model.to(torch.bfloat16)` must not round the
+            # frequencies (angles at position 10^4 would be off by whole radians).
+            self.inv_freq, self.rope_scale = rope_frequencies(cfg)
         if cfg.position == "alibi":
             self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
 
@@ -80,7 +83,7 @@ class Stack(nn.Module):
         T, device = x.shape[1], x.device
         q_index = torch.arange(offset, offset + T, device=device)
         k_index = torch.arange(offset + T, device=device)
-        rope = rope_cos_sin(positions, self.inv_freq, x.dtype) if self.cfg.position == "rope" else None
+        rope = self.rope(positions, x.dtype) if self.cfg.position == "rope" else None
         # ALiBi uses buffer indices: with left padding, distances between real tokens are unchanged.
         bias = alibi_bias(self.slopes, q_index, k_index) if self.cfg.position == "alibi" else None
         mask, causal = None, self.causal
@@ -92,3 +95,12 @@ class Stack(nn.Module):
         elif causal and T == 1:
             causal = False  # one new query sees every cached key
         return dict(rope=rope, bias=bias, mask=mask, causal=causal)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq.to(positions.device)
+        if self.cfg.rope_scaling == "dynamic":
+            # Frequencies follow the longest sequence in this forward, as in transformers. With a KV cache
+            # `positions` are only the new ones, and cached keys keep the rotation they were stored with,
+            # so past the original context cached decoding drifts from a full recompute (transformers too).
+            inv_freq = rope_dynamic_inv_freq(self.cfg, positions.max() + 1)
+        return rope_cos_sin(positions, inv_freq, dtype, scale=self.rope_scale)
