@@ -1,0 +1,79 @@
+"""Chat templates render like Hugging Face's, and untrusted ones stay inert and bounded (RELIABILITY L7)."""
+
+import time
+
+import jinja2
+import pytest
+
+from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, render_chat
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+def test_chatml_renders_like_plain_jinja():
+    expected = jinja2.Environment().from_string(CHATML).render(messages=MESSAGES, add_generation_prompt=True)
+    assert render_chat(CHATML, MESSAGES) == expected
+    assert render_chat(CHATML, MESSAGES).endswith("<|im_start|>assistant\n")
+    assert not render_chat(CHATML, MESSAGES, add_generation_prompt=False).endswith("assistant\n")
+
+
+def test_default_template_uses_role_tokens():
+    text = render_chat(DEFAULT_CHAT_TEMPLATE, MESSAGES)
+    assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\n2+2?<|end|>\n<|assistant|>\n"
+
+
+def test_raise_exception_helper_is_a_clean_error():
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    with pytest.raises(ChatTemplateError, match="user first"):
+        render_chat(template, MESSAGES)
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}],
+                                      ["hello"]])
+def test_bad_messages_are_rejected(messages):
+    with pytest.raises(ChatTemplateError, match="messages"):
+        render_chat(CHATML, messages)
+
+
+ESCAPES = [
+    "{{ lipsum.__globals__['os'].popen('touch CANARY').read() }}",
+    "{{ cycler.__init__.__globals__.os.popen('touch CANARY') }}",
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ '{0.__class__}'|attr('format')(messages) }}",
+    "{{ self.__init__.__globals__ }}",
+    "{{ messages.append(1) }}",
+]
+
+
+@pytest.mark.parametrize("template", ESCAPES)
+def test_sandbox_escapes_are_refused(template, tmp_path, monkeypatch):
+    """Refused with an error, or rendered inert (the sandbox turns a forbidden attribute into an
+    empty Undefined, as Hugging Face's environment does): never Python internals, never a side effect."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        text = render_chat(template, MESSAGES)
+    except ChatTemplateError:
+        text = ""
+    assert not any(leak in text for leak in ("<class", "<function", "<module", "__globals__", "1]"))
+    assert not (tmp_path / "CANARY").exists()
+    assert MESSAGES == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+BOMBS = [
+    "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+    "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ 'a' * 10**9 }}",
+    "{{ 2 ** 99999999 }}",
+    "{% for a in 'x' * 900000 %}{% for b in 'y' * 900000 %}{% endfor %}{% endfor %}",  # no range: the clock
+    "{% for a in range(99999) %}{{ 'z' * 99999 }}{% endfor %}",  # output cap
+]
+
+
+@pytest.mark.parametrize("template", BOMBS)
+def test_work_bombs_abort_quickly(template):
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError):
+        render_chat(template, MESSAGES)
+    assert time.monotonic() - started < 3.0
