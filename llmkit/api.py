@@ -1,8 +1,9 @@
 """The public Python surface: `llmkit.load(path)` → LanguageModel (.model, .tokenizer, .generate).
 
-A path is a training output directory (its newest complete checkpoint is used) or one checkpoint
-directory (`config.json` + `model.safetensors` + `tokenizer.json`). Weights are read with
-safetensors only: nothing is ever unpickled.
+A path is a training output directory (its newest complete checkpoint is used), one checkpoint
+directory (`config.json` + `model.safetensors` + `tokenizer.json`), or a Hugging Face model
+directory (GPT-2, LLaMA, Mistral, Qwen2; see llmkit.io.hf). Weights are read with safetensors
+only: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llmkit.errors import CheckpointError, GenerationError
 from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
 from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
+from llmkit.io.hf import is_hf_dir, load_hf, refuse_pickles
 from llmkit.io.weights import load_model_tensors
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
@@ -37,10 +39,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return require_checkpoint(path / "checkpoints")
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
-    for pickled in ("pytorch_model.bin", "model.pt", "model.bin"):
-        if (path / pickled).exists():
-            raise CheckpointError(f"{path / pickled}: pickle checkpoints are refused (they can run code); "
-                                  f"convert it to safetensors")
+    refuse_pickles(path)  # a .bin / .pt file given as the model, or a directory holding only those
     raise CheckpointError(f"{path}: not a model directory (no checkpoints/, manifest.json or model.safetensors)")
 
 
@@ -48,14 +47,21 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     """Load a model and its tokenizer.
 
     Args:
-        path: a `llmkit train` output directory or a checkpoint directory.
+        path: a `llmkit train` output directory, a checkpoint directory, or a Hugging Face model
+            directory (config.json with a model_type, safetensors weights, tokenizer.json).
         device: where to put the weights ("cpu", "cuda", …).
-        dtype: cast floating weights to this dtype (default: as stored).
+        dtype: cast floating weights to this dtype (default: float32 for Hugging Face weights,
+            as stored for llmkit checkpoints).
     """
+    if is_hf_dir(path) and not (Path(path) / "manifest.json").exists():
+        model, tokenizer, prefix_ids, eos_ids = load_hf(path)
+        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+        return LanguageModel(model, tokenizer, Path(path), prefix_ids=prefix_ids, eos_ids=eos_ids)
     ckpt = resolve_checkpoint(path)
     meta = read_json(ckpt / "config.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{ckpt / 'config.json'}: missing the \"model\" object")
+        raise CheckpointError(f"{ckpt / 'config.json'}: neither an llmkit checkpoint (no \"model\" object) "
+                              "nor a Hugging Face config (no \"model_type\")")
     cfg = ModelConfig.from_dict(meta["model"], where=str(ckpt / "config.json"))
     model = CausalLM(cfg)
     load_model_tensors(model, load_tensors(ckpt / "model.safetensors"), where=str(ckpt / "model.safetensors"))
@@ -70,6 +76,15 @@ class LanguageModel:
     model: nn.Module
     tokenizer: Tokenizer
     path: Path
+    # Ids put before every prompt, and ids that end generation. None → llmkit's own convention: its
+    # training streams separate documents with EOS, so EOS is also "a document starts here".
+    prefix_ids: list[int] | None = None
+    eos_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+        self.prefix_ids = list(eos if self.prefix_ids is None else self.prefix_ids)
+        self.eos_ids = list(eos if self.eos_ids is None else self.eos_ids)
 
     @property
     def config(self) -> ModelConfig:
@@ -92,14 +107,12 @@ class LanguageModel:
         if unknown:
             raise GenerationError(f"unknown sampling option(s): {', '.join(unknown)}")
         params = SamplingParams(**sampling)
-        eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
-        # llmkit's training streams put EOS between documents, so EOS is also "a document starts here".
-        ids = eos + self.tokenizer.encode(prompt)
+        ids = self.prefix_ids + self.tokenizer.encode(prompt)
         new: list[int] = []
         emitted = 0
         hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
         for step in generate_stream(self.model, [ids], max_new_tokens=max_new_tokens, params=params,
-                                    eos_ids=eos, pad_id=self.tokenizer.pad_id or 0,
+                                    eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0,
                                     use_cache=use_cache, seed=seed):
             new.append(step[0])
             text = self.tokenizer.decode(new)

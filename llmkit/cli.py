@@ -125,6 +125,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Write a model (llmkit run/checkpoint or Hugging Face directory) in another format."""
+    import llmkit
+    from llmkit.io.hf import save_hf
+
+    lm = llmkit.load(args.model)
+    out = save_hf(lm.model, lm.tokenizer, args.out, prefix_ids=lm.prefix_ids, eos_ids=lm.eos_ids)
+    model_type = json.loads((out / "config.json").read_text(encoding="utf-8"))["model_type"]
+    print(f"wrote a Hugging Face {model_type} model to {out}", file=sys.stderr)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from llmkit.data.corpus import find_text_files, read_text_file
     from llmkit.tokenizer import Tokenizer
@@ -188,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                 demo=True)
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming tokens as they are made")
-    gen.add_argument("--model", required=True, metavar="DIR", help="a training output or checkpoint directory")
+    gen.add_argument("--model", required=True, metavar="DIR",
+                     help="a training output, checkpoint or Hugging Face directory")
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default: 128)")
     gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
@@ -202,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
 
+    conv = sub.add_parser("convert", help="export a model as a Hugging Face directory")
+    conv.add_argument("--model", required=True, metavar="SRC",
+                      help="a training output, checkpoint or Hugging Face directory")
+    conv.add_argument("--out", required=True, metavar="DIR", help="new output directory (must not hold files)")
+    conv.add_argument("--to", choices=("hf",), default="hf", help="output format (default: hf)")
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command",
                                                                              required=True)
     tok_train = tok.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -214,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
-            "tokenizer": cmd_tokenizer_train}
+            "tokenizer": cmd_tokenizer_train, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

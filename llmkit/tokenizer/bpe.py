@@ -82,8 +82,16 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Read a `tokenizer.json` file, or a directory holding one."""
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        bos_token: str | None = SPECIAL_TOKENS["bos"],
+        eos_token: str | None = SPECIAL_TOKENS["eos"],
+        pad_token: str | None = SPECIAL_TOKENS["pad"],
+    ) -> Tokenizer:
+        """Read a `tokenizer.json` file, or a directory holding one. The special-token strings default
+        to llmkit's own; a Hugging Face directory names its own in tokenizer_config.json."""
         path = Path(path)
         file = path / FILE_NAME if path.is_dir() else path
         if not file.is_file():
@@ -98,7 +106,7 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception for every parse error
             raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
-        return cls(backend)
+        return cls(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically and return its path."""
@@ -152,6 +160,16 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._special_id(self.pad_token)
+
+    def prefix_ids(self) -> list[int]:
+        """The ids the tokenizer's own post-processor puts in front of every text (LLaMA's BOS; none
+        for GPT-2 or llmkit's tokenizers). `encode` leaves them out; generation adds them."""
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON: equal fingerprints mean identical tokenization."""

@@ -1,0 +1,198 @@
+"""Hugging Face model directories in and out: GPT-2 and the LLaMA family (LLaMA, SmolLM2, TinyLlama,
+Mistral, Qwen2).
+
+A directory is `config.json` (translated by `hf_config`), `model.safetensors` or an index plus
+shards (read by `hf_weights`), `tokenizer.json`, and optionally `tokenizer_config.json` (special
+token strings) and `generation_config.json` (EOS ids). Nothing from the directory is ever imported
+or unpickled: `auto_map` and custom code are ignored (../shared/RELIABILITY.md L1, L2, L8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from llmkit.errors import CheckpointError, ModelFormatError
+from llmkit.io.checkpoint import read_json
+from llmkit.io.hf_config import config_from_hf, config_to_hf
+from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weights, refuse_pickles
+from llmkit.io.weights import load_model_tensors, model_tensors
+from llmkit.models.causal_lm import CausalLM
+from llmkit.tokenizer import Tokenizer
+
+__all__ = ["HFModel", "is_hf_dir", "load_hf", "refuse_pickles", "save_hf"]
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory whose config.json names a `model_type` and is not an llmkit checkpoint's."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and data.get("format") != "llmkit"
+
+
+class HFModel(NamedTuple):
+    model: CausalLM
+    tokenizer: Tokenizer
+    prefix_ids: list[int]  # what the tokenizer's post-processor puts before a text (LLaMA's BOS)
+    eos_ids: list[int]  # generation stops at any of these
+
+
+def load_hf(path: str | Path) -> HFModel:
+    """Load a Hugging Face model directory: an llmkit CausalLM in eval mode (float32 parameters,
+    whatever the file's dtype) with its tokenizer, prefix ids and EOS ids. Every file is checked
+    before the weights are allocated."""
+    directory = Path(path)
+    config_file = directory / "config.json"
+    data = read_json(config_file)
+    cfg = config_from_hf(data, str(config_file))
+    family = FAMILIES[data["model_type"]]
+    plan = plan_weights(directory, cfg, family)
+    tokenizer, prefix_ids, eos_ids = load_tokenizer(directory, data, cfg.vocab_size)
+    model = CausalLM(cfg)
+    load_model_tensors(model, read_weights(plan, family), where=str(directory))
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embeddings.embed.weight
+    return HFModel(model.eval(), tokenizer, prefix_ids, eos_ids)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+def _token_string(value: Any, where: Path, key: str) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": "...", ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise ModelFormatError(f"{where}: {key} must be a string or {{\"content\": ...}}, got {value!r}")
+    return value
+
+
+def _token_ids(source: dict, key: str, where: Path, vocab_size: int) -> list[int]:
+    value = source.get(key)
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+            raise ModelFormatError(f"{where}: {key} {i!r} is not a token id (0..{vocab_size - 1})")
+    return ids
+
+
+def load_tokenizer(directory: Path, config: dict, vocab_size: int) -> tuple[Tokenizer, list[int], list[int]]:
+    """tokenizer.json with the special tokens of tokenizer_config.json; the ids its post-processor puts
+    before a text; and the EOS ids from generation_config.json (else config.json) and the tokenizer."""
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise ModelFormatError(f"{file}: no such file (llmkit reads the `tokenizers` format; "
+                               "a tokenizer.model or vocab.json alone is not supported)")
+    tc_file = directory / "tokenizer_config.json"
+    tc = read_json(tc_file) if tc_file.exists() else {}
+    if not isinstance(tc, dict):
+        raise ModelFormatError(f"{tc_file}: expected a JSON object")
+    specials = {key: _token_string(tc.get(f"{key}_token"), tc_file, f"{key}_token") for key in ("bos", "eos", "pad")}
+    tokenizer = Tokenizer.load(file, bos_token=specials["bos"], eos_token=specials["eos"], pad_token=specials["pad"])
+    for key, token in specials.items():
+        if token is not None and tokenizer.token_to_id(token) is None:
+            raise ModelFormatError(f"{tc_file}: {key}_token {token!r} is not in tokenizer.json")
+    if tokenizer.vocab_size > vocab_size:
+        raise ModelFormatError(f"{file}: {tokenizer.vocab_size} tokens, more than config.json's "
+                               f"vocab_size {vocab_size}")
+    gen_file = directory / "generation_config.json"
+    source, where = (read_json(gen_file), gen_file) if gen_file.exists() else (config, directory / "config.json")
+    if not isinstance(source, dict):
+        raise ModelFormatError(f"{where}: expected a JSON object")
+    for key in ("bos_token_id", "pad_token_id"):  # unused here, but an id past the vocabulary is a bad file (L6)
+        _token_ids(source, key, where, vocab_size)
+    eos = _token_ids(source, "eos_token_id", where, vocab_size) + [tokenizer.eos_id] * (tokenizer.eos_id is not None)
+    return tokenizer, tokenizer.prefix_ids(), list(dict.fromkeys(eos))
+
+
+def _tokenizer_json(tokenizer: Tokenizer, prefix_ids: Sequence[int] | None) -> str:
+    """tokenizer.json, with a post-processor that adds `prefix_ids` when the tokenizer has none, so
+    transformers' tokenizer gives the model what it was trained on (llmkit's own models see EOS first)."""
+    if prefix_ids is None or list(prefix_ids) == tokenizer.prefix_ids():
+        return tokenizer.backend.to_str(pretty=True)
+    if tokenizer.backend.post_processor is not None:
+        raise ModelFormatError("cannot export: the tokenizer's post-processor adds "
+                               f"{tokenizer.prefix_ids()} but the model expects {list(prefix_ids)}")
+    from tokenizers import Tokenizer as Backend, processors
+
+    backend = Backend.from_str(tokenizer.backend.to_str())
+    tokens = [tokenizer.id_to_token(i) for i in prefix_ids]
+    backend.post_processor = processors.TemplateProcessing(
+        single=[*tokens, "$A"], pair=[*tokens, "$A", "$B:1"],
+        special_tokens=list(dict.fromkeys(zip(tokens, prefix_ids))))
+    return backend.to_str(pretty=True)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
+            prefix_ids: Sequence[int] | None = None, eos_ids: Sequence[int] | None = None) -> Path:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json) that transformers loads as the same model.
+
+    It is written into a temporary sibling and renamed into place, so `out_dir` is complete or absent.
+    """
+    out, cfg = Path(out_dir), model.cfg
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: already exists and is not empty")
+    dtype = next(model.parameters()).dtype
+    config = config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ModelFormatError(f"cannot export: the tokenizer has {tokenizer.vocab_size} tokens, the model "
+                               f"only {cfg.vocab_size}")
+    family = FAMILIES[config["model_type"]]
+    tensors = {n: t.detach().cpu().contiguous() for n, t in llmkit_to_hf(model_tensors(model), family).items()}
+    eos = list(eos_ids) if eos_ids is not None else [tokenizer.eos_id] * (tokenizer.eos_id is not None)
+    ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None,
+               pad_token_id=tokenizer.pad_id)
+    tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token") for k in ("bos", "eos", "pad")}
+    json_files = {
+        "config.json": {**config, **ids},
+        "generation_config.json": ids,
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+                                  "clean_up_tokenization_spaces": False,
+                                  **{k: v for k, v in tokens.items() if v is not None}},
+    }
+    tok_json = _tokenizer_json(tokenizer, prefix_ids)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        with open(tmp / "model.safetensors", "rb+") as f:
+            os.fsync(f.fileno())
+        _write_synced(tmp / "tokenizer.json", tok_json.encode("utf-8"))
+        for name, obj in json_files.items():
+            _write_synced(tmp / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        _fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace a directory portably
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+        raise CheckpointError(f"{out}: cannot write ({reason})") from exc
+    return out
