@@ -20,6 +20,8 @@ from llmkit.errors import CheckpointError, GenerationError
 from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
 from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
+from llmkit.io.gguf import load_gguf
+from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.io.weights import load_model_tensors
 from llmkit.models.causal_lm import CausalLM
@@ -29,19 +31,10 @@ from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
-def is_gguf_path(path: str | Path) -> bool:
-    """A file that starts with the GGUF magic, whatever its name."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such model directory")
+        raise CheckpointError(f"{path}: no such model file or directory")
     if (path / "manifest.json").exists():
         verify_checkpoint(path)
         return path
@@ -63,9 +56,7 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
         dtype: cast floating weights to this dtype (default: float32 for Hugging Face weights,
             as stored for llmkit checkpoints).
     """
-    if str(path).endswith(".gguf") or is_gguf_path(path):
-        from llmkit.io.gguf import load_gguf  # the gguf package is imported only for GGUF files
-
+    if is_gguf_file(path):
         g = load_gguf(path)
         model = g.model.to(device=device, dtype=dtype) if dtype else g.model.to(device)
         return LanguageModel(model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
