@@ -1,24 +1,14 @@
-"""Tests for the training loop and `pretrain`: learning, exact resume, the non-finite guard,
-kill -9 during checkpoint saves, and `--config FILE` handling (RELIABILITY T1–T3, T6).
+"""Tests for the training loop and `pretrain`: learning, exact resume and the non-finite guard
+(RELIABILITY T3, T6). Kill -9 tests live in test_kill_resume.py, `--config FILE` in test_train_config_file.py.
 
 Everything runs on CPU with the `gpt2-tiny` preset, seq_len 32 and a ~60 KB corpus (the stdlib's
 json package plus generated text), on one torch thread so that losses are reproducible.
-Library calls run in-process; only the kill -9 tests start `llmkit train` subprocesses.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import random
 import re
 import shutil
-import subprocess
-import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -26,61 +16,16 @@ import torch
 from torch import nn
 
 import llmkit
-from llmkit.cli import main as cli_main
 from llmkit.config import preset
 from llmkit.errors import CheckpointError, NonFiniteError
-from llmkit.io.checkpoint import (FAULT_ENV, latest_checkpoint, list_checkpoints, load_tensors, read_json,
-                                  verify_checkpoint)
+from llmkit.io.checkpoint import latest_checkpoint, list_checkpoints, load_tensors, read_json
 from llmkit.models.causal_lm import CausalLM
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer
 from llmkit.training.objectives import next_token_loss
 from llmkit.training.pretrain import pretrain
-from conftest import make_corpus
-
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-TOL = 1e-6
-
-
-# -- helpers -------------------------------------------------------------------------------------
-
-def rows_of(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    rows = [r for r in rows_of(run) if "train_loss" in r]
-    steps = [r["step"] for r in rows]
-    assert len(steps) == len(set(steps)), f"duplicate train rows in {run}/metrics.jsonl: {steps}"
-    return {r["step"]: r["train_loss"] for r in rows}
-
-
-def val_losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in rows_of(run) if "val_loss" in r}
-
-
-def max_tensor_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
-
-
-def assert_losses_equal(got: dict[int, float], want: dict[int, float]) -> None:
-    assert sorted(got) == sorted(want)
-    bad = {s: (got[s], want[s]) for s in want if abs(got[s] - want[s]) > TOL}
-    assert not bad, f"per-step losses differ (step: got, want): {bad}"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "text")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """pretrain(threads=1) sets torch's global thread count; put it back afterwards."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+from train_helpers import (  # noqa: F401 (corpus and _one_thread are fixtures)
+    TOL, _one_thread, assert_losses_equal, corpus, max_tensor_diff, rows_of, train_losses, val_losses)
 
 
 # -- learning and exact resume -------------------------------------------------------------------
@@ -341,186 +286,3 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(NonFiniteError, match="non-finite"):
         probe.trainer.save()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-
-
-# -- kill -9 during a checkpoint save (T2), resumed exactly (T3) ----------------------------------
-
-KILL_STAGES = ("after_first_file", "before_manifest", "after_manifest", "after_rename")
-KILL_FLAGS = dict(preset="gpt2-tiny", batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, min_lr_ratio=1.0,
-                  eval_interval=5, eval_batches=2, log_interval=1, vocab_size=320, seed=11, threads=1)
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
-
-
-def train_args(corpus: Path, out: Path, steps: int) -> list[str]:
-    """`llmkit train` arguments equivalent to TrainConfig(steps=steps, **KILL_FLAGS)."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in KILL_FLAGS.items()]
-    return ["train", "--data", str(corpus), "--out", str(out), "--steps", str(steps), *flags]
-
-
-def start_parallel(jobs: list[tuple[list[str], dict[str, str]]], cwd: Path) -> list[subprocess.Popen]:
-    env_base = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    env_base["OMP_NUM_THREADS"] = "1"
-    return [subprocess.Popen(argv, cwd=cwd, env={**env_base, **extra}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for argv, extra in jobs]
-
-
-def finish_parallel(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append((proc.returncode, out, err))
-    return results
-
-
-@pytest.fixture(scope="module")
-def kill_runs(corpus, tmp_path_factory):
-    """A 5-step run (one complete checkpoint), copied per stage; each copy is resumed towards 15
-    steps by a `llmkit train --resume` subprocess that is SIGKILLed at its first save (step 10) at
-    one stage, then resumed again cleanly (in-process, through the same CLI entry point)."""
-    root = tmp_path_factory.mktemp("kill")
-    base, ref = root / "base", root / "reference"
-    pretrain([corpus], base, TrainConfig(steps=5, **KILL_FLAGS))
-    runs = {}
-    for stage in KILL_STAGES:
-        runs[stage] = root / stage
-        shutil.copytree(base, runs[stage])
-    procs = start_parallel([([*llmkit_cmd(), *train_args(corpus, runs[s], 15), "--resume"], {FAULT_ENV: s})
-                            for s in KILL_STAGES], cwd=root)
-    pretrain([corpus], ref, TrainConfig(steps=15, **KILL_FLAGS))  # the uninterrupted run, meanwhile
-    killed = finish_parallel(procs)
-    after_kill, resumed = {}, {}
-    for stage, result in zip(KILL_STAGES, killed):
-        try:
-            loaded = llmkit.load(runs[stage]).path.name
-        except Exception as exc:  # reported by the test, not here
-            loaded = f"load failed: {exc!r}"
-        entries = sorted(p.name for p in (runs[stage] / "checkpoints").iterdir())
-        after_kill[stage] = dict(result=result, entries=entries, loaded=loaded)
-        if result[0] != -9:
-            continue
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = cli_main([*train_args(corpus, runs[stage], 15), "--resume"])
-        resumed[stage] = (rc, err.getvalue())
-    return dict(runs=runs, ref=ref, after_kill=after_kill, resumed=resumed)
-
-
-@pytest.mark.parametrize("stage", KILL_STAGES)
-def test_kill_during_save_then_resume(kill_runs, stage):
-    run = kill_runs["runs"][stage]
-    info = kill_runs["after_kill"][stage]
-    rc, _, err = info["result"]
-    assert rc == -9, f"expected SIGKILL at {stage}, got rc={rc}\n{err[-2000:]}"
-    committed = stage == "after_rename"
-    newest = "step-00000010" if committed else "step-00000005"
-    assert "step-00000005" in info["entries"], "the previous complete checkpoint must survive"
-    assert info["loaded"] == newest, f"llmkit.load after kill at {stage}: {info['loaded']}"
-
-    rc, err = kill_runs["resumed"][stage]
-    assert rc == 0, err[-3000:]
-    resumed_from = 10 if committed else 5
-    assert re.search(rf"resuming from \S*{newest} \(step {resumed_from}\)", err), err[-2000:]
-    entries = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert entries[-1] == "step-00000015" and all(re.fullmatch(r"step-\d{8}", e) for e in entries), \
-        f"crash leftovers not cleaned up: {entries}"
-    final = latest_checkpoint(run / "checkpoints")
-    assert read_json(final / "train_state.json")["step"] == 15
-    # metrics.jsonl reads as one run, and the kill + resume changed no loss.
-    assert_losses_equal(train_losses(run), train_losses(kill_runs["ref"]))
-    assert max_tensor_diff(load_tensors(final / "model.safetensors"),
-                           load_tensors(latest_checkpoint(kill_runs["ref"] / "checkpoints") /
-                                        "model.safetensors")) <= TOL
-
-
-# -- --config FILE ----------------------------------------------------------------------------------
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    rc = cli_main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def config_argv(corpus: Path, out: Path, config: Path, *extra: str) -> list[str]:
-    return ["train", "--data", corpus, "--out", out, "--config", config, "--seq-len", "32",
-            "--batch-size", "4", "--vocab-size", "300", "--eval-batches", "1", "--threads", "1", *extra]
-
-
-def test_config_file_unknown_key_is_named(corpus, tmp_path, capsys):
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({"preset": "gpt2-tiny", "steps": 2, "learning_rate": 0.1}))
-    rc, _, err = cli(config_argv(corpus, tmp_path / "out", config), capsys)
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "learning_rate" in lines[0], err
-    assert not (tmp_path / "out").exists()
-
-
-def test_config_file_model_overrides_and_flag_precedence(corpus, tmp_path, capsys):
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({"preset": "llama-tiny", "steps": 5, "eval_interval": 2, "lr": 0.002,
-                                  "model": {"d_ff": 96, "dropout": 0.05, "n_layers": 1}}))
-    out = tmp_path / "out"
-    rc, _, err = cli(config_argv(corpus, out, config, "--steps", "3"), capsys)
-    assert rc == 0, err
-    ckpt = latest_checkpoint(out / "checkpoints")
-    assert ckpt.name == "step-00000003", "--steps on the command line overrides the file"
-    model = read_json(ckpt / "config.json")["model"]
-    assert (model["d_ff"], model["dropout"], model["n_layers"]) == (96, 0.05, 1)
-    assert (model["d_model"], model["position"], model["n_kv_heads"]) == (64, "rope", 2), \
-        "fields not in the file come from the preset named in the file"
-    train_config = read_json(ckpt / "train_state.json")["train_config"]
-    assert (train_config["steps"], train_config["lr"], train_config["eval_interval"]) == (3, 0.002, 2)
-    assert llmkit.load(out).config.d_ff == 96
-
-
-@pytest.mark.parametrize("content,named", [
-    ({"model": {"hidden_size": 64}}, "hidden_size"),   # unknown model field
-    ({"steps": "3"}, "steps"),                           # wrong type for a training field
-    ({"model": {"dropout": "0.1"}}, "dropout"),          # wrong type for a model field
-])
-def test_config_file_bad_fields_are_user_errors(corpus, tmp_path, capsys, content, named):
-    """Bad config-file contents are user input: exit 2 with one `error:` line naming the field,
-    never a TypeError traceback."""
-    config = tmp_path / "train.json"
-    config.write_text(json.dumps({"preset": "gpt2-tiny", **content}))
-    rc, _, err = cli(config_argv(corpus, tmp_path / "out", config), capsys)
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], err
-    assert not (tmp_path / "out").exists()
-
-
-# -- kill -9 at random wall-clock moments (T2): whatever was interrupted, the newest complete
-# checkpoint loads and resume finishes ------------------------------------------------------------
-
-def test_kill_at_random_moments_leaves_a_loadable_run(corpus, tmp_path):
-    rng = random.Random(7)
-    delays = [rng.uniform(3.0, 9.0) for _ in range(3)]  # seconds after start: torch import, then saves
-    flags = ["--eval-interval=1", "--keep-checkpoints=2"]  # a save after every step: kills land in saves
-    runs = [tmp_path / f"run{i}" for i in range(len(delays))]
-    procs = start_parallel([([*llmkit_cmd(), *train_args(corpus, run, 400), *flags], {}) for run in runs],
-                           cwd=tmp_path)
-    started = time.monotonic()
-    for proc, delay in sorted(zip(procs, delays), key=lambda pair: pair[1]):
-        time.sleep(max(0.0, started + delay - time.monotonic()))
-        proc.kill()
-    finish_parallel(procs)
-    for run, proc in zip(runs, procs):
-        assert proc.returncode == -9, "the run should still have been training when killed"
-        complete = list_checkpoints(run / "checkpoints")
-        for path in complete:  # a directory that looks complete is complete: no half checkpoint
-            verify_checkpoint(path)
-        if complete:
-            assert llmkit.load(run).path == complete[-1]
-        step = int(complete[-1].name.split("-")[1]) if complete else 0
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = cli_main([*train_args(corpus, run, step + 2), *flags, "--resume"])
-        assert rc == 0, err.getvalue()[-2000:]
-        leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.endswith((".tmp", ".old"))]
-        assert leftovers == []
-        assert llmkit.load(run).path.name == f"step-{step + 2:08d}"
