@@ -8,6 +8,8 @@ GatedMLP:  down(act(gate(x)) * up(x))   — SwiGLU uses SiLU, GeGLU uses GELU (S
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.layers.linear import Linear
+
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
@@ -21,8 +23,8 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, kind: str, bias: bool, dropout: float = 0.0) -> None:
         super().__init__()
         self.act = ACTIVATIONS[kind]
-        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.up_proj = Linear(d_model, d_ff, bias=bias)
+        self.down_proj = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -33,9 +35,9 @@ class GatedMLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, kind: str, bias: bool, dropout: float = 0.0) -> None:
         super().__init__()
         self.act = ACTIVATIONS[kind]
-        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.gate_proj = Linear(d_model, d_ff, bias=bias)
+        self.up_proj = Linear(d_model, d_ff, bias=bias)
+        self.down_proj = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.layers.linear import Linear
 from llmkit.models.transformer import Embeddings, Stack
 
 
@@ -20,7 +21,7 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
         self.stack = Stack(cfg, causal=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embeddings.embed.weight
         self.apply(self._init_weights)
