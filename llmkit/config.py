@@ -159,6 +159,11 @@ class ModelConfig:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
 
+    def non_default_fields(self) -> dict[str, Any]:
+        """Fields whose value differs from the field's default (derived ones, defaulting to None, always
+        do): a fingerprint that survives llmkit adding new fields with defaults between runs."""
+        return {k: v for k, v in self.to_dict().items() if v != getattr(type(self), k)}
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 

@@ -162,7 +162,7 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
         checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                          "model": model_cfg.to_dict()}},
         checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
-        fingerprint={"model_config": model_cfg.to_dict(), "data": corpus.fingerprint,
+        fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
                      "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
     if resume:

@@ -286,3 +286,14 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path):
     with pytest.raises(NonFiniteError, match="non-finite"):
         probe.trainer.save()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_resume_refuses_a_changed_model_config(corpus, tmp_path):
+    cfg = TrainConfig(preset="gpt2-tiny", steps=2, batch_size=2, seq_len=32, vocab_size=300, eval_interval=2,
+                      eval_batches=1, threads=1)
+    pretrain([corpus], tmp_path, cfg)
+    with pytest.raises(CheckpointError, match="model_config changed"):
+        pretrain([corpus], tmp_path, TrainConfig(**{**cfg.to_dict(), "steps": 4}), resume=True,
+                 model_overrides={"d_ff": 128})
+    state = pretrain([corpus], tmp_path, TrainConfig(**{**cfg.to_dict(), "steps": 4}), resume=True)
+    assert state.step == 4  # the unchanged config resumes
