@@ -41,7 +41,7 @@ def _fault(stage: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """fsync a file, or a directory so that entries created or renamed in it survive a crash."""
     fd = os.open(path, os.O_RDONLY)  # POSIX only: Windows cannot open a directory this way
     try:
@@ -59,7 +59,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
     """Write a new file and fsync it before returning."""
     with open(path, "xb") as f:
         f.write(data)
@@ -73,13 +73,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        _write_synced(tmp, data)
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         tmp.unlink(missing_ok=True)  # already gone after a successful replace
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -175,14 +175,14 @@ def _write_payload(tmp: Path, tensors: dict[str, dict[str, torch.Tensor]],
     """Write every non-manifest file into `tmp`, each fsynced; fires the after_first_file fault."""
     for i, (file, group) in enumerate(tensors.items()):
         save_file(_unshared(group), tmp / file, metadata={"format": "pt"})
-        _fsync_path(tmp / file)
+        fsync_path(tmp / file)
         if i == 0:
             _fault("after_first_file")
     for name, data in encoded.items():
-        _write_synced(tmp / name, data)
+        write_synced(tmp / name, data)
     for name, src in copy_files.items():
         shutil.copyfile(src, tmp / name)
-        _fsync_path(tmp / name)
+        fsync_path(tmp / name)
 
 
 def _purge(root: Path, step: int, keep: int) -> None:
@@ -211,7 +211,7 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str,
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _fsync_path(root.parent)  # a freshly created root must survive a crash too
+        fsync_path(root.parent)  # a freshly created root must survive a crash too
         shutil.rmtree(tmp, ignore_errors=True)  # a stale tmp dir from a crashed save of this step
         tmp.mkdir()
         _write_payload(tmp, tensors, encoded, copy_files)
@@ -219,14 +219,14 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, dict[str,
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.iterdir())}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
-        _write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
-        _fsync_path(tmp)
+        write_synced(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        fsync_path(tmp)
         _fault("after_manifest")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():  # re-saving a step (after a resume): move the old copy aside
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as exc:  # disk full, permissions: the last one stays newest
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from llmkit.errors import CheckpointError, ModelFormatError
-from llmkit.io.checkpoint import read_json
+from llmkit.io.checkpoint import fsync_path, read_json, write_synced
 from llmkit.io.hf_config import config_from_hf, config_to_hf
 from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weights, refuse_pickles
 from llmkit.io.weights import load_model_tensors, model_tensors
@@ -133,21 +133,6 @@ def _tokenizer_json(tokenizer: Tokenizer, prefix_ids: Sequence[int] | None) -> s
 
 # ---- export -------------------------------------------------------------------------------------
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
             prefix_ids: Sequence[int] | None = None, eos_ids: Sequence[int] | None = None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
@@ -181,16 +166,15 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
     try:
         tmp.mkdir(parents=True)
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        with open(tmp / "model.safetensors", "rb+") as f:
-            os.fsync(f.fileno())
-        _write_synced(tmp / "tokenizer.json", tok_json.encode("utf-8"))
+        fsync_path(tmp / "model.safetensors")
+        write_synced(tmp / "tokenizer.json", tok_json.encode("utf-8"))
         for name, obj in json_files.items():
-            _write_synced(tmp / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-        _fsync_dir(tmp)
+            write_synced(tmp / name, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+        fsync_path(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a directory portably
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
