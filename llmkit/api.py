@@ -24,7 +24,7 @@ from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.io.weights import load_model_tensors
-from llmkit.models.causal_lm import CausalLM
+from llmkit.models.build import build_model, tie_weights
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -72,10 +72,9 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
         raise CheckpointError(f"{ckpt / 'config.json'}: neither an llmkit checkpoint (no \"model\" object) "
                               "nor a Hugging Face config (no \"model_type\")")
     cfg = ModelConfig.from_dict(meta["model"], where=str(ckpt / "config.json"))
-    model = CausalLM(cfg)
+    model = build_model(cfg)
     load_model_tensors(model, load_tensors(ckpt / "model.safetensors"), where=str(ckpt / "model.safetensors"))
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embeddings.embed.weight
+    tie_weights(model)
     model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
     return LanguageModel(model, Tokenizer.load(ckpt), ckpt)
 

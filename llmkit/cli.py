@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import sysconfig
@@ -307,7 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, metavar="DIR")
 
     sub.add_parser("presets", help="list model presets")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
+
+
+# Subcommands of the other families and of post-training live in llmkit/commands/: each module's
+# `register(sub)` adds its parsers and sets `handler=` on them (argparse's set_defaults).
+COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.seq2seq", "llmkit.commands.post_training",
+                   "llmkit.commands.long_context")
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
@@ -317,7 +326,8 @@ HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "pre
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        HANDLERS[args.command](args)
+        handler = getattr(args, "handler", None) or HANDLERS[args.command]
+        handler(args)
     except LlmkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,12 +19,16 @@ NormPosition = Literal["pre", "post"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
+Arch = Literal["decoder", "encoder", "encoder-decoder"]
+Body = Literal["transformer", "rwkv", "mamba"]
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
+ARCHS = ("decoder", "encoder", "encoder-decoder")
+BODIES = ("transformer", "rwkv", "mamba")
 
 
 def check_field_types(obj: Any, where: str) -> None:
@@ -75,6 +79,16 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # Which stacks exist: a causal decoder (GPT, LLaMA), a bidirectional encoder (BERT), or both
+    # with cross-attention (T5, BART).
+    arch: Arch = "decoder"
+    # What mixes information across positions in each layer: attention, or a recurrence with a
+    # fixed-size state (RWKV, Mamba).
+    body: Body = "transformer"
+    # --- encoder-only (BERT family) ---
+    # --- encoder-decoder (T5, BART) ---
+    # --- attention patterns for long context (sliding window, global tokens, block-sparse) ---
+    # --- linear-time bodies (RWKV, Mamba) ---
 
     def __post_init__(self) -> None:
         def derive(name: str, value: Any) -> None:
@@ -87,7 +101,8 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in (("mlp", MLP_KINDS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
-                              ("position", POSITION_KINDS), ("rope_scaling", ROPE_SCALINGS)):
+                              ("position", POSITION_KINDS), ("rope_scaling", ROPE_SCALINGS),
+                              ("arch", ARCHS), ("body", BODIES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")

@@ -54,8 +54,8 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     max_len = min(cfg.max_seq_len, ids.shape[1] + max_new_tokens)
-    cache = KVCache.empty(cfg, len(prompts), max_len, dtype=next(model.parameters()).dtype,
-                          device=device) if use_cache else None
+    cache = new_cache(model, len(prompts), max_len, dtype=next(model.parameters()).dtype,
+                      device=device) if use_cache else None
     penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
     seen = counts = None
     if penalties:
@@ -86,6 +86,14 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
             logits = model(token, attention_mask=mask, cache=cache)[:, -1]
         else:
             logits = model(ids, attention_mask=mask)[:, -1]
+
+
+def new_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.dtype, device) -> object:
+    """The model's own decoding state (a KV cache for attention; fixed-size states for recurrent
+    bodies), when it defines `new_cache`; otherwise the standard KV cache."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(batch, max_len, dtype=dtype, device=device)
+    return KVCache.empty(model.cfg, batch, max_len, dtype=dtype, device=device)
 
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:

@@ -22,13 +22,16 @@ class CausalLM(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.stack = Stack(cfg, causal=True)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embeddings.embed.weight
+        self.tie_weights()
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embeddings.embed.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
