@@ -26,6 +26,7 @@ from llmkit.io.gguf_reader import Header, TensorInfo, is_gguf_file, read_header,
 from llmkit.io.gguf_tokenizer import tokenizer_from_gguf
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH
 from llmkit.io.weights import model_tensors
+from llmkit.models.build import skip_init
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
 
@@ -201,7 +202,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
     plan = plan_tensors(header, cfg, where)
     tok = tokenizer_from_gguf(header.metadata, where)
     permuted = ARCHITECTURES[header.metadata["general.architecture"]]
-    model = CausalLM(cfg)
+    with skip_init():  # every tensor is copied in below (the assert checks the plan covers the model)
+        model = CausalLM(cfg)
     state = model_tensors(model)  # shares storage with the parameters; a tied head is the embedding
     assert {n: tuple(t.shape) for n, t in state.items()} == {
         n: tuple(reversed(i.dims)) for n, i in plan.items()}, "tensor_names disagrees with CausalLM"

@@ -26,6 +26,7 @@ from gguf.quants import dequantize
 from torch import Tensor
 
 from llmkit.errors import ModelFormatError
+from llmkit.io.gguf_quants import dequantize_simple
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # version 1 had 32-bit counts; 2 and 3 (big-endian allowed) share one layout
@@ -210,6 +211,10 @@ def read_tensor(data: np.ndarray, info: TensorInfo) -> Tensor:
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.qtype)]
     raw = data[info.offset:info.offset + info.nbytes]
     raw = raw.reshape(*reversed(info.dims[1:]), info.dims[0] // block * type_size)  # quant blocks along rows
+    fast = dequantize_simple(raw, GGMLQuantizationType(info.qtype))
+    if fast is not None:
+        assert tuple(fast.shape) == tuple(reversed(info.dims)), (info.name, fast.shape)
+        return fast
     out = dequantize(raw, GGMLQuantizationType(info.qtype))
     assert out.shape == tuple(reversed(info.dims)), (info.name, out.shape)
     return torch.from_numpy(np.array(out, dtype=np.float32, copy=not out.flags.writeable or out.dtype != np.float32))
