@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import CheckpointError, NonFiniteError
+from llmkit.io.safetensors_header import check_unique_keys
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -108,6 +109,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
+        check_unique_keys(path)
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__  # library messages may span lines

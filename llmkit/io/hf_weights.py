@@ -23,6 +23,7 @@ from torch import Tensor
 
 from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, ModelFormatError
+from llmkit.io.safetensors_header import check_unique_keys
 from llmkit.io.weights import model_tensors
 from llmkit.models.causal_lm import CausalLM
 
@@ -169,6 +170,7 @@ def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
 
 def _open(file: Path):
     try:
+        check_unique_keys(file)
         return safe_open(file, framework="pt")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFormatError(f"{file}: corrupt safetensors file ({' '.join(str(exc).split())})") from None
