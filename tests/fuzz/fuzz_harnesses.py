@@ -1,0 +1,196 @@
+"""Mutation fuzzing of llmkit's parsers of untrusted input (RELIABILITY.md L10), without extra tools.
+
+Each harness has seed inputs (valid files, and the L3/L4 corruption corpora) and a target that parses
+one input. The fuzzer mutates seeds with a seeded RNG (byte flips, interesting integers, splices,
+truncations, duplicated chunks), runs the target, and records a finding when the target raises
+anything outside the harness's allowed error types, or takes longer than the time limit. A finding
+keeps the input bytes, so it can be saved and turned into a named regression test.
+
+Run long: `.venv/bin/python tests/fuzz/run_fuzz.py --seconds 3600 [harness ...]`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))  # gguf_tiny's writer
+
+from llmkit.errors import LlmkitError  # noqa: E402
+
+INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
+
+
+def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
+    """One to four random edits of `data`."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(7)
+        at = rng.randrange(len(buf) + 1)
+        if kind == 0 and buf:  # flip bits of one byte
+            buf[min(at, len(buf) - 1)] ^= 1 << rng.randrange(8)
+        elif kind == 1 and buf:  # a random byte
+            buf[min(at, len(buf) - 1)] = rng.randrange(256)
+        elif kind == 2:  # an interesting little-endian integer (lengths, counts, offsets, type ids)
+            width = rng.choice((1, 2, 4, 8))
+            value = rng.choice(INTERESTING) & ((1 << 8 * width) - 1)
+            buf[at:at + width] = value.to_bytes(width, "little")
+        elif kind == 3:  # truncate
+            del buf[at:]
+        elif kind == 4 and buf:  # delete a chunk
+            del buf[at:at + rng.randint(1, 64)]
+        elif kind == 5 and buf:  # duplicate a chunk
+            start = rng.randrange(len(buf))
+            buf[at:at] = buf[start:start + rng.randint(1, 64)]
+        else:  # splice in part of another seed
+            other = rng.choice(pool)
+            start = rng.randrange(len(other) + 1)
+            buf[at:at + rng.randint(0, 64)] = other[start:start + rng.randint(1, 64)]
+    return bytes(buf)
+
+
+@dataclass
+class Finding:
+    harness: str
+    data: bytes
+    problem: str
+
+
+@dataclass
+class Harness:
+    name: str
+    seeds: Callable[[Path], list[bytes]]
+    target: Callable[[bytes, Path], object]  # parse one input (written under the given scratch dir)
+    allowed: tuple[type[BaseException], ...] = (LlmkitError,)
+    time_limit: float = 1.0
+
+
+@dataclass
+class Report:
+    runs: int = 0
+    rejected: int = 0
+    accepted: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+
+def fuzz(harness: Harness, *, seconds: float, seed: int = 0, max_findings: int = 5) -> Report:
+    """Mutate and run for `seconds`; every seed input is run once first, unmutated."""
+    report = Report()
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{harness.name}-") as scratch:
+        scratch = Path(scratch)
+        seeds = harness.seeds(scratch)
+        queue = list(seeds)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(report.findings) < max_findings:
+            data = queue.pop() if queue else mutate(rng.choice(seeds), rng, seeds)
+            start = time.monotonic()
+            try:
+                harness.target(data, scratch)
+                report.accepted += 1
+            except harness.allowed as exc:
+                report.rejected += 1
+                if "\n" in str(exc):
+                    report.findings.append(Finding(harness.name, data, f"multi-line error: {exc!r}"))
+            except Exception as exc:  # noqa: BLE001 - anything else is what fuzzing looks for
+                report.findings.append(Finding(harness.name, data, f"{type(exc).__name__}: {exc}"[:300]))
+            elapsed = time.monotonic() - start
+            if elapsed > harness.time_limit:
+                report.findings.append(Finding(harness.name, data, f"took {elapsed:.2f} s"))
+            report.runs += 1
+    return report
+
+
+# ---- harnesses -----------------------------------------------------------------------------------
+
+def _safetensors_seeds(_: Path) -> list[bytes]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "io"))
+    from test_safetensors_corpus import CORPUS, blob
+
+    return [blob()] + [v for v in CORPUS.values() if len(v) < 200_000]
+
+
+def _safetensors_target(data: bytes, scratch: Path) -> object:
+    from llmkit.io.checkpoint import load_tensors
+
+    path = scratch / "model.safetensors"
+    path.write_bytes(data)
+    return load_tensors(path)
+
+
+def _gguf_seeds(scratch: Path) -> list[bytes]:
+    from gguf import GGMLQuantizationType as Q
+    from gguf_tiny import write_gguf
+
+    seeds = []
+    for i, (arch, qtype) in enumerate((("llama", Q.F32), ("llama", Q.Q8_0), ("qwen2", Q.F16), ("gpt2", Q.Q4_1))):
+        path = scratch / f"seed{i}.gguf"
+        write_gguf(path, arch=arch, qtype=qtype, d=32, heads=2, kv_heads=1 if arch != "gpt2" else 2, ff=64,
+                   context=32, tied=arch != "qwen2")
+        seeds.append(path.read_bytes())
+    return seeds
+
+
+def _gguf_target(data: bytes, scratch: Path) -> object:
+    from llmkit.io.gguf import load_gguf
+
+    path = scratch / "model.gguf"
+    path.write_bytes(data)
+    return load_gguf(path)
+
+
+def _tokenizer_seeds(_: Path) -> list[bytes]:
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["hello world, the tokenizer reads bytes", "def f(x):\n    return x + 1\n"] * 4,
+                          vocab_size=300, min_frequency=1)
+    text = tok.backend.to_str()
+    return [text.encode(), json.dumps(json.loads(text), indent=1).encode()]
+
+
+def _tokenizer_target(data: bytes, scratch: Path) -> object:
+    from llmkit.tokenizer import Tokenizer
+
+    path = scratch / "tokenizer.json"
+    path.write_bytes(data)
+    tok = Tokenizer.load(path)
+    return tok.decode(tok.encode("héllo wörld 🙂"))
+
+
+TEMPLATE_SEEDS = [
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    "{{ bos_token }}{% for m in messages %}{{ m.role | upper }}: {{ m.content | trim }}\n{% endfor %}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{{ loop.index }}{% endfor %}"
+    "{{ ns.n }}{{ raise_exception('no') if messages | length > 9 }}",
+    "{% for i in range(3) %}{{ messages[0]['content'] * 2 }}{% endfor %}{{ 'x' | join(['a', 'b']) }}",
+    "{{ ().__class__ }}{{ messages.__len__() }}{% macro f(x) %}{{ f(x) }}{% endmacro %}",
+]
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi {{ there }}"},
+            {"role": "assistant", "content": "hello"}]
+
+
+def _template_seeds(_: Path) -> list[bytes]:
+    return [t.encode() for t in TEMPLATE_SEEDS]
+
+
+def _template_target(data: bytes, _: Path) -> object:
+    from llmkit.tokenizer.chat import render_chat
+
+    return render_chat(data.decode("utf-8", errors="replace"), MESSAGES, bos_token="<s>", eos_token="</s>")
+
+
+HARNESSES = {h.name: h for h in (
+    Harness("safetensors", _safetensors_seeds, _safetensors_target),
+    Harness("gguf", _gguf_seeds, _gguf_target),
+    Harness("tokenizer", _tokenizer_seeds, _tokenizer_target),
+    # the template sandbox has its own 2 s wall-clock budget; a render may use all of it
+    Harness("chat_template", _template_seeds, _template_target, time_limit=2.5),
+)}
