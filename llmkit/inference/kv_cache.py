@@ -3,6 +3,11 @@ new token's projections (O(T) work per token instead of O(T²) recomputation).
 
 An explicit object passed to the model (not hidden module state): preallocated (L, B, Hkv, T, D)
 buffers, and `pos`, the number of positions filled, which the model advances after its layer loop.
+
+A sliding-window model (cfg.attention_pattern == "sliding_window") gets a `RingKVCache` instead: it
+keeps only the last `attention_window` positions, overwriting the oldest, so its memory stays
+constant however long generation runs. `key_start` tells the model the absolute index of the first
+key it returns (0 for the full cache).
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from llmkit.config import ModelConfig
 
 
 class KVCache:
+    key_start = 0  # absolute index of the first key `update` returns: the full cache starts at 0
+
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
@@ -25,8 +32,12 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
-        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len or cfg.max_seq_len, cfg.head_dim,
-                   dtype=dtype, device=device)
+        """The cache `cfg` needs: a ring buffer of the window for a sliding-window model, else full."""
+        max_len = max_len or cfg.max_seq_len
+        if cfg.attention_pattern == "sliding_window" and cfg.attention_window < max_len:
+            return RingKVCache(cfg.n_layers, batch, cfg.n_kv_heads, cfg.attention_window, cfg.head_dim,
+                               dtype=dtype, device=device)
+        return cls(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype=dtype, device=device)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) at pos..pos+T; return everything cached for this layer."""
@@ -41,3 +52,34 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class RingKVCache(KVCache):
+    """Keys and values of the last `window` positions only: position p lives in slot p mod window.
+
+    `update` returns the cached window in time order followed by the new positions (a sliding-window
+    query at i needs keys i-window+1..i, all of which are there), then stores the newest `window` of
+    them. Any number of positions can be decoded; memory is (L, B, Hkv, window, D) throughout.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, window: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        super().__init__(n_layers, batch, n_kv_heads, window, head_dim, dtype=dtype, device=device)
+        self.window = window
+
+    @property
+    def key_start(self) -> int:
+        """Absolute index of the oldest cached position (the first key `update` returns)."""
+        return max(0, self.pos - self.window)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        T, filled = k.shape[2], min(self.pos, self.window)
+        # time order: slots from the oldest position's slot onwards, wrapping around
+        order = (torch.arange(self.pos - filled, self.pos, device=k.device) % self.window)
+        keys = torch.cat([self.k[layer, :, :, order], k], dim=2)
+        values = torch.cat([self.v[layer, :, :, order], v], dim=2)
+        keep = min(T, self.window)  # only the newest `window` new positions can ever be needed again
+        slots = torch.arange(self.pos + T - keep, self.pos + T, device=k.device) % self.window
+        self.k[layer, :, :, slots] = k[:, :, T - keep:]
+        self.v[layer, :, :, slots] = v[:, :, T - keep:]
+        return keys, values

@@ -9,6 +9,7 @@ or unpickled: `auto_map` and custom code are ignored (../shared/RELIABILITY.md L
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import secrets
@@ -21,11 +22,13 @@ from safetensors.torch import save_file
 
 from llmkit.errors import CheckpointError, ModelFormatError
 from llmkit.io.checkpoint import fsync_path, read_json, write_synced
-from llmkit.io.hf_config import config_from_hf, config_to_hf
+from llmkit.io.hf_config import SUPPORTED, config_from_hf, config_to_hf
 from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weights, refuse_pickles
 from llmkit.io.weights import load_model_tensors, model_tensors
+from llmkit.models.build import skip_init
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer.sentencepiece import read_sentencepiece, sentencepiece_backend
 
 __all__ = ["HFModel", "is_hf_dir", "load_hf", "refuse_pickles", "save_hf"]
 
@@ -46,6 +49,15 @@ class HFModel(NamedTuple):
     eos_ids: list[int]  # generation stops at any of these
 
 
+# Families whose loaders live in their own modules (imported on first use): model_type → module:function.
+OTHER_FAMILIES = {
+    "bert": "llmkit.io.hf_encoder:load_hf_encoder", "roberta": "llmkit.io.hf_encoder:load_hf_encoder",
+    "albert": "llmkit.io.hf_encoder:load_hf_encoder",
+    "t5": "llmkit.io.hf_seq2seq:load_hf_seq2seq", "bart": "llmkit.io.hf_seq2seq:load_hf_seq2seq",
+    "mamba": "llmkit.io.hf_recurrent:load_hf_recurrent", "rwkv": "llmkit.io.hf_recurrent:load_hf_recurrent",
+}
+
+
 def load_hf(path: str | Path) -> HFModel:
     """Load a Hugging Face model directory: an llmkit CausalLM in eval mode (float32 parameters,
     whatever the file's dtype) with its tokenizer, prefix ids and EOS ids. Every file is checked
@@ -53,11 +65,19 @@ def load_hf(path: str | Path) -> HFModel:
     directory = Path(path)
     config_file = directory / "config.json"
     data = read_json(config_file)
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if model_type in OTHER_FAMILIES:  # encoder-only, encoder-decoder and recurrent families: own name maps
+        module, loader = OTHER_FAMILIES[model_type].split(":")
+        return getattr(importlib.import_module(module), loader)(directory, data)
+    if isinstance(data, dict) and model_type not in SUPPORTED:
+        raise ModelFormatError(f"{config_file}: unsupported model_type {model_type!r} "
+                               f"(supported: {', '.join(sorted([*SUPPORTED, *OTHER_FAMILIES]))})")
     cfg = config_from_hf(data, str(config_file))
     family = FAMILIES[data["model_type"]]
     plan = plan_weights(directory, cfg, family)
     tokenizer, prefix_ids, eos_ids = load_tokenizer(directory, data, cfg.vocab_size)
-    model = CausalLM(cfg)
+    with skip_init():  # load_model_tensors fills every parameter or refuses the file
+        model = CausalLM(cfg)
     load_model_tensors(model, read_weights(plan, family), where=str(directory))
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embeddings.embed.weight
@@ -88,18 +108,24 @@ def load_tokenizer(directory: Path, config: dict, vocab_size: int) -> tuple[Toke
     """tokenizer.json with the special tokens of tokenizer_config.json; the ids its post-processor puts
     before a text; and the EOS ids from generation_config.json (else config.json) and the tokenizer."""
     file = directory / "tokenizer.json"
-    if not file.is_file():
-        raise ModelFormatError(f"{file}: no such file (llmkit reads the `tokenizers` format; "
-                               "a tokenizer.model or vocab.json alone is not supported)")
+    spm_file = next((f for f in (directory / "tokenizer.model", directory / "spiece.model") if f.is_file()), None)
+    if not file.is_file() and spm_file is None:
+        raise ModelFormatError(f"{file}: no such file (llmkit reads tokenizer.json, or a SentencePiece "
+                               "tokenizer.model / spiece.model; a vocab.json alone is not supported)")
     tc_file = directory / "tokenizer_config.json"
     tc = read_json(tc_file) if tc_file.exists() else {}
     if not isinstance(tc, dict):
         raise ModelFormatError(f"{tc_file}: expected a JSON object")
     specials = {key: _token_string(tc.get(f"{key}_token"), tc_file, f"{key}_token") for key in ("bos", "eos", "pad")}
-    tokenizer = Tokenizer.load(file, bos_token=specials["bos"], eos_token=specials["eos"], pad_token=specials["pad"])
+    if file.is_file():
+        tokenizer = Tokenizer.load(file, bos_token=specials["bos"], eos_token=specials["eos"],
+                                   pad_token=specials["pad"])
+    else:  # SentencePiece only (older LLaMA-family and T5 directories)
+        tokenizer = sentencepiece_tokenizer(spm_file, tc, tc_file, specials)
+        file = spm_file
     for key, token in specials.items():
         if token is not None and tokenizer.token_to_id(token) is None:
-            raise ModelFormatError(f"{tc_file}: {key}_token {token!r} is not in tokenizer.json")
+            raise ModelFormatError(f"{tc_file}: {key}_token {token!r} is not in {file.name}")
     if tokenizer.vocab_size > vocab_size:
         raise ModelFormatError(f"{file}: {tokenizer.vocab_size} tokens, more than config.json's "
                                f"vocab_size {vocab_size}")
@@ -111,6 +137,26 @@ def load_tokenizer(directory: Path, config: dict, vocab_size: int) -> tuple[Toke
         _token_ids(source, key, where, vocab_size)
     eos = _token_ids(source, "eos_token_id", where, vocab_size) + [tokenizer.eos_id] * (tokenizer.eos_id is not None)
     return tokenizer, tokenizer.prefix_ids(), list(dict.fromkeys(eos))
+
+
+def sentencepiece_tokenizer(spm_file: Path, tc: dict, tc_file: Path, specials: dict[str, str | None]) -> Tokenizer:
+    """A Tokenizer from a SentencePiece model; like transformers' LlamaTokenizer, BOS is put before
+    every text unless tokenizer_config.json sets add_bos_token to false."""
+    from tokenizers import processors
+
+    backend = sentencepiece_backend(read_sentencepiece(spm_file))
+    vocab = backend.get_vocab(with_added_tokens=True)
+    names = {key: specials[key] if specials[key] is not None else default
+             for key, default in (("bos", "<s>"), ("eos", "</s>"), ("pad", None))}
+    names = {key: name if name in vocab else None for key, name in names.items()}
+    add_bos = tc.get("add_bos_token", True)
+    if not isinstance(add_bos, bool):
+        raise ModelFormatError(f"{tc_file}: add_bos_token must be true or false, got {add_bos!r}")
+    if add_bos and names["bos"] is not None:
+        bos = names["bos"]
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, vocab[bos])])
+    return Tokenizer(backend, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"])
 
 
 def _tokenizer_json(tokenizer: Tokenizer, prefix_ids: Sequence[int] | None) -> str:
@@ -144,16 +190,41 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: already exists and is not empty")
     dtype = next(model.parameters()).dtype
-    config = config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+    if cfg.arch == "encoder":
+        from llmkit.io.hf_encoder import encoder_config_to_hf, encoder_tensors_to_hf
+
+        config = encoder_config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+        tensors = encoder_tensors_to_hf(model)
+        if config.get("pad_token_id", tokenizer.pad_id) != tokenizer.pad_id:  # RoBERTa's positions start past it
+            raise ModelFormatError(f"cannot export to Hugging Face roberta: position_offset={cfg.position_offset} "
+                                   f"needs the pad token at id {config['pad_token_id']}, the tokenizer has "
+                                   f"{tokenizer.pad_id}")
+    elif cfg.arch == "encoder-decoder":
+        from llmkit.io.hf_seq2seq import config_to_hf_seq2seq, to_hf_tensors
+
+        config = config_to_hf_seq2seq(cfg, dtype=str(dtype).removeprefix("torch."))
+        tensors = {n: t.detach().cpu().contiguous() for n, t in to_hf_tensors(model_tensors(model), cfg).items()}
+    elif cfg.body != "transformer":
+        from llmkit.io.hf_recurrent import llmkit_to_hf_recurrent, recurrent_config_to_hf
+
+        config = recurrent_config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+        tensors = {n: t.detach().cpu().contiguous()
+                   for n, t in llmkit_to_hf_recurrent(model_tensors(model), cfg).items()}
+    else:
+        config = config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+        family = FAMILIES[config["model_type"]]
+        tensors = {n: t.detach().cpu().contiguous() for n, t in llmkit_to_hf(model_tensors(model), family).items()}
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ModelFormatError(f"cannot export: the tokenizer has {tokenizer.vocab_size} tokens, the model "
                                f"only {cfg.vocab_size}")
-    family = FAMILIES[config["model_type"]]
-    tensors = {n: t.detach().cpu().contiguous() for n, t in llmkit_to_hf(model_tensors(model), family).items()}
     eos = list(eos_ids) if eos_ids is not None else [tokenizer.eos_id] * (tokenizer.eos_id is not None)
     ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None,
                pad_token_id=tokenizer.pad_id)
+    if cfg.arch == "encoder-decoder":  # generate() reads the decoder's first token from generation_config.json
+        ids["decoder_start_token_id"] = cfg.decoder_start_token_id
     tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token") for k in ("bos", "eos", "pad")}
+    if cfg.arch == "encoder" and tokenizer.mask_id is not None:
+        tokens["mask_token"] = tokenizer.mask_token  # fill-mask pipelines look for it
     json_files = {
         "config.json": {**config, **ids},
         "generation_config.json": ids,
@@ -161,7 +232,12 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
                                   "clean_up_tokenization_spaces": False,
                                   **{k: v for k, v in tokens.items() if v is not None}},
     }
-    tok_json = _tokenizer_json(tokenizer, prefix_ids)
+    if cfg.arch == "encoder-decoder":
+        from llmkit.io.hf_seq2seq import seq2seq_tokenizer_json
+
+        tok_json = seq2seq_tokenizer_json(tokenizer)
+    else:
+        tok_json = _tokenizer_json(tokenizer, prefix_ids)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
     try:
         tmp.mkdir(parents=True)

@@ -237,6 +237,7 @@ def _export_family(cfg: ModelConfig) -> str:
     if family in ("gpt2", "qwen2") and cfg.n_heads * cfg.head_dim != cfg.d_model:
         raise ModelFormatError(f"cannot export to Hugging Face {family}: head_dim={cfg.head_dim} × "
                                f"n_heads={cfg.n_heads} != d_model={cfg.d_model}")
+    wants["attention_pattern"] = "full"  # these families attend to every key (sparse patterns: layers/sparse.py)
     for name, wanted in wants.items():
         if getattr(cfg, name) != wanted:
             raise ModelFormatError(f"cannot export to Hugging Face {family}: {name}={getattr(cfg, name)!r} "

@@ -79,21 +79,41 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.impl = "sdpa"
+        self.scale = None if cfg.scale_attention else 1.0  # None → 1/√head_dim; T5 leaves q·k unscaled
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
-                mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0) -> Tensor:
+                mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0,
+                memory: Tensor | None = None, local=None) -> Tensor:
+        """Self-attention over x; or, given `memory` (B, S, C), cross-attention (T5, BART decoders):
+        queries from x, keys and values from memory, the encoder output. With a cache, cross-attention
+        keys/values are projected once per request (`cache.memory_kv`) and reused at every step."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # k, v become everything cached so far plus these T positions
-            k, v = cache.update(layer, k, v)
-        y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl,
-                   dropout=self.dropout if self.training else 0.0)
+        if memory is not None:
+            k, v = cache.memory_kv(layer, memory, self.project_kv) if cache is not None else self.project_kv(memory)
+        else:
+            k, v = self.project_kv(x)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:  # k, v become everything cached so far plus these T positions
+                k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if local is not None:  # sliding window (llmkit/layers/sparse.py): blocked, never a dense (T, T) mask
+            from llmkit.layers.sparse import attend_local
+
+            y = attend_local(q, k, v, local, impl=self.impl, scale=self.scale, dropout=dropout)
+        else:
+            y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl, scale=self.scale,
+                       dropout=dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.resid_dropout(self.o_proj(y))
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Hkv, T, D) of x (B, T, C)."""
+        B, T, _ = x.shape
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
 
 
 def set_attention_impl(model: nn.Module, impl: str) -> nn.Module:

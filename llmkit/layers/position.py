@@ -8,6 +8,8 @@ attention.
   2023, arXiv 2306.15595), dynamic NTK (bloc97/emozilla, reddit r/LocalLLaMA 2023), YaRN (Peng et al.
   2023, arXiv 2309.00071) and Llama 3.1's banded interpolation.
 - ALiBi: Press et al. 2021 (arXiv 2108.12409): score(i, j) -= slope_h · |i - j|, geometric slopes.
+- T5 relative position bias: Raffel et al. 2019 (arXiv 1910.10683) §2.1: score(i, j) += b_h[bucket(j - i)],
+  one learned scalar per head and distance bucket.
 """
 
 import math
@@ -141,3 +143,35 @@ def alibi_bias(slopes: Tensor, q_index: Tensor, k_index: Tensor) -> Tensor:
     """
     distance = (q_index[:, None] - k_index[None, :]).abs().float()  # (Tq, Tk)
     return (-slopes[:, None, None] * distance)[None]
+
+
+def relative_position_bucket(distance: Tensor, *, bidirectional: bool, buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each key-minus-query distance (any shape, long) → same shape, in [0, buckets).
+
+    Bidirectional (encoder): half the buckets for keys after the query, half for keys before it. Causal
+    (decoder): a key after the query cannot be seen, so every bucket goes to distances ≤ 0. Within a
+    direction, the first half of its buckets hold distances 0, 1, 2, … exactly; the rest cover
+    exact..max_distance on a log scale, and farther distances all share the last bucket.
+    """
+    offset = torch.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        offset = (distance > 0).long() * buckets  # keys to the right use the upper half
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)  # how far back the key is; future keys count as 0 (masked anyway)
+    exact = buckets // 2
+    # log-spaced: exact at distance `exact`, reaching `buckets` at `max_distance`; truncated like T5 (.long())
+    spread = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (buckets - exact)
+    far = (exact + spread.long()).clamp(max=buckets - 1)
+    return offset + torch.where(distance < exact, distance, far)
+
+
+def relative_bias(table: Tensor, q_index: Tensor, k_index: Tensor, *, bidirectional: bool,
+                  max_distance: int) -> Tensor:
+    """Additive attention bias (1, H, Tq, Tk) from the (buckets, H) table, over absolute indices (so
+    cached decoding, whose queries start at the cache offset, reads the same buckets as a full pass)."""
+    distance = k_index[None, :] - q_index[:, None]  # (Tq, Tk): key minus query, as T5 defines it
+    bucket = relative_position_bucket(distance, bidirectional=bidirectional, buckets=table.shape[0],
+                                      max_distance=max_distance)
+    return table[bucket].permute(2, 0, 1)[None].float()  # (1, H, Tq, Tk)

@@ -1,4 +1,7 @@
-"""Decoder-only language model (GPT-2, LLaMA): embeddings → causal Stack → LM head.
+"""Decoder-only language model (GPT-2, LLaMA; RWKV, Mamba): embeddings → causal Stack → LM head.
+
+`cfg.body` picks what sits between embeddings and head: the Transformer Stack, or a linear-time
+RecurrentStack (models/recurrent.py) whose decoding state is a fixed-size StateCache.
 
 `model(input_ids)` returns logits (B, T, vocab). For generation, pass a KVCache (`cache=`); the
 model advances `cache.pos` after the layer loop. `attention_mask` (B, T_total) marks real tokens
@@ -11,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.inference.kv_cache import KVCache
 from llmkit.layers.linear import Linear
 from llmkit.models.transformer import Embeddings, Stack
 
@@ -20,7 +24,12 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = Embeddings(cfg)
-        self.stack = Stack(cfg, causal=True)
+        if cfg.body == "transformer":
+            self.stack = Stack(cfg, causal=True)
+        else:
+            from llmkit.models.recurrent import RecurrentStack
+
+            self.stack = RecurrentStack(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
@@ -28,6 +37,8 @@ class CausalLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+        if cfg.body != "transformer":
+            self.stack.reset_recurrent_parameters()
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:
@@ -48,6 +59,8 @@ class CausalLM(nn.Module):
                       positions: Tensor | None = None, cache=None) -> Tensor:
         B, T = input_ids.shape
         offset = cache.pos if cache is not None else 0
+        if self.cfg.body != "transformer":
+            return self._recurrent_hidden_states(input_ids, attention_mask, cache)
         if attention_mask is not None:
             assert attention_mask.shape == (B, offset + T), "attention_mask must cover cached and new tokens"
         if positions is None:
@@ -59,6 +72,23 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.advance(T)
         return x
+
+    def _recurrent_hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None, cache) -> Tensor:
+        """RWKV / Mamba: no positions (the recurrence orders tokens); of the mask only the new tokens'
+        columns matter, since the past lives in the state."""
+        T = input_ids.shape[1]
+        mask = attention_mask[:, -T:] if attention_mask is not None else None
+        x = self.stack(self.embeddings(input_ids, None), mask=mask, cache=cache)
+        if cache is not None:
+            cache.advance(T)
+        return x
+
+    def new_cache(self, batch: int, max_len: int, *, dtype: torch.dtype, device):
+        """The decoding state generation threads through the model: a KV cache for attention, a
+        fixed-size StateCache (float32, any `max_len`) for RWKV and Mamba."""
+        if self.cfg.body != "transformer":
+            return self.stack.new_state(batch, device=device)
+        return KVCache.empty(self.cfg, batch, max_len, dtype=dtype, device=device)
 
 
 def default_positions(B: int, T: int, offset: int, attention_mask: Tensor | None, device) -> Tensor:

@@ -28,6 +28,10 @@ SPECIAL_TOKENS: dict[str, str] = {
     "end": "<|end|>",
 }
 
+# Masked-LM pretraining's [MASK]. Not in SPECIAL_TOKENS, so tokenizers trained before it existed
+# keep their ids: `with_mask_token()` appends it (at id vocab_size) when a model needs one.
+MASK_TOKEN = "<|mask|>"
+
 FILE_NAME = "tokenizer.json"
 _NUM_BYTES = 256
 
@@ -47,11 +51,13 @@ class Tokenizer:
         bos_token: str | None = SPECIAL_TOKENS["bos"],
         eos_token: str | None = SPECIAL_TOKENS["eos"],
         pad_token: str | None = SPECIAL_TOKENS["pad"],
+        mask_token: str | None = MASK_TOKEN,
     ) -> None:
         self.backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.pad_token = pad_token
+        self.mask_token = mask_token
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -106,7 +112,19 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception for every parse error
             raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
+        # A Hugging Face file may pad or truncate every encoding to a fixed length (BERT's: 128);
+        # `encode` returns exactly the text's tokens, and batching pads explicitly.
+        backend.no_padding()
+        backend.no_truncation()
         return cls(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
+
+    def with_mask_token(self) -> Tokenizer:
+        """This tokenizer, with `mask_token` added as a special token if it has none (MLM needs one)."""
+        if self.mask_token is None:
+            self.mask_token = MASK_TOKEN
+        if self.mask_id is None:
+            self.backend.add_special_tokens([self.mask_token])
+        return self
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` atomically and return its path."""
@@ -160,6 +178,10 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self._special_id(self.pad_token)
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._special_id(self.mask_token)
 
     def prefix_ids(self) -> list[int]:
         """The ids the tokenizer's own post-processor puts in front of every text (LLaMA's BOS; none

@@ -49,6 +49,8 @@ class TrainConfig:
                                         "gradients instead of stopping at the first")
     max_minutes: float | None = knob(None, "stop (and save) after this many minutes of training")
     threads: int | None = knob(None, "CPU threads for torch (default: all cores)")
+    mlm_masking: str = knob("token", "masked-LM pretraining (encoders): select single tokens, or whole words",
+                            choices=("token", "word"))
 
     def __post_init__(self) -> None:
         check_field_types(self, "TrainConfig")
@@ -69,6 +71,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.mlm_masking not in ("token", "word"):
+            raise ConfigError(f"--mlm-masking must be token or word, got {self.mlm_masking!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

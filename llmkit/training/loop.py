@@ -114,6 +114,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss, tokens = 0.0, 0
+        extra: dict[str, float] = {}  # the objective's own metrics (reward accuracy, DPO margins), averaged
         for micro in range(cfg.grad_accum):
             batch = self.get_batch(step * cfg.grad_accum + micro)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
@@ -121,6 +122,9 @@ class Trainer:
             (loss / cfg.grad_accum).backward()
             total_loss += float(loss.detach()) / cfg.grad_accum
             tokens += int(metrics.get("tokens", 0))
+            for key, value in metrics.items():
+                if key != "tokens":
+                    extra[key] = extra.get(key, 0.0) + float(value) / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         problem = ("loss" if not math.isfinite(total_loss) else
@@ -141,7 +145,7 @@ class Trainer:
         self.state.step += 1
         self.state.consecutive_skips = 0
         self.state.tokens_seen += tokens
-        return {"train_loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        return {"train_loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "extra": extra}
 
     def run(self, *, on_step: Event | None = None, on_eval: Event | None = None) -> TrainState:
         cfg = self.cfg
@@ -156,7 +160,7 @@ class Trainer:
                     window_tokens += metrics["tokens"]
                     tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                     row = {"step": step, "train_loss": metrics["train_loss"], "lr": metrics["lr"],
-                           "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s}
+                           "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s, **metrics["extra"]}
                     if step % cfg.log_interval == 0 or step == cfg.steps:
                         self.log(row)
                         window_tokens, window_start = 0, time.perf_counter()

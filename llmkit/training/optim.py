@@ -21,7 +21,10 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():  # named_parameters drops tied duplicates
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+        # A parameter can opt out by name (`no_weight_decay`), e.g. Mamba's A_log: decay would pull
+        # every channel's rate towards the same value.
+        wants_decay = p.dim() >= 2 and id(p) not in embedding_params and not getattr(p, "no_weight_decay", False)
+        (decay if wants_decay else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -25,7 +25,8 @@ from llmkit.data.batches import TokenBatches, eval_batches
 from llmkit.data.corpus import find_text_files, read_text_file, split_files, token_dtype, tokenize_files
 from llmkit.errors import ConfigError, DatasetError
 from llmkit.io.checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints
-from llmkit.models.causal_lm import CausalLM
+from llmkit.io.weights import load_model_tensors
+from llmkit.models.build import build_model
 from llmkit.plots import plot_loss_curve
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
@@ -85,7 +86,8 @@ def _cached_tokens(tokenizer: Tokenizer, files: list[Path], cache: Path, key: st
 
 def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig, *, seq_len: int,
                    tokenizer_path: str | Path | None = None, exclude: Sequence[str] = (),
-                   on_event: Event | None = None) -> Corpus:
+                   on_event: Event | None = None, mask_token: bool = False,
+                   extra_tokens: Sequence[str] = ()) -> Corpus:
     emit = on_event or (lambda kind, info: None)
     files, skipped = find_text_files(paths, exclude=exclude)
     emit("files", {"files": len(files), "skipped": skipped})
@@ -101,6 +103,12 @@ def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig,
                                     cfg.vocab_size)
     if tokenizer.eos_id is None:
         raise DatasetError(f"{tokenizer_path}: tokenizer has no <|eos|> token to separate documents")
+    if mask_token:  # masked-LM pretraining (encoders) needs a [MASK]; older tokenizers get one appended
+        tokenizer.with_mask_token()
+    if extra_tokens:  # a denoising objective's sentinels or mask (llmkit.training.seq2seq), appended
+        from llmkit.training.seq2seq import add_special_tokens
+
+        add_special_tokens(tokenizer, extra_tokens)
     tokenizer.save(out_dir)
     key = _files_fingerprint(files, tokenizer.fingerprint())
     emit("tokenize", {"train_files": len(train_files), "val_files": len(val_files)})
@@ -120,6 +128,55 @@ def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig,
     return Corpus(tokenizer, train, val, val_bytes / max(val.size, 1), key)
 
 
+# `llmkit train --arch NAME`: the family picks the default preset and must match the preset's `arch`;
+# the objective then follows the model config's `arch` (see `objective`).
+ARCH_PRESETS = {"gpt": ("decoder", "gpt2-demo"), "llama": ("decoder", "llama-demo"), "bert": ("encoder", "bert-demo"),
+                "t5": ("encoder-decoder", "t5-demo"), "bart": ("encoder-decoder", "bart-demo")}
+
+
+def preset_for_arch(arch: str, preset_name: str, *, explicit: bool) -> str:
+    """The preset to train for `--arch`: its default unless a preset was chosen, which must fit."""
+    kind, default = ARCH_PRESETS[arch]
+    name = preset_name if explicit or preset_name != TrainConfig().preset else default
+    if preset(name).arch != kind:
+        raise ConfigError(f"--arch {arch} needs an {kind} preset; --preset {name} is {preset(name).arch}")
+    return name
+
+
+def seq2seq_tokens(model_cfg: ModelConfig) -> tuple[str, ...]:
+    """The special tokens an encoder-decoder's pretraining objective adds to the tokenizer."""
+    if model_cfg.arch != "encoder-decoder":
+        return ()
+    from llmkit.training.seq2seq import denoising_tokens, objective_for
+
+    return denoising_tokens(objective_for(model_cfg))
+
+
+def objective(model_cfg: ModelConfig, corpus: Corpus, seq_len: int, cfg: TrainConfig):
+    """(loss_fn, get_batch, evaluate) for the model's arch: next-token prediction for decoders,
+    masked-LM for encoders, denoising for encoder-decoders (T5 span corruption, BART infilling)."""
+    bf16 = cfg.dtype == "bf16"
+    if model_cfg.arch == "encoder-decoder":
+        from llmkit.training.seq2seq import denoising_objective
+
+        return denoising_objective(model_cfg, corpus.tokenizer, corpus.train, corpus.val, seq_len=seq_len,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_limit=cfg.eval_batches,
+                                   bf16=bf16)
+    if model_cfg.arch == "encoder":
+        from llmkit.training.mlm import mlm_objective
+
+        return mlm_objective(corpus.tokenizer, corpus.train, corpus.val, seq_len=seq_len, batch_size=cfg.batch_size,
+                             seed=cfg.seed, eval_batch_limit=cfg.eval_batches, bf16=bf16,
+                             whole_word=cfg.mlm_masking == "word")
+    batches = TokenBatches(corpus.train, seq_len, cfg.batch_size, cfg.seed)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_lm(model, eval_batches(corpus.val, seq_len, cfg.batch_size, max_batches=cfg.eval_batches),
+                           bytes_per_token=corpus.val_bytes_per_token, bf16=bf16)
+
+    return next_token_loss, batches.batch, evaluate
+
+
 def build_model_config(cfg: TrainConfig, vocab_size: int, overrides: dict[str, Any] | None = None) -> ModelConfig:
     return preset(cfg.preset, **{"vocab_size": vocab_size, **(overrides or {})})
 
@@ -127,8 +184,10 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, overrides: dict[str, A
 def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig, *,
              model_overrides: dict[str, Any] | None = None, tokenizer_path: str | Path | None = None,
              resume: bool = False, exclude: Sequence[str] = (), on_event: Event | None = None,
-             on_step: Callable[[dict], None] | None = None) -> TrainState:
-    """Train a causal LM on text files; see the module docstring."""
+             on_step: Callable[[dict], None] | None = None,
+             init_tensors: dict[str, torch.Tensor] | None = None) -> TrainState:
+    """Train a causal LM on text files; see the module docstring. `init_tensors` starts from trained
+    weights instead of a fresh initialisation (fine-tuning: `llmkit extend --finetune-steps`)."""
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     if cfg.threads:
@@ -144,21 +203,22 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
-                                exclude=exclude, on_event=on_event)
+                                exclude=exclude, on_event=on_event, mask_token=probe.arch == "encoder",
+                                extra_tokens=seq2seq_tokens(probe))
     except Exception:
         if created:  # bad input leaves nothing behind
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     model_cfg = build_model_config(cfg, corpus.tokenizer.vocab_size, model_overrides)
     torch.manual_seed(cfg.seed)
-    model = CausalLM(model_cfg)
+    model = build_model(model_cfg)
+    if init_tensors is not None:
+        load_model_tensors(model, init_tensors, where="initial weights")
+        model.tie_weights()
     emit("model", {"params": model_cfg.num_params(), "config": model_cfg.to_dict()})
-    batches = TokenBatches(corpus.train, seq_len, cfg.batch_size, cfg.seed)
+    loss_fn, get_batch, evaluate = objective(model_cfg, corpus, seq_len, cfg)
     trainer = Trainer(
-        model, cfg, loss_fn=next_token_loss, get_batch=batches.batch, out_dir=out_dir,
-        evaluate=lambda m: evaluate_lm(m, eval_batches(corpus.val, seq_len, cfg.batch_size,
-                                                       max_batches=cfg.eval_batches),
-                                       bytes_per_token=corpus.val_bytes_per_token, bf16=cfg.dtype == "bf16"),
+        model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out_dir, evaluate=evaluate,
         checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                          "model": model_cfg.to_dict()}},
         checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},

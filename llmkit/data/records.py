@@ -1,0 +1,193 @@
+"""JSONL records for post-training: SFT conversations and preference pairs, read strictly.
+
+Every problem in a file is a DatasetError naming `file:line` (1-based physical lines), because a
+record that fails late — mid-training, as a KeyError — costs the whole run (RELIABILITY D1–D4).
+Rules:
+- UTF-8 only; a UTF-8 BOM is stripped, CRLF is accepted, a UTF-16/32 BOM or an invalid byte is an
+  error (with the byte offset in the line), and so is a NUL byte.
+- Whitespace-only lines are skipped. Every other line is one JSON object.
+- SFT: `{"instruction", "input"?, "output", "system"?}` or `{"messages": [{"role", "content"}, ...]}`
+  with roles system/user/assistant; at least one assistant message, none empty, and a message
+  before the first one. Both forms become a list of messages.
+- Preferences: non-empty strings `prompt`, `chosen`, `rejected`. Pairs with chosen == rejected
+  teach nothing (their loss sits at ln 2) and are dropped and counted, never an error.
+- Unknown keys are counted (ReadStats.unknown_keys) for one warning by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmkit.errors import DatasetError
+
+ROLES = ("system", "user", "assistant")
+SFT_KEYS = {"instruction", "input", "output", "system", "messages"}
+PREF_KEYS = {"prompt", "chosen", "rejected"}
+_UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                  (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+@dataclass
+class ReadStats:
+    """What reading a file saw: lines, blank lines, records kept, and what was dropped and why."""
+    path: str
+    lines: int = 0
+    blank: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason → count
+    unknown_keys: Counter = field(default_factory=Counter)  # key → records that had it
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
+        return f"{self.kept} records from {self.lines} lines" + (f" (dropped: {drops})" if drops else "")
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One SFT example: messages [{"role", "content"}], and the line it came from."""
+    messages: list[dict[str, str]]
+    where: str  # "file:line"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str  # "file:line"
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip()
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))
+
+
+def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ("file:line", object) for every non-blank line of a JSONL file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for bom, name in _UTF16_32_BOMS:
+        if data.startswith(bom):
+            raise DatasetError(f"{path}: file is {name}; convert it to UTF-8")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if stats is not None:
+        stats.lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            raise DatasetError(f"{where}: NUL byte at offset {nul} (binary data, not JSONL)")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{where}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset "
+                               f"{exc.start})") from None
+        if not line.strip():
+            if stats is not None and number <= stats.lines:
+                stats.blank += 1
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}:{exc.colno}: invalid JSON ({exc.msg}): {_excerpt(line)}") from exc
+        if not isinstance(obj, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}: {_excerpt(line)}")
+        yield where, obj
+
+
+def _string(obj: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None and not required:
+        return None
+    if key not in obj:
+        raise DatasetError(f"{where}: missing field {key!r}")
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise DatasetError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _messages(obj: dict, where: str) -> list[dict[str, str]]:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where}: field 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise DatasetError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DatasetError(f"{where}: messages[{i}] has role {role!r}; expected one of {', '.join(ROLES)}")
+        content = _string(m, "content", f"{where}: messages[{i}]")
+        if role == "assistant" and not content.strip():
+            raise DatasetError(f"{where}: messages[{i}] is an empty assistant response")
+        out.append({"role": role, "content": content})
+    roles = [m["role"] for m in out]
+    if "assistant" not in roles:
+        raise DatasetError(f"{where}: no assistant message (nothing to learn from)")
+    if roles[0] == "assistant":
+        raise DatasetError(f"{where}: messages[0] is an assistant message; a conversation starts with "
+                           "a system or user message")
+    return out
+
+
+def conversation_from(obj: dict, where: str) -> list[dict[str, str]]:
+    """The messages of one SFT record in either form (see the module docstring)."""
+    if "messages" in obj:
+        return _messages(obj, where)
+    if "instruction" not in obj and "output" not in obj:
+        raise DatasetError(f"{where}: missing field 'messages' (chat form) or 'instruction'/'output'")
+    instruction = _string(obj, "instruction", where, nonempty=True)
+    extra = _string(obj, "input", where, required=False)
+    output = _string(obj, "output", where)
+    if not output.strip():
+        raise DatasetError(f"{where}: field 'output' is an empty response")
+    system = _string(obj, "system", where, required=False)
+    user = instruction + (f"\n\n{extra}" if extra and extra.strip() else "")
+    return ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _require_some(items: list, stats: ReadStats) -> None:
+    if not items:
+        raise DatasetError(f"0 usable examples in {stats.path} ({stats.lines} lines read"
+                           + "".join(f"; dropped: {n} {why}" for why, n in stats.dropped.items() if n) + ")")
+
+
+def read_sft_records(path: str | Path) -> tuple[list[Conversation], ReadStats]:
+    """Every SFT record of a JSONL file, validated before anything is built."""
+    stats = ReadStats(str(path))
+    out = []
+    for where, obj in iter_jsonl(path, stats):
+        out.append(Conversation(conversation_from(obj, where), where))
+        stats.unknown_keys.update(set(obj) - SFT_KEYS)
+    stats.kept = len(out)
+    _require_some(out, stats)
+    return out, stats
+
+
+def read_preference_pairs(path: str | Path) -> tuple[list[PreferencePair], ReadStats]:
+    """Every preference pair of a JSONL file; degenerate pairs (chosen == rejected) are dropped."""
+    stats = ReadStats(str(path))
+    out = []
+    for where, obj in iter_jsonl(path, stats):
+        prompt, chosen, rejected = (_string(obj, key, where, nonempty=True) for key in ("prompt", "chosen", "rejected"))
+        stats.unknown_keys.update(set(obj) - PREF_KEYS)
+        if chosen.strip() == rejected.strip():
+            stats.dropped["chosen == rejected"] += 1
+            continue
+        out.append(PreferencePair(prompt, chosen, rejected, where))
+    stats.kept = len(out)
+    _require_some(out, stats)
+    return out, stats
