@@ -1,0 +1,185 @@
+"""Sequence-classification fine-tuning of an encoder: JSONL `{"text", "label"}` → a classifier checkpoint.
+
+The pretrained encoder (an llmkit run or a Hugging Face BERT directory) gets a classification head
+(`ModelConfig.num_labels`, mean pooling over real tokens → linear) and is trained with the one
+Trainer on cross-entropy. A seeded split of the records (or a separate file) is held out and its
+accuracy logged as `val_accuracy` in metrics.jsonl. The output directory is an ordinary llmkit run:
+`llmkit.load(out)` gives the model; the label names are in its checkpoint's config.json
+(`classifier_labels`). Texts longer than the model's context are truncated to their first tokens
+(see llmkit.inference.embed) and counted.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import llmkit
+from llmkit.errors import CheckpointError, ConfigError, DatasetError
+from llmkit.inference.embed import encoder_batch
+from llmkit.io.checkpoint import read_json
+from llmkit.io.weights import model_tensors
+from llmkit.models.masked_lm import MaskedLM
+from llmkit.tokenizer import Tokenizer
+from llmkit.training.config import TrainConfig
+from llmkit.training.loop import Trainer, TrainState
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+    where: str  # "file:line"
+
+
+def read_examples(path: str | Path, labels: Sequence[str] | None = None) -> list[Example]:
+    """Records of a JSONL file; a missing/empty text, a missing label or one outside `labels` is an error
+    naming file:line. Labels may be strings or integers (kept as their text)."""
+    from llmkit.data.records import iter_jsonl
+
+    out = []
+    for where, obj in iter_jsonl(path):
+        text, label = obj.get("text"), obj.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{where}: field 'text' must be a non-empty string"
+                               + ("" if "text" in obj else " (missing)"))
+        if label is None:
+            raise DatasetError(f"{where}: missing field 'label'")
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DatasetError(f"{where}: field 'label' must be a string or an integer, got {label!r}")
+        if labels is not None and str(label) not in labels:
+            raise DatasetError(f"{where}: unknown label {str(label)!r} (known: {', '.join(labels)})")
+        out.append(Example(text, str(label), where))
+    if not out:
+        raise DatasetError(f"{path}: no records")
+    return out
+
+
+def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded held-out split: at least one example on each side."""
+    if len(examples) < 2:
+        raise DatasetError(f"{examples[0].where}: need at least 2 records to hold some out")
+    order = list(examples)
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+    return order[n_val:], order[:n_val]
+
+
+def classifier_from(base: MaskedLM, num_labels: int) -> MaskedLM:
+    """A copy of `base` with a freshly initialised `num_labels`-way head (replacing any old one)."""
+    model = MaskedLM(base.cfg.replace(num_labels=num_labels))
+    state = {k: v for k, v in model_tensors(base).items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]  # tied below
+    assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
+    model.tie_weights()
+    return model
+
+
+def classifier_labels(path: str | Path) -> list[str]:
+    """The label names of a fine-tuned classifier (a finetune-classifier output or its checkpoint)."""
+    from llmkit.api import resolve_checkpoint
+
+    labels = read_json(resolve_checkpoint(path) / "config.json").get("labels")
+    if not isinstance(labels, list):
+        raise CheckpointError(f"{path}: not a classifier (its config.json has no labels)")
+    return labels
+
+
+class ClassificationData:
+    """Tokenized examples; training batches are a pure function of their index (exact resume)."""
+
+    def __init__(self, tokenizer: Tokenizer, examples: list[Example], labels: list[str], max_len: int,
+                 batch_size: int, seed: int) -> None:
+        self.tokenizer, self.examples, self.max_len = tokenizer, examples, max_len
+        self.targets = [labels.index(e.label) for e in examples]
+        self.batch_size, self.seed = batch_size, seed
+        self.truncated = encoder_batch(tokenizer, [e.text for e in examples], max_len)[2]
+
+    def rows(self, picks: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        ids, mask, _ = encoder_batch(self.tokenizer, [self.examples[i].text for i in picks], self.max_len)
+        return ids, mask, torch.tensor([self.targets[i] for i in picks])
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        n, start = len(self.examples), index * self.batch_size
+        picks = []
+        for k in range(start, start + self.batch_size):  # example k of the run: epoch k // n, seeded order
+            order = list(range(n))
+            random.Random(self.seed * 7919 + k // n).shuffle(order)
+            picks.append(order[k % n])
+        return self.rows(picks)
+
+
+def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    ids, mask, targets = batch
+    logits = model.classify(ids, mask)
+    accuracy = float((logits.detach().argmax(-1) == targets).float().mean())
+    return F.cross_entropy(logits.float(), targets), {"tokens": int(mask.sum()), "accuracy": accuracy}
+
+
+@torch.inference_mode()
+def evaluate_classifier(model: nn.Module, data: ClassificationData) -> dict[str, float]:
+    total, correct = 0.0, 0
+    for start in range(0, len(data.examples), 32):
+        ids, mask, targets = data.rows(range(start, min(start + 32, len(data.examples))))
+        logits = model.classify(ids, mask).float()
+        total += float(F.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(-1) == targets).sum())
+    return {"val_loss": total / len(data.examples), "val_accuracy": correct / len(data.examples)}
+
+
+def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
+                        labels: Sequence[str] | None = None, val_path: str | Path | None = None,
+                        max_len: int | None = None, on_step: Callable[[dict], None] | None = None,
+                        on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fine-tune; returns a summary (labels, example counts, truncated texts, final val_accuracy)."""
+    emit = on_event or (lambda kind, info: None)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
+    examples = read_examples(data_path, labels)
+    if val_path is not None:
+        label_set = list(labels) if labels else sorted({e.label for e in examples})
+        train, val = examples, read_examples(val_path, label_set)
+    else:
+        train, val = split(examples, cfg.val_fraction, cfg.seed)
+    label_names = list(labels) if labels else sorted({e.label for e in examples})
+    if len(label_names) < 2:
+        raise DatasetError(f"{data_path}: needs at least 2 distinct labels, found {label_names}")
+    lm = llmkit.load(model_path)
+    if not isinstance(lm.model, MaskedLM):
+        raise ConfigError(f"{model_path}: finetune-classifier needs an encoder-only model (BERT family), "
+                          f"this one is arch={lm.model.cfg.arch!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = classifier_from(lm.model.float(), len(label_names))
+    max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    train_data = ClassificationData(lm.tokenizer, train, label_names, max_len, cfg.batch_size, cfg.seed)
+    val_data = ClassificationData(lm.tokenizer, val, label_names, max_len, cfg.batch_size, cfg.seed)
+    emit("data", {"train": len(train), "val": len(val), "labels": label_names,
+                  "truncated": train_data.truncated + val_data.truncated, "max_len": max_len})
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lm.tokenizer.save(out)
+        trainer = Trainer(model, cfg, loss_fn=classification_loss, get_batch=train_data.batch, out_dir=out,
+                          evaluate=lambda m: evaluate_classifier(m, val_data),
+                          checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                                           "model": model.cfg.to_dict(), "labels": label_names}},
+                          checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
+        state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row))
+    except Exception:
+        if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    final = evaluate_classifier(model.eval(), val_data)
+    return {"labels": label_names, "train_examples": len(train), "val_examples": len(val),
+            "truncated": train_data.truncated + val_data.truncated, "steps": state.step, **final}
