@@ -1,0 +1,113 @@
+"""Sequence-to-sequence fine-tuning: a JSONL of source/target records → a fine-tuned checkpoint.
+
+records (validated up front, llmkit.data.seq2seq_records) → the base model and its tokenizer
+(`llmkit.load`: an llmkit encoder-decoder run or checkpoint) → a seeded held-out split → the one
+training loop with the teacher-forced seq2seq loss → out/checkpoints/, metrics.jsonl, loss.png. The
+output directory loads with `llmkit.load` like any training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import llmkit
+from llmkit.data.seq2seq_records import Seq2SeqExample, read_seq2seq_records, tokenize_examples
+from llmkit.errors import ConfigError
+from llmkit.io.finetuned import chat_info_json
+from llmkit.io.checkpoint import list_checkpoints
+from llmkit.plots import plot_loss_curve
+from llmkit.training.config import TrainConfig
+from llmkit.training.loop import Trainer, TrainState
+from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Split:
+    train: list[Seq2SeqExample]
+    val: list[Seq2SeqExample]
+
+
+def split_examples(examples: list[Seq2SeqExample], val_fraction: float, seed: int) -> Split:
+    """A seeded held-out split: round(val_fraction·n) examples, at least one when there are two."""
+    n = len(examples)
+    n_val = min(max(int(round(n * val_fraction)), 1 if n >= 2 else 0), n - 1)
+    held_out = set(np.random.default_rng([seed, 7]).permutation(n)[:n_val].tolist())
+    return Split([e for i, e in enumerate(examples) if i not in held_out],
+                 [e for i, e in enumerate(examples) if i in held_out])
+
+
+def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
+                     resume: bool = False, on_event: Event | None = None,
+                     on_step: Callable[[dict], None] | None = None) -> TrainState:
+    """Fine-tune an encoder-decoder model on `data_path`; see the module docstring."""
+    out_dir = Path(out_dir)
+    emit = on_event or (lambda kind, info: None)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not resume and list_checkpoints(out_dir / "checkpoints"):
+        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    examples = read_seq2seq_records(data_path)  # every record checked before anything is loaded or written
+    lm = llmkit.load(model_path)
+    model_cfg, tokenizer = lm.model.cfg, lm.tokenizer
+    if model_cfg.arch != "encoder-decoder":
+        raise ConfigError(f"{model_path}: a {model_cfg.arch} model; seq2seq fine-tuning needs an encoder-decoder "
+                          "(T5 or BART) model")
+    context = cfg.seq_len or model_cfg.max_seq_len
+    if context > model_cfg.max_seq_len:
+        raise ConfigError(f"--seq-len {context} is longer than the model's context ({model_cfg.max_seq_len})")
+    split = split_examples(examples, cfg.val_fraction, cfg.seed)
+    train = tokenize_examples(split.train, tokenizer, max_source_len=context, max_target_len=context)
+    val = tokenize_examples(split.val, tokenizer, max_source_len=context, max_target_len=context)
+    emit("data", {"train": len(split.train), "val": len(split.val), "context": context,
+                  "truncated_sources": train.truncated_sources + val.truncated_sources,
+                  "truncated_targets": train.truncated_targets + val.truncated_targets})
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer.save(out_dir)
+    except Exception:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    start_id = model_cfg.decoder_start_token_id
+    batches = PairBatches(train.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id, start_id=start_id)
+    held_out = PairBatches(val.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id,
+                           start_id=start_id) if val.pairs else None
+    model = lm.model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    emit("model", {"params": sum(p.numel() for p in model.parameters()), "path": str(lm.path)})
+    trainer = Trainer(
+        model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
+        evaluate=None if held_out is None else
+        (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches), bf16=cfg.dtype == "bf16")),
+        # "chat" keeps the base model's special-token names and EOS ids (a Hugging Face T5's </s>)
+        checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                         "model": model_cfg.to_dict(), "chat": chat_info_json(lm)}},
+        checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
+        fingerprint={"model_config": model_cfg.non_default_fields(), "base_model": str(lm.path.resolve()),
+                     "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
+                     "tokenizer": tokenizer.fingerprint(), "seq_len": context, "batch_size": cfg.batch_size,
+                     "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction})
+    if resume:
+        path = trainer.resume()
+        emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
+    emit("start", {"step": trainer.state.step, "steps": cfg.steps})
+
+    def on_eval(row: dict) -> None:
+        emit("eval", row)
+        plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
+
+    state = trainer.run(on_step=on_step, on_eval=on_eval)
+    plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
+    return state
