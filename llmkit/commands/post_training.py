@@ -1,9 +1,188 @@
-"""Subcommands of this area (registered by llmkit.cli.build_parser)."""
+"""`llmkit sft | reward | score | dpo`: post-training subcommands (registered by llmkit.cli.build_parser).
+
+The training commands take every `llmkit train` knob (TrainConfig flags, --config, --resume) with
+defaults suited to fine-tuning, plus the adapter (--lora-*) and length (--overlength) options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any, Callable
+
+# Fine-tuning moves a trained model a little: a lower learning rate, no weight decay towards zero,
+# a short warmup, and a 10 % held-out split so small record files still get an evaluation.
+FINETUNE_DEFAULTS = dict(steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_interval=50,
+                         eval_batches=10, log_interval=10, val_fraction=0.1)
+DPO_DEFAULTS = dict(FINETUNE_DEFAULTS, lr=2e-5)
+
+
+def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults: dict[str, Any]) -> None:
+    from llmkit.cli import add_dataclass_flags
+    from llmkit.data.chat_examples import OVERLENGTH_POLICIES
+    from llmkit.training.config import TrainConfig
+
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="the starting model: a run, checkpoint, Hugging Face directory or .gguf file")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl", help=data_help)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="FILE", help="JSON file of training fields")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overlength", choices=OVERLENGTH_POLICIES, default="truncate",
+                   help="records longer than --seq-len: cut the tail (dropping those left with no response "
+                        "token), drop them, or stop with an error (default: truncate)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="N",
+                   help="train rank-N LoRA adapters instead of every weight (0 = off; merged on load/export)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="X", help="LoRA scale numerator (default: 16)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
+                   help="comma-separated linear layers to adapt (default: q_proj,v_proj)")
+    add_dataclass_flags(p, TrainConfig)
+    # Applied under --config and flags (a parser default would override the file).
+    p.set_defaults(finetune_defaults=defaults)
+    p.epilog = "Defaults that differ from `llmkit train`: " + ", ".join(
+        f"--{k.replace('_', '-')} {v:g}" for k, v in defaults.items()) + "."
+
+
+def _options(args: argparse.Namespace):
+    """(TrainConfig, LoraConfig | None) from the flags and --config file."""
+    import dataclasses
+
+    from llmkit.errors import ConfigError
+    from llmkit.layers.lora import LoraConfig
+    from llmkit.training.config import TrainConfig, load_config_file
+
+    values, model_fields = load_config_file(args.config) if args.config else ({}, {})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{**args.finetune_defaults, **values, **{k: v for k, v in vars(args).items() if k in names}})
+    if model_fields:
+        raise ConfigError(f"{args.config}: \"model\" fields cannot change when fine-tuning an existing model")
+    if args.lora_rank < 0:
+        raise ConfigError(f"--lora-rank must be ≥ 0, got {args.lora_rank}")
+    lora = None
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    return cfg, lora
+
+
+def _progress() -> tuple[Callable[[str, dict[str, Any]], None], Callable[[dict], None], Callable[[], None]]:
+    """on_event, on_step and close for a run: one line per preparation stage, then a progress bar."""
+    state: dict[str, Any] = {"bar": None}
+
+    def say(line: str) -> None:
+        bar = state["bar"]
+        (bar.write if bar is not None else lambda s: print(s, file=sys.stderr))(line)
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "records":
+            say(f"data: {info['summary']}")
+            if info["unknown_keys"]:
+                keys = ", ".join(f"{k} ({n})" for k, n in sorted(info["unknown_keys"].items()))
+                say(f"warning: ignored unknown field(s): {keys}")
+        elif kind == "lengths":
+            counts = ", ".join(f"{n} {why}" for why, n in info["counts"].items())
+            say(f"examples: {info['examples']} (tokens p50 {info['p50']}, p95 {info['p95']}, max {info['max']})"
+                + (f"; {counts}" if counts else ""))
+        elif kind == "pairs":
+            counts = ", ".join(f"{n} {why}" for why, n in info["counts"].items() if n)
+            say(f"pairs: {info['pairs']}" + (f" (dropped or cut: {counts})" if counts else ""))
+        elif kind == "split":
+            say(f"split: {info['train']} train, {info['val']} held out" + (" (packed)" if info.get("packed") else ""))
+        elif kind == "lora":
+            say(f"LoRA: rank {info['rank']}, alpha {info['alpha']:g} on {info['layers']} layers; "
+                f"{info['trainable']:,} trainable parameters")
+        elif kind == "warning":
+            say(f"warning: {info['message']}")
+        elif kind == "resume" and info["path"]:
+            say(f"resuming from {info['path']} (step {info['step']})")
+        elif kind == "start" and info["step"] >= info["steps"]:
+            say(f"already trained to step {info['step']} of {info['steps']}; nothing to do")
+        elif kind == "start":
+            from tqdm import tqdm
+
+            state["bar"] = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True,
+                                file=sys.stderr, disable=None)
+        elif kind == "eval":
+            say(f"step {info['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in info.items() if k != "step"))
+
+    def on_step(row: dict) -> None:
+        if state["bar"] is not None:
+            state["bar"].update(1)
+            state["bar"].set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{row['lr']:.1e}", refresh=False)
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+
+    return on_event, on_step, close
+
+
+def _run(args: argparse.Namespace, train: Callable, **extra: Any) -> None:
+    cfg, lora = _options(args)
+    on_event, on_step, close = _progress()
+    try:
+        train(args.model, args.data, args.out, cfg, lora=lora, overlength=args.overlength, resume=args.resume,
+              on_event=on_event, on_step=on_step, **extra)
+    finally:
+        close()
+    print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from llmkit.training.sft import sft
+
+    _run(args, sft, packing=args.pack)
+
+
+def cmd_reward(args: argparse.Namespace) -> None:
+    from llmkit.training.preference import train_reward_model
+
+    _run(args, train_reward_model)
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from llmkit.training.preference import dpo
+
+    _run(args, dpo, beta=args.beta)
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    import torch
+
+    from llmkit.data.chat_examples import render_prompt_response
+    from llmkit.errors import GenerationError
+    from llmkit.models.heads import load_reward_model
+
+    rm, lm = load_reward_model(args.model)
+    example = render_prompt_response(lm, args.prompt, args.response, "--prompt/--response")
+    if len(example.ids) > rm.cfg.max_seq_len:
+        raise GenerationError(f"--prompt and --response are {len(example.ids)} tokens, longer than the reward "
+                              f"model's context ({rm.cfg.max_seq_len})")
+    with torch.inference_mode():
+        reward = float(rm(torch.tensor([example.ids]))[0])
+    print(f"{reward:.6f}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this area's subcommands to the `llmkit` parser (none yet)."""
+    """Add sft, reward, score and dpo to the `llmkit` parser."""
+    sft = sub.add_parser("sft", help="supervised fine-tuning on chat / instruction records (loss on replies only)")
+    _add_training_flags(sft, defaults=FINETUNE_DEFAULTS, data_help='JSONL: {"instruction", "input"?, "output"} '
+                        'or {"messages": [{"role", "content"}, ...]} per line')
+    sft.add_argument("--pack", action="store_true", help="pack short examples into full-length rows")
+    sft.set_defaults(handler=cmd_sft)
+
+    prefs_help = 'JSONL: {"prompt", "chosen", "rejected"} per line'
+    reward = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley–Terry)")
+    _add_training_flags(reward, defaults=FINETUNE_DEFAULTS, data_help=prefs_help)
+    reward.set_defaults(handler=cmd_reward)
+
+    dpo = sub.add_parser("dpo", help="direct preference optimisation against the frozen starting model")
+    _add_training_flags(dpo, defaults=DPO_DEFAULTS, data_help=prefs_help)
+    dpo.add_argument("--beta", type=float, default=0.1, help="DPO temperature β (default: 0.1)")
+    dpo.set_defaults(handler=cmd_dpo)
+
+    score = sub.add_parser("score", help="print a reward model's score of a response to a prompt")
+    score.add_argument("--model", required=True, metavar="RM", help="a `llmkit reward` output or checkpoint")
+    score.add_argument("--prompt", required=True, help="the user's prompt")
+    score.add_argument("--response", required=True, help="the response to score")
+    score.set_defaults(handler=cmd_score)

@@ -1,0 +1,138 @@
+"""What SFT, reward-model training and DPO share: the starting model, the held-out split, the
+output directory, and one call into the training loop.
+
+A fine-tuning run starts from any model `llmkit.load` reads (a run, a checkpoint, a Hugging Face
+directory, a GGUF file) and writes checkpoints like `llmkit train` does — config.json with the
+model config under "model", tokenizer.json, model.safetensors — plus what the starting model needs
+to chat the same way afterwards ("chat": template, prefix and EOS ids, special-token names), and,
+for LoRA runs, the adapter settings (see llmkit/io/finetuned.py). Everything about the data is
+checked before the output directory is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+import llmkit
+from llmkit.errors import ConfigError
+from llmkit.io.checkpoint import list_checkpoints
+from llmkit.io.finetuned import chat_info_json
+from llmkit.layers.lora import LoraConfig, apply_lora
+from llmkit.plots import plot_loss_curve
+from llmkit.training.config import TrainConfig
+from llmkit.training.loop import Trainer, TrainState
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class FinetuneRun:
+    """One run's fixed parts, gathered before training starts."""
+    lm: Any  # the starting llmkit.LanguageModel (tokenizer, chat template, prefix/EOS ids)
+    model: nn.Module  # what is trained (the LM itself, or a RewardModel built from it)
+    cfg: TrainConfig
+    out_dir: Path
+    kind: str  # "sft", "reward", "dpo": recorded in config.json
+    data_fingerprint: str
+    lora: LoraConfig | None = None
+    heads: tuple[str, ...] = ()  # extra modules whose tensors `llmkit.load` sets aside
+
+
+def check_output_dir(out_dir: str | Path, resume: bool) -> Path:
+    out_dir = Path(out_dir)
+    if not resume and list_checkpoints(out_dir / "checkpoints"):
+        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    return out_dir
+
+
+def load_start_model(path: str | Path, cfg: TrainConfig) -> Any:
+    """The starting model, in float32 and train mode (bf16 is autocast, never stored weights)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    lm = llmkit.load(path)
+    lm.model.float().train()
+    return lm
+
+
+def context_length(lm: Any, cfg: TrainConfig) -> int:
+    limit = lm.model.cfg.max_seq_len
+    if cfg.seq_len is not None and cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the model's context ({limit})")
+    return cfg.seq_len or limit
+
+
+def maybe_lora(model: nn.Module, lora: LoraConfig | None, emit: Event) -> None:
+    if lora is None:
+        return
+    names = apply_lora(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    emit("lora", {"layers": len(names), "trainable": trainable, "rank": lora.rank, "alpha": lora.alpha})
+
+
+def holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """A seeded held-out split of round(n·fraction) items, at least one when there are two or more,
+    never all of them; with a single item nothing is held out (evaluation is then skipped)."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(items) * fraction)), len(items) - 1) if len(items) >= 2 else 0
+    val = sorted(order[:n_val])
+    keep = set(val)
+    return [items[i] for i in range(len(items)) if i not in keep], [items[i] for i in val]
+
+
+def fingerprint_of(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def checkpoint_meta(run: FinetuneRun) -> dict[str, Any]:
+    chat = chat_info_json(run.lm)
+    if run.lm.chat_template is None:  # llmkit's default template ends each turn with <|end|>
+        end = run.lm.tokenizer.token_to_id("<|end|>")
+        if end is not None and end not in chat["eos_ids"]:
+            chat["eos_ids"].append(end)
+    meta = {"format": "llmkit", "version": llmkit.__version__, "model": run.lm.model.cfg.to_dict(),
+            "chat": chat, "trained_with": run.kind, "started_from": str(run.lm.path)}
+    if run.lora is not None:
+        meta["lora"] = run.lora.to_dict()
+    if run.heads:
+        meta["heads"] = list(run.heads)
+    return meta
+
+
+def train(run: FinetuneRun, *, loss_fn: Callable, get_batch: Callable[[int], Any],
+          evaluate: Callable[[nn.Module], dict[str, float]] | None, resume: bool,
+          on_event: Event | None = None, on_step: Callable[[dict], None] | None = None) -> TrainState:
+    """Create the output directory and run the training loop (resuming when asked)."""
+    emit = on_event or (lambda kind, info: None)
+    out = run.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    run.lm.tokenizer.save(out)
+    torch.manual_seed(run.cfg.seed)
+    trainer = Trainer(
+        run.model, run.cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
+        checkpoint_json={"config.json": checkpoint_meta(run)},
+        checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
+        fingerprint={"kind": run.kind, "model_config": run.lm.model.cfg.non_default_fields(),
+                     "data": run.data_fingerprint, "tokenizer": run.lm.tokenizer.fingerprint(),
+                     "batch_size": run.cfg.batch_size, "grad_accum": run.cfg.grad_accum,
+                     "lora": run.lora.to_dict() if run.lora else None})
+    if resume:
+        path = trainer.resume()
+        emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
+    emit("start", {"step": trainer.state.step, "steps": run.cfg.steps})
+
+    def on_eval(row: dict) -> None:
+        emit("eval", row)
+        plot_loss_curve(trainer.metrics_path, out / "loss.png")
+
+    state = trainer.run(on_step=on_step, on_eval=on_eval)
+    plot_loss_curve(trainer.metrics_path, out / "loss.png")
+    return state
