@@ -1,0 +1,42 @@
+"""The PPO picture: mean score and KL to the reference per PPO step (two panels, shared x axis),
+read from metrics.jsonl and written atomically, like llmkit/plots.py's loss curve."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from llmkit.io.checkpoint import atomic_write_bytes
+
+
+def plot_reward_kl(metrics_path: str | Path, out_path: str | Path, *, title: str = "llmkit ppo") -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "score" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=110, sharex=True)
+    top.plot(steps, [r["score"] for r in rows], color="#4C72B0", linewidth=1.2, label="score (reward function/model)")
+    top.plot(steps, [r["reward"] for r in rows], color="#55A868", linewidth=1.0, alpha=0.8,
+             label="score − β·KL − no-EOS penalty (what PPO maximises)")
+    top.set_ylabel("mean per response")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(steps, [r["kl"] for r in rows], color="#DD8452", linewidth=1.2, label="KL(policy ‖ reference)")
+    bottom.set_ylabel("nats per response")
+    bottom.set_xlabel("PPO step")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3)
+    top.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return Path(out_path)
