@@ -52,6 +52,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "t5v11-tiny": dict(_T5V11, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
     "bart-tiny": dict(_BART, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
     "t5-demo": dict(_T5, d_model=128, n_layers=3, n_heads=4, max_seq_len=128),
+    "t5v11-demo": dict(_T5V11, d_model=128, n_layers=3, n_heads=4, max_seq_len=128),
     "bart-demo": dict(_BART, d_model=128, n_layers=3, n_heads=4, max_seq_len=128),
     # linear-time bodies: tiny for tests; demo sized to llama-demo's 7.15 M parameters (same untied
     # 8192×256 embeddings; a Mamba block has about half a Transformer block's weights, so 7 of them)

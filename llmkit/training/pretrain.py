@@ -131,7 +131,7 @@ def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig,
 # `llmkit train --arch NAME`: the family picks the default preset and must match the preset's `arch`;
 # the objective then follows the model config's `arch` (see `objective`).
 ARCH_PRESETS = {"gpt": ("decoder", "gpt2-demo"), "llama": ("decoder", "llama-demo"), "bert": ("encoder", "bert-demo"),
-                "t5": ("encoder-decoder", "t5-demo"), "bart": ("encoder-decoder", "bart-demo")}
+                "t5": ("encoder-decoder", "t5v11-demo"), "bart": ("encoder-decoder", "bart-demo")}
 
 
 def preset_for_arch(arch: str, preset_name: str, *, explicit: bool) -> str:
