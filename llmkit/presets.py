@@ -5,9 +5,12 @@ A preset selects field values, never a code path. `preset(name, **overrides)` bu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from llmkit.config import ModelConfig
 
 _GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
 _BERT = dict(arch="encoder", mlp="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12, position="learned",

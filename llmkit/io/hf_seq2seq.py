@@ -170,7 +170,7 @@ def config_to_hf_seq2seq(cfg: ModelConfig, *, dtype: str = "float32") -> dict[st
                  position="learned", position_offset=2, embed_norm=True, norm_eps=1e-5, rescale_head=False)
     _require(cfg, kind, wants, set(BART_ACTIVATIONS.values()))
     if cfg.n_heads * cfg.head_dim != cfg.d_model:
-        raise ModelFormatError(f"cannot export to Hugging Face bart: head_dim × n_heads != d_model")
+        raise ModelFormatError("cannot export to Hugging Face bart: head_dim × n_heads != d_model")
     act = {"gelu": "gelu", "relu": "relu", "gelu_tanh": "gelu_new"}[cfg.mlp]
     return dict(architectures=["BartForConditionalGeneration"], model_type="bart", **common,
                 max_position_embeddings=cfg.max_seq_len, encoder_layers=cfg.n_layers,

@@ -25,6 +25,14 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return CausalLM(cfg)
 
 
+def init_normal(module: nn.Module, *, std: float) -> None:
+    """GPT-2/BERT/T5-style init for `model.apply`: N(0, std) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
 def tie_weights(model: nn.Module) -> nn.Module:
     """Re-share tied parameters after loading (safetensors stores a tied tensor once)."""
     if hasattr(model, "tie_weights"):

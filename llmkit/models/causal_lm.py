@@ -10,10 +10,13 @@ model advances `cache.pos` after the layer loop. `attention_mask` (B, T_total) m
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.models.build import init_normal
 from llmkit.inference.kv_cache import KVCache
 from llmkit.layers.linear import Linear
 from llmkit.models.transformer import Embeddings, Stack
@@ -32,7 +35,7 @@ class CausalLM(nn.Module):
             self.stack = RecurrentStack(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
-        self.apply(self._init_weights)
+        self.apply(partial(init_normal, std=cfg.init_std))
         # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -43,12 +46,6 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embeddings.embed.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
                 positions: Tensor | None = None, cache=None) -> Tensor:

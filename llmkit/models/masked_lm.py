@@ -13,11 +13,14 @@ would see alone.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.models.build import init_normal
 from llmkit.errors import ConfigError
 from llmkit.layers.feedforward import ACTIVATIONS
 from llmkit.layers.linear import Linear
@@ -51,18 +54,12 @@ class MaskedLM(nn.Module):
         if cfg.num_labels:
             self.classifier_dropout = nn.Dropout(cfg.dropout)
             self.classifier = Linear(cfg.d_model, cfg.num_labels, bias=True)
-        self.apply(self._init_weights)
+        self.apply(partial(init_normal, std=cfg.init_std))
         self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings and self.cfg.mlm_head:
             self.lm_head.weight = self.embeddings.embed.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       token_type_ids: Tensor | None = None) -> Tensor:

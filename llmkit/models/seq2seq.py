@@ -10,10 +10,13 @@ Masks are 1 for real tokens and 0 for padding (right padding, as T5/BART tokeniz
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.models.build import init_normal
 from llmkit.inference.seq2seq_cache import Seq2SeqCache
 from llmkit.layers.linear import Linear
 from llmkit.models.transformer import Embeddings, Stack
@@ -31,7 +34,7 @@ class Seq2SeqLM(nn.Module):
         if cfg.final_logits_bias:  # BART's: a saved buffer, not trained (zeros in every released checkpoint)
             self.register_buffer("final_logits_bias", torch.zeros(cfg.vocab_size))
         self.tie_weights()
-        self.apply(self._init_weights)
+        self.apply(partial(init_normal, std=cfg.init_std))
         for name, p in self.named_parameters():  # GPT-2's depth-scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / (2 * (cfg.n_layers + cfg.decoder_layers)) ** 0.5)
@@ -49,12 +52,6 @@ class Seq2SeqLM(nn.Module):
         object.__setattr__(self.decoder_embeddings, "embed", self.embeddings.embed)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embeddings.embed.weight
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None,
                 decoder_attention_mask: Tensor | None = None) -> Tensor:

@@ -26,9 +26,9 @@ from llmkit.errors import ConfigError
 from llmkit.io.checkpoint import list_checkpoints
 from llmkit.io.finetuned import chat_info_json
 from llmkit.layers.lora import LoraConfig, apply_lora
-from llmkit.plots import plot_loss_curve
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.training.pretrain import run_trainer
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -124,15 +124,4 @@ def train(run: FinetuneRun, *, loss_fn: Callable, get_batch: Callable[[int], Any
                      "data": run.data_fingerprint, "tokenizer": run.lm.tokenizer.fingerprint(),
                      "batch_size": run.cfg.batch_size, "grad_accum": run.cfg.grad_accum,
                      "lora": run.lora.to_dict() if run.lora else None})
-    if resume:
-        path = trainer.resume()
-        emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    emit("start", {"step": trainer.state.step, "steps": run.cfg.steps})
-
-    def on_eval(row: dict) -> None:
-        emit("eval", row)
-        plot_loss_curve(trainer.metrics_path, out / "loss.png")
-
-    state = trainer.run(on_step=on_step, on_eval=on_eval)
-    plot_loss_curve(trainer.metrics_path, out / "loss.png")
-    return state
+    return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)

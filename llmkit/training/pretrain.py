@@ -225,15 +225,22 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
         fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
                      "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
                      "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+    return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
+
+
+def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
+                on_step: Callable[[dict], None] | None = None):
+    """Resume when asked, then train, reporting resume/start/eval events and redrawing loss.png at
+    each evaluation: every training command (pretrain, fine-tunes) ends with this."""
     if resume:
         path = trainer.resume()
         emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    emit("start", {"step": trainer.state.step, "steps": cfg.steps})
+    emit("start", {"step": trainer.state.step, "steps": trainer.cfg.steps})
 
     def on_eval(row: dict) -> None:
         emit("eval", row)
-        plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
+        plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
 
     state = trainer.run(on_step=on_step, on_eval=on_eval)
-    plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
+    plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
     return state

@@ -22,9 +22,9 @@ from llmkit.data.seq2seq_records import Seq2SeqExample, read_seq2seq_records, to
 from llmkit.errors import ConfigError
 from llmkit.io.finetuned import chat_info_json
 from llmkit.io.checkpoint import list_checkpoints
-from llmkit.plots import plot_loss_curve
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.training.pretrain import run_trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -99,15 +99,4 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
                      "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
                      "tokenizer": tokenizer.fingerprint(), "seq_len": context, "batch_size": cfg.batch_size,
                      "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction})
-    if resume:
-        path = trainer.resume()
-        emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    emit("start", {"step": trainer.state.step, "steps": cfg.steps})
-
-    def on_eval(row: dict) -> None:
-        emit("eval", row)
-        plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
-
-    state = trainer.run(on_step=on_step, on_eval=on_eval)
-    plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
-    return state
+    return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
