@@ -9,8 +9,8 @@ Trained models are kept in --out, so a rerun only evaluates (1.5 min for every r
 with --only adds its rows to the table of the last run with the same settings.
 
 Every model has the same body (LLaMA-style: RMSNorm, SwiGLU, tied embeddings) and size, differing
-only in its position scheme or attention pattern (RWKV/Mamba bodies, when llmkit has them, are
-sized with the same width and depth), and is trained with the one Trainer at context 256 on the
+only in its position scheme or attention pattern (RWKV/Mamba bodies have the same width and the
+depth that brings their parameter count closest to the Transformer's), and is trained with the one Trainer at context 256 on the
 embedded corpus (this Python's standard library; tokenized once, cached in --out). RoPE + linear PI
 and RoPE + YaRN are the trained RoPE model extended ×16 (training/extend.py, as `llmkit extend`)
 and fine-tuned for a few steps at --finetune-seq-len. Then, on the same held-out tokens:
@@ -102,6 +102,16 @@ EXTENSIONS = {  # name → (method, fine-tuned?) applied to the trained RoPE mod
     "RoPE + YaRN (no fine-tune)": ("yarn", False),
     "RoPE + dynamic NTK (no fine-tune)": ("ntk", False),
 }
+
+
+def matched_depth(base: ModelConfig, cfg: ModelConfig) -> ModelConfig:
+    """A recurrent body at the depth whose parameter count is closest to the Transformer's: an RWKV or
+    Mamba block holds fewer weights than an attention + SwiGLU block, so equal depth is not equal size."""
+    if cfg.body == "transformer":
+        return cfg
+    target = base.num_params()
+    depths = range(1, 4 * base.n_layers + 1)
+    return cfg.replace(n_layers=min(depths, key=lambda n: abs(cfg.replace(n_layers=n).num_params() - target)))
 
 
 def base_config(s: Settings, vocab: int) -> ModelConfig:
@@ -324,8 +334,11 @@ def main() -> None:
     for name, overrides in variants(s).items():
         if not wanted(name) and not (name == "RoPE" and any(wanted(e) for e in EXTENSIONS)):
             continue
-        log(f"training {name}")
-        model = train(base.replace(**overrides), corpus, s, out / "models" / slug(name), steps=s.steps,
+        cfg = matched_depth(base, base.replace(**overrides))
+        log(f"training {name}" + (f" ({cfg.n_layers} layers, {cfg.num_params() / 1e6:.2f} M parameters)"
+                                  if cfg.n_layers != base.n_layers else ""))
+        run_dir = out / "models" / (slug(name) + (f"_{cfg.n_layers}l" if cfg.n_layers != base.n_layers else ""))
+        model = train(cfg, corpus, s, run_dir, steps=s.steps,
                       seq_len=TRAIN_LEN, batch_size=s.batch_size, lr=s.lr, log=log)
         if model is None:
             log(f"  skipped: body={overrides.get('body')!r} is not implemented in llmkit yet")

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
         add_dataclass_flags(p, TrainConfig, defaults=DEMO_DEFAULTS if demo else None)
 
-    train_flags(sub.add_parser("train", help="pretrain a causal LM on text (next-token prediction)"))
+    train_flags(sub.add_parser("train", help="pretrain on text: next-token prediction, or masked-LM / denoising with --arch bert|t5|bart"))
     train_flags(sub.add_parser("demo", help="the embedded default: train on the Python stdlib, then sample"),
                 demo=True)
 
@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands of the other families and of post-training live in llmkit/commands/: each module's
 # `register(sub)` adds its parsers and sets `handler=` on them (argparse's set_defaults).
-COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.seq2seq", "llmkit.commands.post_training",
-                   "llmkit.commands.long_context", "llmkit.commands.ppo", "llmkit.commands.seq2seq_train")
+COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.post_training", "llmkit.commands.long_context",
+                   "llmkit.commands.ppo", "llmkit.commands.seq2seq_train")
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
