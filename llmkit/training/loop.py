@@ -24,7 +24,7 @@ from llmkit.errors import CheckpointError, NonFiniteError
 from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, require_checkpoint, save_checkpoint
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.training.config import TrainConfig
-from llmkit.training.optim import build_optimizer, lr_at
+from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
 Event = Callable[[dict[str, Any]], None]
@@ -60,10 +60,9 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
-        opt = self.optimizer.state_dict()
-        opt_tensors = {f"{pid}.{key}": value for pid, st in opt["state"].items() for key, value in st.items()}
+        opt_tensors, groups = optimizer_tensors(self.optimizer)
         train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
-                           optimizer_groups=opt["param_groups"])
+                           optimizer_groups=groups)
         return save_checkpoint(
             self.checkpoint_root, self.state.step,
             tensors={"model.safetensors": model_tensors(self.model), "optimizer.safetensors": opt_tensors,
@@ -83,12 +82,7 @@ class Trainer:
         if mismatched:
             raise CheckpointError(f"{path}: cannot resume, {', '.join(mismatched)} changed since the checkpoint")
         load_model_tensors(self.model, load_tensors(path / "model.safetensors"), where=str(path))
-        flat = load_tensors(path / "optimizer.safetensors")
-        state: dict[int, dict[str, Tensor]] = {}
-        for name, value in flat.items():
-            pid, key = name.split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer_groups"]})
+        load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
         torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
         self.state = TrainState(**{k: saved[k] for k in vars(TrainState())})
         self._truncate_metrics(self.state.step)

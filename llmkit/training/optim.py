@@ -41,3 +41,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW's state as flat safetensors entries ("<param id>.<key>") plus its JSON param groups:
+    what a checkpoint stores for exact resume."""
+    opt = optimizer.state_dict()
+    flat = {f"{pid}.{key}": value for pid, st in opt["state"].items() for key, value in st.items()}
+    return flat, opt["param_groups"]
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Inverse of `optimizer_tensors`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

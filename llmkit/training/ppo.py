@@ -29,7 +29,7 @@ from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, requ
 from llmkit.io.finetuned import chat_info_json
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.training.config import TrainConfig, knob
-from llmkit.training.optim import build_optimizer, lr_at
+from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
 from llmkit.training.ppo_math import AdaptiveKLController
 from llmkit.training.ppo_rollout import Experience, PolicyWithValue, RewardFn, make_experience, ppo_minibatch_loss
 
@@ -103,17 +103,16 @@ class PPOTrainer:
 
     # -- checkpoints (the shared format; see the module docstring) -------------------------------
     def save(self) -> Path:
-        opt = self.optimizer.state_dict()
+        opt_tensors, groups = optimizer_tensors(self.optimizer)
         tok_file = self.lm.tokenizer.save(self.out_dir)
         state = {"step": self.step, "kl_coef": self.kl.value, "skipped_steps": self.skipped,
                  "train_config": self.cfg.to_dict(), "ppo_config": asdict(self.ppo),
-                 "fingerprint": self.fingerprint, "optimizer_groups": opt["param_groups"]}
+                 "fingerprint": self.fingerprint, "optimizer_groups": groups}
         return save_checkpoint(
             self.out_dir / "checkpoints", self.step,
             tensors={"model.safetensors": model_tensors(self.lm.model),
                      "value_head.safetensors": self.policy.value_head.state_dict(),
-                     "optimizer.safetensors": {f"{pid}.{key}": value for pid, st in opt["state"].items()
-                                               for key, value in st.items()},
+                     "optimizer.safetensors": opt_tensors,
                      "rng.safetensors": {"torch_cpu": torch.get_rng_state()}},
             json_files={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                         "model": self.lm.model.cfg.to_dict(), "chat": chat_info_json(self.lm),
@@ -132,11 +131,7 @@ class PPOTrainer:
         load_model_tensors(self.lm.model, load_tensors(path / "model.safetensors"), where=str(path))
         self.lm.model.tie_weights()
         self.policy.value_head.load_state_dict(load_tensors(path / "value_head.safetensors"))
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in load_tensors(path / "optimizer.safetensors").items():
-            pid, key = name.split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer_groups"]})
+        load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
         torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
         self.step, self.kl.value, self.skipped = saved["step"], saved["kl_coef"], saved["skipped_steps"]
         if self.metrics_path.exists():  # drop rows past the checkpoint: the log reads as one run
