@@ -22,7 +22,7 @@ from torch import Tensor
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, ModelFormatError
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, _value
-from llmkit.io.hf_weights import FLOAT_DTYPES, _open, read_headers, weight_files
+from llmkit.io.hf_weights import _open, check_tensors, read_headers, weight_files
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.masked_lm import MaskedLM
@@ -200,20 +200,8 @@ def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelCo
     head_weight = f"{family.head}decoder.weight"
     if cfg.tie_embeddings:
         found.pop(head_weight, None)  # the tied decoder is the word embedding
-    for name in expected:
-        if name not in found:
-            raise ModelFormatError(f"{directory}: missing tensor {name} (config.json needs it)")
-    for name, original in found.items():
-        file, shape, dtype = entries[original]
-        if name not in expected:
-            raise ModelFormatError(f"{file}: unexpected tensor {original} (not in a {len(expected)}-tensor "
-                                   f"{data['model_type']} model described by config.json)")
-        if shape != expected[name][1]:
-            raise ModelFormatError(f"{file}: tensor {original} has shape {shape}, config.json needs "
-                                   f"{expected[name][1]}")
-        if dtype not in FLOAT_DTYPES:
-            raise ModelFormatError(f"{file}: tensor {original} has dtype {dtype} (supported: "
-                                   f"{', '.join(FLOAT_DTYPES)})")
+    check_tensors(directory, entries, found, {name: shape for name, (_, shape) in expected.items()},
+                  model=f"{data['model_type']} model")
     tensors: dict[str, Tensor] = {}
     for file in dict.fromkeys(entries[original].file for original in found.values()):
         with _open(file) as f:

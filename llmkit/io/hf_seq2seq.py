@@ -21,7 +21,7 @@ from torch import Tensor
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, ModelFormatError
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, _value
-from llmkit.io.hf_weights import FLOAT_DTYPES, Family, _open, _translate, read_headers, weight_files
+from llmkit.io.hf_weights import Family, _open, _translate, check_tensors, read_headers, weight_files
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.seq2seq import Seq2SeqLM
 
@@ -243,20 +243,9 @@ def load_hf_seq2seq(directory: Path, data: dict):
     with torch.device("meta"):
         expected = {_canonical(n, family): tuple(t.shape)
                     for n, t in to_hf_tensors(model_tensors(Seq2SeqLM(cfg)), cfg).items()}
-    optional = {"final_logits_bias"}  # transformers lets BART files omit it (zeros)
-    for name in expected:
-        if name not in found and name not in optional:
-            raise ModelFormatError(f"{directory}: missing tensor {name} (config.json needs it)")
-    for name, original in found.items():
-        file, shape, dtype = entries[original]
-        if name not in expected:
-            raise ModelFormatError(f"{file}: unexpected tensor {original} (not in the {kind} model config.json "
-                                   "describes)")
-        if shape != expected[name]:
-            raise ModelFormatError(f"{file}: tensor {original} has shape {shape}, config.json needs {expected[name]}")
-        if dtype not in FLOAT_DTYPES:
-            raise ModelFormatError(f"{file}: tensor {original} has dtype {dtype} "
-                                   f"(supported: {', '.join(FLOAT_DTYPES)})")
+    # transformers lets BART files omit final_logits_bias (zeros)
+    check_tensors(directory, entries, found, expected, optional=frozenset({"final_logits_bias"}),
+                  model=f"{kind} model")
     tokenizer, prefix_ids, eos_ids = load_tokenizer(directory, data, cfg.vocab_size)
     tensors = {}
     for file in dict.fromkeys(entries[original].file for original in found.values()):

@@ -212,13 +212,23 @@ def check_shapes(directory: Path, entries: dict[str, Entry], expected: dict[str,
     found = {_strip(n, family): n for n in entries if not n.endswith(IGNORED_SUFFIXES)}
     if tied:
         found.pop("lm_head.weight", None)  # some exporters store the tied head twice; the embedding wins
+    check_tensors(directory, entries, found, expected)
+    return found
+
+
+def check_tensors(directory: Path, entries: dict[str, Entry], found: dict[str, str],
+                  expected: dict[str, tuple[int, ...]], *, optional: frozenset[str] = frozenset(),
+                  model: str = "model") -> None:
+    """The file's tensors (`found`: canonical name → name in the file) against the config's: every
+    expected one present (unless optional), none unexpected, the config's shapes, float dtypes. Used
+    by every Hugging Face family's loader, before any tensor data is read."""
     for name in expected:
-        if name not in found:
+        if name not in found and name not in optional:
             raise ModelFormatError(f"{directory}: missing tensor {name} (config.json needs it)")
     for name, original in found.items():
         file, shape, dtype = entries[original]
         if name not in expected:
-            raise ModelFormatError(f"{file}: unexpected tensor {original} (not in a {len(expected)}-tensor model "
+            raise ModelFormatError(f"{file}: unexpected tensor {original} (not in a {len(expected)}-tensor {model} "
                                    "described by config.json)")
         if shape != expected[name]:
             raise ModelFormatError(f"{file}: tensor {original} has shape {shape}, config.json needs "
@@ -226,7 +236,6 @@ def check_shapes(directory: Path, entries: dict[str, Entry], expected: dict[str,
         if dtype not in FLOAT_DTYPES:
             raise ModelFormatError(f"{file}: tensor {original} has dtype {dtype} (supported: "
                                    f"{', '.join(FLOAT_DTYPES)})")
-    return found
 
 
 def plan_weights(directory: Path, cfg: ModelConfig, family: Family) -> dict[str, tuple[Path, str]]:
