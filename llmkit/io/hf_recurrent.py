@@ -23,7 +23,7 @@ from torch import Tensor
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, ModelFormatError
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, _value
-from llmkit.io.hf_weights import FLOAT_DTYPES, _open, read_headers, weight_files
+from llmkit.io.hf_weights import _open, check_tensors, read_headers, weight_files
 from llmkit.io.weights import load_model_tensors, model_tensors
 
 MODEL_TYPES = ("mamba", "rwkv")
@@ -163,17 +163,7 @@ def load_hf_recurrent(directory: Path, data: dict):
     found = {n: n for n in entries}
     if cfg.tie_embeddings:
         found.pop(HEAD[cfg.body], None)  # a tied head stored twice: the embedding wins
-    for name in expected:
-        if name not in found:
-            raise ModelFormatError(f"{directory}: missing tensor {name} (config.json needs it)")
-    for name in found:
-        file, shape, dtype = entries[name]
-        if name not in expected:
-            raise ModelFormatError(f"{file}: unexpected tensor {name} (not in the model config.json describes)")
-        if shape != expected[name]:
-            raise ModelFormatError(f"{file}: tensor {name} has shape {shape}, config.json needs {expected[name]}")
-        if dtype not in FLOAT_DTYPES:
-            raise ModelFormatError(f"{file}: tensor {name} has dtype {dtype} (supported: {', '.join(FLOAT_DTYPES)})")
+    check_tensors(directory, entries, found, expected, model=f"{cfg.body} model")
     tokenizer, prefix_ids, eos_ids = load_tokenizer(directory, data, cfg.vocab_size)
     raw: dict[str, Tensor] = {}
     for file in dict.fromkeys(entries[n].file for n in found):
