@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from llmkit.errors import GenerationError
 from llmkit.inference.kv_cache import KVCache
-from llmkit.inference.sampling import SamplingParams, sample
+from llmkit.inference.sampling import PenaltyState, SamplingParams, sample
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor | None]:
@@ -56,18 +56,14 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     max_len = min(cfg.max_seq_len, ids.shape[1] + max_new_tokens)
     cache = new_cache(model, len(prompts), max_len, dtype=next(model.parameters()).dtype,
                       device=device) if use_cache else None
-    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
-    seen = counts = None
-    if penalties:
-        real = torch.ones_like(ids) if mask is None else mask  # padding does not count as seen
-        seen = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.long, device=device).scatter_add_(1, ids, real) > 0
-        counts = torch.zeros(len(prompts), cfg.vocab_size, dtype=torch.long, device=device)
+    penalty = PenaltyState(params, ids, cfg.vocab_size, real=mask)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
     logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # prefill
     for i in range(max_new_tokens):
-        token = sample(logits.float(), params, generator=generator, seen=seen, generated_counts=counts)
+        token = sample(logits.float(), params, generator=generator, seen=penalty.seen,
+                       generated_counts=penalty.counts)
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             return
@@ -75,9 +71,7 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
         if i == max_new_tokens - 1 or ids.shape[1] + 1 >= cfg.max_seq_len:
             return  # budget spent, or prompt + output fill the context window: no wasted forward
         token = token.masked_fill(finished, pad_id)[:, None]  # (B, 1)
-        if penalties:
-            seen.scatter_(1, token, True)
-            counts.scatter_add_(1, token, (~finished).long()[:, None])
+        penalty.record(token, finished)
         ids = torch.cat([ids, token], dim=1)
         if mask is not None or bool(finished.any()):
             mask = torch.ones_like(ids) if mask is None else torch.cat([mask, torch.ones_like(token)], dim=1)

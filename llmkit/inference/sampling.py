@@ -64,6 +64,26 @@ def apply_penalties(logits: Tensor, params: SamplingParams, seen: Tensor, genera
     return logits
 
 
+class PenaltyState:
+    """What the penalties read, kept by the generation loops: `seen` (B, vocab) marks tokens in the
+    context or generated, `counts` (B, vocab) counts generated ones. Both are None when no penalty is
+    on, so greedy and plain sampling pay nothing."""
+
+    def __init__(self, params: SamplingParams, context: Tensor, vocab_size: int, real: Tensor | None = None) -> None:
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            real = torch.ones_like(context) if real is None else real  # padding does not count as seen
+            B, device = context.shape[0], context.device
+            self.seen = torch.zeros(B, vocab_size, dtype=torch.long, device=device).scatter_add_(1, context, real) > 0
+            self.counts = torch.zeros(B, vocab_size, dtype=torch.long, device=device)
+
+    def record(self, token: Tensor, finished: Tensor) -> None:
+        """Add this step's tokens (B, 1); rows that already stopped are not counted."""
+        if self.seen is not None:
+            self.seen.scatter_(1, token, True)
+            self.counts.scatter_add_(1, token, (~finished).long()[:, None])
+
+
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf."""
     logits = logits.float() / params.temperature

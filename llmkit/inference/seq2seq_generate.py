@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from llmkit.errors import GenerationError
 from llmkit.inference.beam import beam_search
-from llmkit.inference.sampling import SamplingParams, sample
+from llmkit.inference.sampling import PenaltyState, SamplingParams, sample
 
 
 def right_pad(sources: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor | None]:
@@ -75,17 +75,14 @@ def seq2seq_generate_stream(model: nn.Module, sources: Sequence[Sequence[int]], 
     max_len = min(cfg.max_seq_len, max_new_tokens + 1)  # decoder positions: the start token + outputs
     cache = model.new_cache(B, max_len, dtype=memory.dtype, device=device) if use_cache else None
     decoded = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=device)
-    penalties = (params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
-    seen = counts = None
-    if penalties:
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device).scatter_(1, decoded, True)
-        counts = torch.zeros(B, cfg.vocab_size, dtype=torch.long, device=device)
+    penalty = PenaltyState(params, decoded, cfg.vocab_size)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     logits = model.decode(decoded, memory, attention_mask=mask, cache=cache)[:, -1]
     for i in range(max_new_tokens):
-        token = sample(logits.float(), params, generator=generator, seen=seen, generated_counts=counts)
+        token = sample(logits.float(), params, generator=generator, seen=penalty.seen,
+                       generated_counts=penalty.counts)
         finished |= torch.isin(token, eos)
         if bool(finished.all()):
             return
@@ -93,9 +90,7 @@ def seq2seq_generate_stream(model: nn.Module, sources: Sequence[Sequence[int]], 
         if i == max_new_tokens - 1 or decoded.shape[1] >= cfg.max_seq_len:
             return  # budget spent, or the next position would be past the decoder's context
         token = token.masked_fill(finished, pad_id)[:, None]  # (B, 1); stopped rows are independent of others
-        if penalties:
-            seen.scatter_(1, token, True)
-            counts.scatter_add_(1, token, (~finished).long()[:, None])
+        penalty.record(token, finished)
         decoded = torch.cat([decoded, token], dim=1)
         if use_cache:
             logits = model.decode(token, memory, attention_mask=mask, cache=cache)[:, -1]
