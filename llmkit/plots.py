@@ -10,13 +10,33 @@ from pathlib import Path
 from llmkit.io.checkpoint import atomic_write_bytes
 
 
-def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    return plt
+
+
+def read_metrics(metrics_path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+
+
+def save_figure(fig, out_path: str | Path) -> Path:
+    """Render `fig` to PNG and write it atomically (a crash never leaves half a picture)."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    pyplot().close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())
+    return Path(out_path)
+
+
+def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    plt = pyplot()
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train and not val:
@@ -33,9 +53,4 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path | No
     ax.set_title("llmkit training")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return Path(out_path)
+    return save_figure(fig, out_path)

@@ -3,20 +3,14 @@ read from metrics.jsonl and written atomically, like llmkit/plots.py's loss curv
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
-from llmkit.io.checkpoint import atomic_write_bytes
+from llmkit.plots import pyplot, read_metrics, save_figure
 
 
 def plot_reward_kl(metrics_path: str | Path, out_path: str | Path, *, title: str = "llmkit ppo") -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    plt = pyplot()
+    rows = read_metrics(metrics_path)
     rows = [r for r in rows if "score" in r]
     if not rows:
         return None
@@ -34,9 +28,4 @@ def plot_reward_kl(metrics_path: str | Path, out_path: str | Path, *, title: str
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3)
     top.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return Path(out_path)
+    return save_figure(fig, out_path)
