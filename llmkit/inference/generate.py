@@ -60,7 +60,7 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
 
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # prefill
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # prefill
     for i in range(max_new_tokens):
         token = sample(logits.float(), params, generator=generator, seen=penalty.seen,
                        generated_counts=penalty.counts)

@@ -80,6 +80,9 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.impl = "sdpa"
         self.scale = None if cfg.scale_attention else 1.0  # None → 1/√head_dim; T5 leaves q·k unscaled
+        # For decoding, q/k/v may be fused into one projection (llmkit/inference/optimize.py): one
+        # matrix-vector product per layer instead of three. None: the three separate projections.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
                 mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0,
@@ -88,13 +91,11 @@ class Attention(nn.Module):
         queries from x, keys and values from memory, the encoder output. With a cache, cross-attention
         keys/values are projected once per request (`cache.memory_kv`) and reused at every step."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if memory is not None:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
             k, v = cache.memory_kv(layer, memory, self.project_kv) if cache is not None else self.project_kv(memory)
         else:
-            k, v = self.project_kv(x)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k, v = self.project_qkv(x, rope)
             if cache is not None:  # k, v become everything cached so far plus these T positions
                 k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -107,6 +108,22 @@ class Attention(nn.Module):
                        dropout=dropout)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
         return self.resid_dropout(self.o_proj(y))
+
+    def project_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x, RoPE applied to q and k."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k, v = self.project_kv(x)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            return q, k, v
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
+        qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+        if rope is not None:  # one rotation for the query and key heads together
+            qk = apply_rope(qk, *rope)
+        return qk[:, :H], qk[:, H:], v
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, Hkv, T, D) of x (B, T, C)."""

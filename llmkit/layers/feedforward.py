@@ -39,9 +39,14 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(d_model, d_ff, bias=bias)
         self.down_proj = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused for decoding (inference/optimize.py)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.dropout(self.down_proj(self.act(gate) * up))
 
 
 def build_mlp(kind: str, d_model: int, d_ff: int, *, bias: bool, dropout: float) -> nn.Module:

@@ -48,9 +48,11 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embeddings.embed.weight
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
-                positions: Tensor | None = None, cache=None) -> Tensor:
-        return self.lm_head(self.hidden_states(input_ids, attention_mask=attention_mask,
-                                               positions=positions, cache=cache))
+                positions: Tensor | None = None, cache=None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab); with `last_only`, (B, 1, vocab) for the last position only — all a
+        generation step reads, and the vocabulary projection of a long prompt is not cheap."""
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
                       positions: Tensor | None = None, cache=None) -> Tensor:

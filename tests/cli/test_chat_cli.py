@@ -64,3 +64,12 @@ def test_default_model_is_smollm2():
     proc = run(["--max-new-tokens", "12", "What is the capital of France? Answer in one word."], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_bf16_and_int4_decoding_flags(tiny_run):
+    """--dtype bf16 --quantize int4 answers (the tiny model's width 64 is two groups of 32 per row)."""
+    proc = run(["--model", str(tiny_run), "--max-new-tokens", "6", "--dtype", "bf16", "--quantize", "int4", "hello"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    bad = run(["--model", str(tiny_run), "--quantize", "int3", "hello"])
+    assert bad.returncode == 2 and "int3" in bad.stderr  # argparse names the bad choice

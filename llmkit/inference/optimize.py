@@ -1,0 +1,95 @@
+"""Make a loaded model generate faster: fused projections and, optionally, 4-bit weights.
+
+Decoding a token multiplies each weight matrix by one vector; on a CPU its speed is set by how fast
+the weights stream from memory and by the fixed cost of each matrix-vector call (thread start-up,
+dispatch). `prepare_for_decoding` attacks both:
+
+- fusion (exact): each self-attention's q/k/v projections become one `qkv_proj`, each gated MLP's
+  gate/up projections one `gate_up_proj` — 4 matrix-vector calls per layer instead of 7, with the
+  same numbers in the same order, so logits are unchanged;
+- `quantize="int4"` (approximate): every Linear inside the layers becomes an `Int4Linear`
+  (llmkit/layers/quantized.py), 4-bit weights with a bf16 scale and offset per group of 32; the
+  LM head and embeddings keep their dtype, since the logits are read off them directly.
+
+The result is for generation only: the separate projections are gone (no LoRA, no export, no
+training); load the model again for those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmkit.errors import GenerationError
+from llmkit.layers.attention import Attention
+from llmkit.layers.feedforward import GatedMLP
+from llmkit.layers.linear import Linear
+from llmkit.layers.quantized import GROUP, Int4Linear
+
+QUANTIZE_CHOICES = ("none", "int4")
+
+
+@dataclass
+class DecodingReport:
+    fused_attention: int = 0  # self-attention layers whose q/k/v became one projection
+    fused_mlp: int = 0  # gated MLPs whose gate/up became one projection
+    int4_linears: int = 0  # Linear layers now holding 4-bit weights
+    kept_linears: int = 0  # Linear layers left in their dtype (heads; in_features not a multiple of 32)
+
+
+def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> DecodingReport:
+    """Fuse projections (and with quantize="int4" quantise the layers' weights) in place."""
+    quantize = None if quantize in (None, "none") else quantize
+    if quantize not in (None, "int4"):
+        raise GenerationError(f"unknown quantisation {quantize!r}; choose one of: {', '.join(QUANTIZE_CHOICES)}")
+    report = DecodingReport()
+    for module in list(model.modules()):
+        # Blocks name their self-attention `attn` (a decoder's cross-attention, `cross_attn`, reads
+        # keys and values from another sequence, so its projections have different inputs).
+        attn = getattr(module, "attn", None)
+        if isinstance(attn, Attention) and attn.qkv_proj is None and _plain(attn, ("q_proj", "k_proj", "v_proj")):
+            attn.qkv_proj = _fuse(attn, ("q_proj", "k_proj", "v_proj"))
+            report.fused_attention += 1
+        if isinstance(module, GatedMLP) and module.gate_up_proj is None and _plain(module, ("gate_proj", "up_proj")):
+            module.gate_up_proj = _fuse(module, ("gate_proj", "up_proj"))
+            report.fused_mlp += 1
+    if quantize == "int4":
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                if "head" in f"{name}.{child_name}" or child.in_features % GROUP:
+                    report.kept_linears += 1
+                    continue
+                setattr(module, child_name, Int4Linear(child))
+                report.int4_linears += 1
+    model.decoding_report = report  # a plain attribute: what was done, for printing and for tests
+    return report
+
+
+def _plain(owner: nn.Module, names: tuple[str, ...]) -> bool:
+    """All of `names` are ordinary Linear layers on one device and dtype (not LoRA-wrapped, say)."""
+    layers = [getattr(owner, n, None) for n in names]
+    if not all(type(layer) in (Linear, nn.Linear) for layer in layers):
+        return False
+    return len({(layer.weight.device, layer.weight.dtype) for layer in layers}) == 1
+
+
+def _fuse(owner: nn.Module, names: tuple[str, ...]) -> Linear:
+    """One Linear whose output is the concatenation of `names`' outputs; the originals are removed."""
+    layers = [getattr(owner, n) for n in names]
+    weight = layers[0].weight
+    out_features = sum(layer.out_features for layer in layers)
+    has_bias = any(layer.bias is not None for layer in layers)
+    fused = Linear(layers[0].in_features, out_features, bias=has_bias, device="meta", dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        if has_bias:
+            fused.bias = nn.Parameter(torch.cat([
+                layer.bias if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers]),
+                requires_grad=False)
+    for n in names:
+        delattr(owner, n)
+    return fused

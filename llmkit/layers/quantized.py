@@ -1,0 +1,95 @@
+"""Weight-only 4-bit linear layers for decoding: weights stored as int4 codes, activations in bf16.
+
+Decoding one token multiplies every weight matrix by a single vector, so its speed is set by how
+many bytes of weights stream from memory per token. Storing each weight in 4 bits (plus a scale and
+a minimum per group of 32 weights of a row) moves 1/8 of the fp32 bytes.
+
+The format is asymmetric round-to-nearest per group (the one GGUF calls Q4_1):
+    w ≈ code · scale + minimum,   code ∈ {0..15},   scale = (max − min) / 15 over the group.
+Quantising weights that were already Q4_1 (SmolLM2's GGUF) gives back their own codes, so on such a
+model the only change from the dequantised fp32 weights is bf16 rounding (scales, activations).
+
+The layer stores w = (code − 8) · scale + offset with offset = minimum + 8 · scale, both in bf16,
+because that is the form torch's CPU int4 matrix kernel (`_weight_int4pack_mm_for_cpu`) reads; one-row
+products (decoding) use that kernel, and the dequantised weight is computed from the same bf16
+numbers, so both paths multiply by the same weights. Many-row products (prefill, where
+arithmetic rather than memory bounds the speed) dequantise the weight to bf16 and use the ordinary
+matmul, which is several times faster there. Inference only: these layers hold buffers, not
+parameters, and have no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GROUP = 32
+# Up to this many rows the int4 kernel is faster; above it, dequantising once and using the bf16
+# matmul is (measured on 2 cores, 3072×576: kernel 2.1 ms at 64 rows; dequantise 4.5 ms + matmul 4.6 ms
+# at 512 rows, where the kernel takes ~16 ms).
+KERNEL_MAX_ROWS = 128
+
+
+def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) float → codes (N, K) uint8 in 0..15, scale and minimum (N, K/group) float32."""
+    N, K = weight.shape
+    assert K % group == 0, f"in_features {K} is not a multiple of the group size {group}"
+    w = weight.detach().float().reshape(N, K // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
+    codes = ((w - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return codes.reshape(N, K), scale, lo
+
+
+def dequantize_int4(codes: Tensor, scale: Tensor, minimum: Tensor, group: int = GROUP) -> Tensor:
+    """The float32 weight (N, K) that (codes, scale, minimum) stand for."""
+    N, K = codes.shape
+    w = torch.addcmul(minimum[..., None], codes.reshape(N, K // group, group).float(), scale[..., None])
+    return w.reshape(N, K)
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is kept as int4 codes; see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, group: int = GROUP) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        codes, scale, minimum = quantize_int4(linear.weight, group)
+        # Codes two per byte (low nibble: even column) for dequantising; the kernel wants its own packing.
+        self.register_buffer("packed_codes", codes[:, 0::2] | (codes[:, 1::2] << 4))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("offset", (minimum + 8 * scale).to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        # The kernel's own packing and (K/group, N, 2) scale/offset table: plain attributes, CPU only
+        # (and only for out_features divisible by 16, which the kernel requires).
+        self.kernel_weight = self.kernel_scales = None
+        if int4_kernel_available() and linear.weight.device.type == "cpu" and self.out_features % 16 == 0:
+            self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            self.kernel_scales = torch.stack([self.scale.t(), self.offset.t()], -1).contiguous()
+
+    def codes(self) -> Tensor:
+        low, high = self.packed_codes & 15, self.packed_codes >> 4
+        return torch.stack([low, high], -1).reshape(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        scale, offset = self.scale.float(), self.offset.float()
+        return dequantize_int4(self.codes(), scale, offset - 8 * scale, self.group).to(dtype)  # ~2× the matmul's cost
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.kernel_weight is not None and rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group, self.kernel_scales)
+        else:
+            y = F.linear(rows, self.dequantize())
+        y = y.to(dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"

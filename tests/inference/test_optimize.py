@@ -1,0 +1,147 @@
+"""prepare_for_decoding: fused projections change nothing; int4 weights are the quantiser's weights.
+
+Also the int4 format itself: round-to-nearest error bounds, Q4_1-grid weights coming back exactly,
+and the kernel path (few rows) agreeing with the dequantise-then-matmul path (many rows).
+"""
+
+import pytest
+import torch
+
+from llmkit.config import ModelConfig
+from llmkit.errors import GenerationError
+from llmkit.inference.generate import generate
+from llmkit.inference.optimize import prepare_for_decoding
+from llmkit.inference.sampling import SamplingParams
+from llmkit.layers.lora import LoraConfig, apply_lora
+from llmkit.layers.quantized import KERNEL_MAX_ROWS, Int4Linear, dequantize_int4, quantize_int4
+from llmkit.models.build import build_model
+from llmkit.presets import preset
+
+GREEDY = SamplingParams(temperature=0.0)
+VOCAB = 97
+
+
+def model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=VOCAB, max_seq_len=96, d_model=64, n_layers=2, n_heads=4, init_std=0.2)
+    return build_model(ModelConfig(**{**base, **overrides})).eval()
+
+
+FAMILIES = {
+    "llama (GQA, SwiGLU, RoPE)": dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_heads=2, bias=False),
+    "gpt2 (biases, learned positions, plain MLP)": dict(),
+    "qwen2 (q/k/v biases only)": dict(norm="rmsnorm", mlp="swiglu", position="rope", n_kv_heads=2, bias=False,
+                                      qkv_bias=True),
+}
+
+
+def padded_batch():
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0  # left padding
+    mask[2, :3] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fusion_leaves_logits_and_greedy_tokens_unchanged(family):
+    plain, fused = model(**FAMILIES[family]), model(**FAMILIES[family])
+    report = prepare_for_decoding(fused)
+    assert report.fused_attention == 2 and report.int4_linears == 0
+    assert report.fused_mlp == (2 if FAMILIES[family].get("mlp") == "swiglu" else 0)
+    assert not hasattr(fused.stack.blocks[0].attn, "q_proj")  # the separate weights are gone, not duplicated
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids, attention_mask=mask), plain(ids, attention_mask=mask),
+                                   atol=1e-5, rtol=1e-5)
+    prompts = [ids[0, 7:].tolist(), ids[1].tolist()]
+    assert generate(fused, prompts, max_new_tokens=32, params=GREEDY) == \
+        generate(plain, prompts, max_new_tokens=32, params=GREEDY)
+
+
+def test_seq2seq_fuses_self_attention_and_leaves_cross_attention_alone():
+    torch.manual_seed(0)
+    cfg = preset("t5v11-tiny", vocab_size=VOCAB)
+    plain = build_model(cfg).eval()
+    fused = build_model(cfg).eval()
+    fused.load_state_dict(plain.state_dict())
+    report = prepare_for_decoding(fused)
+    assert report.fused_attention == cfg.n_layers + (cfg.n_decoder_layers or cfg.n_layers)
+    assert hasattr(fused.decoder.blocks[0].cross_attn, "q_proj")
+    src = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    tgt = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(src, tgt), plain(src, tgt), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_wrapped_projections_are_not_fused():
+    m = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
+    apply_lora(m, LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+    report = prepare_for_decoding(m)
+    assert report.fused_attention == 0 and report.fused_mlp == 2
+
+
+def test_unknown_quantisation_is_refused():
+    with pytest.raises(GenerationError, match="int3"):
+        prepare_for_decoding(model(), quantize="int3")
+
+
+# ---------------------------------------------------------------- the int4 format
+
+def test_round_to_nearest_error_is_at_most_half_a_step():
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    codes, scale, minimum = quantize_int4(w)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    err = (dequantize_int4(codes, scale, minimum) - w).abs().reshape(48, 3, 32)
+    assert bool((err <= scale[..., None] / 2 + 1e-6).all())
+
+
+def test_weights_on_a_q4_1_grid_come_back_exactly():
+    """A Q4_1 block is code·d + m with codes spanning 0..15: re-quantising finds the same d, m, codes."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8)
+    codes[:, 0::32], codes[:, 1::32] = 0, 15  # every group uses the full range, as Q4_1's min/max fit does
+    d = torch.rand(32, 2, generator=g).half().float() * 0.1 + 0.01  # fp16 scales, as GGUF stores them
+    m = -torch.rand(32, 2, generator=g).half().float()
+    w = dequantize_int4(codes, d, m)
+    got_codes, got_d, got_m = quantize_int4(w)
+    assert torch.equal(got_codes, codes)
+    torch.testing.assert_close(dequantize_int4(got_codes, got_d, got_m), w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, so no kernel, dequantised path only
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5])
+def test_int4_linear_multiplies_by_its_dequantised_weight(out_features, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, out_features, bias=True)
+    q = Int4Linear(linear)
+    x = torch.randn(rows, 64)
+    expected = x.bfloat16().float() @ q.dequantize(torch.float32).t() + linear.bias.detach()
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)  # bf16 products and output rounding
+    # and the dequantised weight is the layer's weight to within half a quantisation step
+    step = (linear.weight.detach().reshape(out_features, 2, 32).aminmax(dim=-1)[1]
+            - linear.weight.detach().reshape(out_features, 2, 32).aminmax(dim=-1)[0]) / 15
+    err = (q.dequantize(torch.float32) - linear.weight.detach()).abs().reshape(out_features, 2, 32)
+    assert bool((err <= step[..., None] / 2 + 0.02 * step[..., None].abs().max() + 1e-3).all())
+
+
+def test_int4_model_matches_its_dequantised_weights_and_generates():
+    """A prepared int4 model computes what an fp32 model holding the dequantised weights computes,
+    up to bf16 activations in the matrix products."""
+    m = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
+    q = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
+    report = prepare_for_decoding(q, quantize="int4")
+    assert report.int4_linears == 2 * 4 and report.kept_linears == 1  # qkv, o, gate_up, down per layer; not the head
+    prepare_for_decoding(m)
+    with torch.no_grad():  # give the fp32 reference the int4 model's weights
+        for name, module in q.named_modules():
+            if isinstance(module, Int4Linear):
+                m.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref, got = m(ids, attention_mask=mask), q(ids, attention_mask=mask)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    out = generate(q, [ids[1].tolist()], max_new_tokens=16, params=GREEDY)[0]
+    assert len(out) == 16 and all(0 <= t < VOCAB for t in out)
