@@ -83,12 +83,16 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = x.reshape(-1, self.in_features)
+        if dtype != torch.bfloat16:  # (skipping no-op casts matters: decoding makes ~120 of these calls a token)
+            rows = rows.to(torch.bfloat16)
         if self.kernel_weight is not None and rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group, self.kernel_scales)
         else:
             y = F.linear(rows, self.dequantize())
-        y = y.to(dtype).view(*shape[:-1], self.out_features)
+        if dtype != torch.bfloat16:
+            y = y.to(dtype)
+        y = y.view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(dtype)
 
     def extra_repr(self) -> str:
