@@ -112,11 +112,19 @@ def _llama_fields(data: dict, where: str, model_type: str) -> dict[str, Any]:
             raise ModelFormatError(f"{where}: attention_bias={bias} with mlp_bias={not bias} is not supported "
                                    "(llmkit's bias switch covers both)")
     positions = _value(data, "max_position_embeddings", where, int, lo=1, hi=MAX_POSITIONS)
-    window = _sliding_window(data, where, model_type)
+    window, every_layer = _sliding_window(data, where, model_type)
+    if window is not None and window >= positions:
+        window = None  # a window as long as the context changes nothing
+    pattern = {}
+    if window is not None and every_layer:  # Mistral: every layer sees the last `window` keys (layers/sparse.py)
+        pattern = dict(attention_pattern="sliding_window", attention_window=window)
+    elif window is not None:
+        # Some layers slide and others do not (Qwen2's max_window_layers, mixed layer_types), which
+        # llmkit's one pattern per model cannot express. Capping the context at the window means no token
+        # ever attends past it, so every output llmkit produces is one the model defines.
+        positions = window
     return dict(vocab_size=_value(data, "vocab_size", where, int, lo=1, hi=MAX_WIDTH),
-                # llmkit has no sliding-window attention yet. Capping the context at the window means no
-                # token can ever attend past it, so every output llmkit produces is one the model defines.
-                max_seq_len=min(positions, window) if window else positions,
+                max_seq_len=positions, **pattern,
                 d_model=d, n_layers=_value(data, "num_hidden_layers", where, int, lo=1, hi=MAX_LAYERS),
                 n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
                 d_ff=_value(data, "intermediate_size", where, int, lo=1, hi=MAX_WIDTH),
@@ -127,21 +135,23 @@ def _llama_fields(data: dict, where: str, model_type: str) -> dict[str, Any]:
                 **rope_fields(data, where, positions))
 
 
-def _sliding_window(data: dict, where: str, model_type: str) -> int | None:
-    """The attention window when some layer uses one (Mistral: any `sliding_window`; Qwen2: only with
-    `use_sliding_window` and layers past `max_window_layers`, or as `layer_types` says)."""
+def _sliding_window(data: dict, where: str, model_type: str) -> tuple[int | None, bool]:
+    """(the attention window when some layer uses one, whether every layer does). Mistral: any
+    `sliding_window`, every layer; Qwen2: with `use_sliding_window`, the layers from
+    `max_window_layers` on; or as `layer_types` says."""
     window = _value(data, "sliding_window", where, int, default=None, lo=1)
     if window is None:
-        return None
+        return None, False
     layer_types = data.get("layer_types")
     if isinstance(layer_types, list):
-        return window if "sliding_attention" in layer_types else None
+        sliding = [kind == "sliding_attention" for kind in layer_types]
+        return (window, all(sliding)) if any(sliding) else (None, False)
     if model_type == "qwen2":
         layers = _value(data, "num_hidden_layers", where, int, lo=1, hi=MAX_LAYERS)
-        used = (_value(data, "use_sliding_window", where, bool, default=False)
-                and _value(data, "max_window_layers", where, int, default=28) < layers)
-        return window if used else None
-    return window
+        first = _value(data, "max_window_layers", where, int, default=28)
+        used = _value(data, "use_sliding_window", where, bool, default=False) and first < layers
+        return (window, first <= 0) if used else (None, False)
+    return window, True
 
 
 def rope_fields(data: dict, where: str, positions: int) -> dict[str, Any]:
@@ -216,7 +226,8 @@ def _yarn_fields(field: Callable[..., Any], where: str, factor: float) -> dict[s
 # ---- export ------------------------------------------------------------------------------------
 
 def _export_family(cfg: ModelConfig) -> str:
-    """"gpt2", "llama" or "qwen2"; otherwise a one-line error naming what does not fit."""
+    """"gpt2", "llama", "mistral" (LLaMA with a sliding window) or "qwen2"; otherwise a one-line error
+    naming what does not fit."""
     if cfg.position == "learned":
         family, wants = "gpt2", dict(norm="layernorm", norm_position="pre", bias=True, qkv_bias=True,
                                      n_kv_heads=cfg.n_heads)
@@ -237,7 +248,10 @@ def _export_family(cfg: ModelConfig) -> str:
     if family in ("gpt2", "qwen2") and cfg.n_heads * cfg.head_dim != cfg.d_model:
         raise ModelFormatError(f"cannot export to Hugging Face {family}: head_dim={cfg.head_dim} × "
                                f"n_heads={cfg.n_heads} != d_model={cfg.d_model}")
-    wants["attention_pattern"] = "full"  # these families attend to every key (sparse patterns: layers/sparse.py)
+    if family == "llama" and cfg.attention_pattern == "sliding_window" and not cfg.bias:
+        family = "mistral"  # Mistral is LLaMA with every layer attending to a sliding window (and no biases)
+    else:
+        wants["attention_pattern"] = "full"  # the other families attend to every key (layers/sparse.py)
     for name, wanted in wants.items():
         if getattr(cfg, name) != wanted:
             raise ModelFormatError(f"cannot export to Hugging Face {family}: {name}={getattr(cfg, name)!r} "
@@ -271,7 +285,8 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
         if scaling == "dynamic" and cfg.rope_original_max_seq_len != cfg.max_seq_len:
             raise ModelFormatError("cannot export rope_scaling='dynamic' with rope_original_max_seq_len "
                                    f"{cfg.rope_original_max_seq_len} != max_seq_len {cfg.max_seq_len}")
-    out = dict(architectures=["Qwen2ForCausalLM" if family == "qwen2" else "LlamaForCausalLM"], model_type=family,
+    architecture = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(family, "LlamaForCausalLM")
+    out = dict(architectures=[architecture], model_type=family,
                vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_seq_len, hidden_size=cfg.d_model,
                intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -283,6 +298,8 @@ def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     if family == "qwen2":
         del out["head_dim"]  # Qwen2 derives it from hidden_size / heads (checked equal above)
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    elif family == "mistral":  # no bias switches in Mistral's config (it has none)
+        out.update(sliding_window=cfg.attention_window)
     else:
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     return out

@@ -215,13 +215,17 @@ def test_patterns_add_no_parameters():
         assert cfg.num_params() == base.num_params() == sum(p.numel() for p in CausalLM(cfg).parameters())
 
 
-def test_hugging_face_export_refuses_a_sparse_pattern():
-    """LLaMA/GPT-2/Qwen2 configs attend to every key: exporting a windowed model would silently change it."""
+def test_hugging_face_export_of_patterns():
+    """A LLaMA-style sliding window is a Mistral config; Longformer/BigBird patterns have no Hugging Face
+    decoder equivalent, and exporting them as LLaMA would silently change the model: refused."""
     from llmkit.errors import ModelFormatError
     from llmkit.io.hf_config import config_to_hf
 
     cfg = ModelConfig(d_model=32, n_heads=4, position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                       **PATTERNS["sliding_window"])
-    with pytest.raises(ModelFormatError, match="attention_pattern='sliding_window'"):
-        config_to_hf(cfg)
+    out = config_to_hf(cfg)
+    assert (out["model_type"], out["architectures"], out["sliding_window"]) == ("mistral", ["MistralForCausalLM"], 5)
+    for name in ("longformer", "bigbird"):
+        with pytest.raises(ModelFormatError, match=f"attention_pattern='{name}'"):
+            config_to_hf(cfg.replace(**PATTERNS[name]))
     assert config_to_hf(cfg.replace(attention_pattern="full", attention_window=None))["model_type"] == "llama"

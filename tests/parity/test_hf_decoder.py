@@ -36,6 +36,8 @@ CASES = {
     "llama": ("llama", {}),
     "llama-tied-bias": ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
     "mistral": ("mistral", {"sliding_window": None}),
+    # a window shorter than the test sequences: llmkit's sliding-window pattern (and ring-buffer cache)
+    "mistral-window": ("mistral", {"sliding_window": 6}),
     "qwen2": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
 }
@@ -159,9 +161,14 @@ def test_gpt2_bare_names_and_stale_buffers_load(tmp_path, tok):
         assert (llmkit.load(tmp_path).model(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
-def test_sliding_window_caps_the_context(tmp_path, tok):
-    build_hf_model("mistral", tmp_path, tok, sliding_window=48)
-    assert llmkit.load(tmp_path).model.cfg.max_seq_len == 48
+def test_sliding_window_maps_to_the_pattern_or_caps_the_context(tmp_path, tok):
+    build_hf_model("mistral", tmp_path / "m", tok, sliding_window=48)
+    cfg = llmkit.load(tmp_path / "m").model.cfg  # every Mistral layer slides: llmkit's pattern, full context
+    assert (cfg.attention_pattern, cfg.attention_window, cfg.max_seq_len) == ("sliding_window", 48, 128)
+    # Qwen2 sliding only from layer 1 on: one pattern per model cannot say that, so the context stops at the window
+    build_hf_model("qwen2", tmp_path / "q", tok, use_sliding_window=True, sliding_window=48, max_window_layers=1)
+    cfg = llmkit.load(tmp_path / "q").model.cfg
+    assert (cfg.attention_pattern, cfg.max_seq_len) == ("full", 48)
 
 
 # ---- export ------------------------------------------------------------------------------------
