@@ -28,6 +28,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.pos = 0
+        self._views: tuple | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int | None = None, *,
@@ -41,11 +42,21 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) at pos..pos+T; return everything cached for this layer."""
-        end = self.pos + k.shape[2]
+        T = k.shape[2]
+        end = self.pos + T
         assert end <= self.max_len, f"KV cache overflow: {end} > {self.max_len}"
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.layer_views()
+        keys[layer].narrow(2, self.pos, T).copy_(k)
+        values[layer].narrow(2, self.pos, T).copy_(v)
+        return keys[layer].narrow(2, 0, end), values[layer].narrow(2, 0, end)
+
+    def layer_views(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Per-layer (B, Hkv, max_len, D) views of the buffers, made once (and again if a subclass
+        replaces the buffers, as beam search's reorder does): indexing the 5-d buffer afresh costs
+        more than the copy it leads to, ~60 times a token."""
+        if self._views is None or self._views[0] is not self.k or self._views[1] is not self.v:
+            self._views = (self.k, self.v, self.k.unbind(0), self.v.unbind(0))
+        return self._views[2], self._views[3]
 
     def advance(self, n: int) -> None:
         self.pos += n

@@ -106,8 +106,9 @@ class Attention(nn.Module):
         else:
             y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl, scale=self.scale,
                        dropout=dropout)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H·D)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
+        # (dropout only where it does something: decoding runs this ~30 times a token)
+        return self.resid_dropout(y) if self.training and self.dropout else y
 
     def project_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, H, T, D), keys and values (B, Hkv, T, D) of x, RoPE applied to q and k."""

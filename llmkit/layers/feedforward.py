@@ -28,7 +28,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down_proj(self.act(self.up_proj(x))))
+        y = self.down_proj(self.act(self.up_proj(x)))
+        return self.dropout(y) if self.training and self.dropout.p else y
 
 
 class GatedMLP(nn.Module):
@@ -46,7 +47,8 @@ class GatedMLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.dropout(self.down_proj(self.act(gate) * up))
+        y = self.down_proj(self.act(gate) * up)
+        return self.dropout(y) if self.training and self.dropout.p else y  # no module call when it is a no-op
 
 
 def build_mlp(kind: str, d_model: int, d_ff: int, *, bias: bool, dropout: float) -> nn.Module:

@@ -50,8 +50,12 @@ def dequantize_int4(codes: Tensor, scale: Tensor, minimum: Tensor, group: int = 
     return w.reshape(N, K)
 
 
+# Looked up once: resolving torch.ops.aten.<name> costs about a microsecond, ~120 times a token.
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+
+
 def int4_kernel_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return _INT4_MM is not None
 
 
 class Int4Linear(nn.Module):
@@ -82,18 +86,19 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.codes(), scale, offset - 8 * scale, self.group).to(dtype)  # ~2× the matmul's cost
 
     def forward(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        rows = x.reshape(-1, self.in_features)
-        if dtype != torch.bfloat16:  # (skipping no-op casts matters: decoding makes ~120 of these calls a token)
-            rows = rows.to(torch.bfloat16)
-        if self.kernel_weight is not None and rows.shape[0] <= KERNEL_MAX_ROWS and rows.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.kernel_weight, self.group, self.kernel_scales)
+        shape = x.shape
+        if (self.kernel_weight is not None and x.dtype == torch.bfloat16 and x.is_cpu
+                and x.numel() <= KERNEL_MAX_ROWS * self.in_features):  # decoding: the kernel, nothing else
+            y = _INT4_MM(x.reshape(-1, self.in_features), self.kernel_weight, self.group, self.kernel_scales)
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.kernel_weight is not None and rows.shape[0] <= KERNEL_MAX_ROWS and rows.is_cpu:
+            y = _INT4_MM(rows, self.kernel_weight, self.group, self.kernel_scales)
         else:
             y = F.linear(rows, self.dequantize())
-        if dtype != torch.bfloat16:
-            y = y.to(dtype)
-        y = y.view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(dtype)
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
