@@ -22,7 +22,9 @@ from llmkit.errors import LlmkitError
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_LOOP_ITEMS = 1_000_000  # all range() items in one render, nested loops included
 MAX_REPEAT_ITEMS = 1_000_000
-MAX_SECONDS = 2.0  # wall-clock cap (main thread): loops over strings or lists are not range-counted
+# CPU-time cap (main thread): loops over strings or lists are not range-counted. CPU time, not wall
+# clock, so a loaded machine cannot fail a template that a quiet one renders in a millisecond.
+MAX_SECONDS = 2.0
 ROLES = ("system", "user", "assistant")
 
 # For llmkit-trained models, which have no template of their own: the tokenizer's role tokens.
@@ -115,22 +117,22 @@ def _render(env: _BoundedEnvironment, template: str, messages: Sequence[dict[str
 
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    """Abort the render after `seconds` of wall clock. Signals reach only the main thread; elsewhere
-    the range/repeat/output budgets are the bound."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    """Abort the render after `seconds` of this process's CPU time (ITIMER_VIRTUAL). Signals reach only
+    the main thread; elsewhere the range/repeat/output budgets are the bound."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "ITIMER_VIRTUAL"):
         yield
         return
 
     def expire(signum: int, frame: Any) -> None:
         raise ChatTemplateError(f"chat template took longer than {seconds:g} s")
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGVTALRM, expire)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, previous)
 
 
 

@@ -77,3 +77,16 @@ def test_work_bombs_abort_quickly(template):
     with pytest.raises(ChatTemplateError):
         render_chat(template, MESSAGES)
     assert time.monotonic() - started < 3.0
+
+
+def test_cpu_time_cap_stops_loops_the_budgets_do_not_count(monkeypatch):
+    """Nested loops over a string are not range-counted: the CPU-time cap (not wall clock, so a loaded
+    machine cannot trip it on a normal template) ends them with a one-line error."""
+    import llmkit.tokenizer.chat as chat
+
+    monkeypatch.setattr(chat, "MAX_SECONDS", 0.2)
+    slow = "{% for a in messages[0]['content'] %}{% for b in messages[0]['content'] %}{% endfor %}{% endfor %}"
+    started = time.process_time()
+    with pytest.raises(ChatTemplateError, match="took longer than 0.2 s"):
+        render_chat(slow, [{"role": "user", "content": "x" * 20_000}])
+    assert time.process_time() - started < 5
