@@ -248,7 +248,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from llmkit.io.hf import save_hf
 
     lm = llmkit.load(args.model)
-    out = save_hf(lm.model, lm.tokenizer, args.out, prefix_ids=lm.prefix_ids, eos_ids=lm.eos_ids)
+    out = save_hf(lm.model, lm.tokenizer, args.out, prefix_ids=lm.prefix_ids, eos_ids=lm.eos_ids,
+                  chat_template=lm.chat_template)
     model_type = json.loads((out / "config.json").read_text(encoding="utf-8"))["model_type"]
     print(f"wrote a Hugging Face {model_type} model to {out}", file=sys.stderr)
 

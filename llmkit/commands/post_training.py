@@ -31,6 +31,7 @@ def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults:
     p.add_argument("--overlength", choices=OVERLENGTH_POLICIES, default="truncate",
                    help="records longer than --seq-len: cut the tail (dropping those left with no response "
                         "token), drop them, or stop with an error (default: truncate)")
+    add_skip_bad_lines_flag(p)
     p.add_argument("--lora-rank", type=int, default=0, metavar="N",
                    help="train rank-N LoRA adapters instead of every weight (0 = off; merged on load/export)")
     p.add_argument("--lora-alpha", type=float, default=16.0, metavar="X", help="LoRA scale numerator (default: 16)")
@@ -41,6 +42,17 @@ def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults:
     p.set_defaults(finetune_defaults=defaults)
     p.epilog = "Defaults that differ from `llmkit train`: " + ", ".join(
         f"--{k.replace('_', '-')} {v:g}" for k, v in defaults.items()) + "."
+
+
+def add_skip_bad_lines_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-lines", type=int, default=0, metavar="N",
+                   help="drop up to N bad lines of the JSONL file (invalid JSON, missing or wrong fields), printing "
+                        "each one's file:line; one more stops the run (default: 0, the first stops it)")
+
+
+def print_skipped(skipped: list[str], say: Callable[[str], None]) -> None:
+    for error in skipped:
+        say(f"warning: skipped bad line {error}")
 
 
 def _options(args: argparse.Namespace):
@@ -75,6 +87,7 @@ def _progress() -> tuple[Callable[[str, dict[str, Any]], None], Callable[[dict],
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "records":
+            print_skipped(info.get("skipped", []), say)
             say(f"data: {info['summary']}")
             if info["unknown_keys"]:
                 keys = ", ".join(f"{k} ({n})" for k, n in sorted(info["unknown_keys"].items()))
@@ -122,7 +135,7 @@ def _run(args: argparse.Namespace, train: Callable, **extra: Any) -> None:
     on_event, on_step, close = _progress()
     try:
         train(args.model, args.data, args.out, cfg, lora=lora, overlength=args.overlength, resume=args.resume,
-              on_event=on_event, on_step=on_step, **extra)
+              skip_bad_lines=args.skip_bad_lines, on_event=on_event, on_step=on_step, **extra)
     finally:
         close()
     print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)

@@ -15,6 +15,7 @@ PPO_DEFAULTS = dict(steps=100, lr=1e-5, warmup_steps=0, eval_interval=20, log_in
 
 def register(sub: argparse._SubParsersAction) -> None:
     from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.post_training import add_skip_bad_lines_flag
     from llmkit.training.config import TrainConfig
     from llmkit.training.ppo import PPOConfig
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "given as module:function (imported from the working directory or sys.path)")
     p.add_argument("--prompts", required=True, metavar="FILE", help='JSONL, one {"prompt": "..."} per line')
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (loads with llmkit.load)")
+    add_skip_bad_lines_flag(p)
     p.add_argument("--plain-prompts", action="store_true",
                    help="feed prompts as plain text (default: as a user turn in the model's chat template)")
     p.add_argument("--config", metavar="FILE", help="JSON file of training fields")
@@ -56,6 +58,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from llmkit.cli import train_config_from
+    from llmkit.commands.post_training import print_skipped
     from llmkit.errors import ConfigError
     from llmkit.training.ppo import train_ppo
     from llmkit.training.rlhf_plots import plot_reward_kl
@@ -70,6 +73,7 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
     def on_start(info: dict[str, Any]) -> None:
         nonlocal bar
+        print_skipped(info["skipped"], lambda line: print(line, file=sys.stderr))
         print(f"ppo: {info['prompts']} prompts; steps {info['step']} → {info['steps']}", file=sys.stderr)
         bar = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=None)
@@ -82,7 +86,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
 
     try:
         trainer = train_ppo(args.policy, args.reward, args.prompts, args.out, cfg, ppo, chat=not args.plain_prompts,
-                            resume=args.resume, on_start=on_start, on_step=on_step)
+                            resume=args.resume, skip_bad_lines=args.skip_bad_lines, on_start=on_start,
+                            on_step=on_step)
     finally:
         if bar is not None:
             bar.close()

@@ -11,7 +11,12 @@ Rules:
   before the first one. Both forms become a list of messages.
 - Preferences: non-empty strings `prompt`, `chosen`, `rejected`. Pairs with chosen == rejected
   teach nothing (their loss sits at ln 2) and are dropped and counted, never an error.
+- Prompts (PPO): a non-empty string `prompt`.
 - Unknown keys are counted (ReadStats.unknown_keys) for one warning by the caller.
+- `skip_bad_lines=N` (`--skip-bad-lines N`, RELIABILITY D1) drops up to N bad lines — invalid
+  JSON, a non-object, a non-UTF-8 line, a NUL byte, a schema error — and keeps each one's error
+  (ReadStats.skipped) for the caller to print; the next bad line is the usual error. File-level
+  problems (a missing file, UTF-16) are never skipped.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from llmkit.errors import DatasetError
+from llmkit.errors import ConfigError, DatasetError
 
 ROLES = ("system", "user", "assistant")
 SFT_KEYS = {"instruction", "input", "output", "system", "messages"}
 PREF_KEYS = {"prompt", "chosen", "rejected"}
+PROMPT_KEYS = {"prompt"}
 _UTF16_32_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
                   (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 
@@ -40,6 +46,18 @@ class ReadStats:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason → count
     unknown_keys: Counter = field(default_factory=Counter)  # key → records that had it
+    skip_bad_lines: int = 0  # how many bad lines may be dropped instead of stopping the read
+    skipped: list[str] = field(default_factory=list)  # the "file:line: what" error of each dropped line
+
+    def drop_bad_line(self, error: DatasetError) -> None:
+        """Drop the line `error` names while the skip budget lasts; past it, raise the error."""
+        if len(self.skipped) >= self.skip_bad_lines:
+            if self.skip_bad_lines:  # say why this one stopped the read when others were let through
+                raise DatasetError(f"{error} (bad line {len(self.skipped) + 1}; --skip-bad-lines "
+                                   f"{self.skip_bad_lines})") from error.__cause__
+            raise error
+        self.skipped.append(str(error))
+        self.dropped["invalid"] += 1
 
     def summary(self) -> str:
         drops = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
@@ -50,6 +68,12 @@ class ReadStats:
 class Conversation:
     """One SFT example: messages [{"role", "content"}], and the line it came from."""
     messages: list[dict[str, str]]
+    where: str  # "file:line"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
     where: str  # "file:line"
 
 
@@ -67,7 +91,8 @@ def _excerpt(text: str) -> str:
 
 
 def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield ("file:line", object) for every non-blank line of a JSONL file."""
+    """Yield ("file:line", object) for every non-blank line of a JSONL file; a bad line is an error,
+    or is dropped when `stats` allows (ReadStats.skip_bad_lines)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -84,25 +109,39 @@ def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tup
         stats.lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{number}"
-        nul = raw.find(b"\0")
-        if nul >= 0:
-            raise DatasetError(f"{where}: NUL byte at offset {nul} (binary data, not JSONL)")
         try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{where}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset "
-                               f"{exc.start})") from None
-        if not line.strip():
+            obj = _parse_line(raw, where)
+        except DatasetError as exc:
+            if stats is None:
+                raise
+            stats.drop_bad_line(exc)
+            continue
+        if obj is None:
             if stats is not None and number <= stats.lines:
                 stats.blank += 1
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}:{exc.colno}: invalid JSON ({exc.msg}): {_excerpt(line)}") from exc
-        if not isinstance(obj, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}: {_excerpt(line)}")
         yield where, obj
+
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
+    """One physical line as a JSON object; None for a whitespace-only line."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DatasetError(f"{where}: NUL byte at offset {nul} (binary data, not JSONL)")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset "
+                           f"{exc.start})") from None
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}:{exc.colno}: invalid JSON ({exc.msg}): {_excerpt(line)}") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}: {_excerpt(line)}")
+    return obj
 
 
 def _string(obj: dict, key: str, where: str, *, required: bool = True, nonempty: bool = False) -> str | None:
@@ -165,29 +204,48 @@ def _require_some(items: list, stats: ReadStats) -> None:
                            + "".join(f"; dropped: {n} {why}" for why, n in stats.dropped.items() if n) + ")")
 
 
-def read_sft_records(path: str | Path) -> tuple[list[Conversation], ReadStats]:
-    """Every SFT record of a JSONL file, validated before anything is built."""
-    stats = ReadStats(str(path))
+def _read(path: str | Path, skip_bad_lines: int, parse: Callable[[str, dict, ReadStats], Any | None],
+          keys: set[str]) -> tuple[list, ReadStats]:
+    """parse(where, object, stats) for every line of a JSONL file: a record, or None for a line that
+    `parse` dropped and counted; a line that fails (DatasetError) is skipped while the budget lasts."""
+    if skip_bad_lines < 0:
+        raise ConfigError(f"--skip-bad-lines must be ≥ 0, got {skip_bad_lines}")
+    stats = ReadStats(str(path), skip_bad_lines=skip_bad_lines)
     out = []
     for where, obj in iter_jsonl(path, stats):
-        out.append(Conversation(conversation_from(obj, where), where))
-        stats.unknown_keys.update(set(obj) - SFT_KEYS)
-    stats.kept = len(out)
-    _require_some(out, stats)
-    return out, stats
-
-
-def read_preference_pairs(path: str | Path) -> tuple[list[PreferencePair], ReadStats]:
-    """Every preference pair of a JSONL file; degenerate pairs (chosen == rejected) are dropped."""
-    stats = ReadStats(str(path))
-    out = []
-    for where, obj in iter_jsonl(path, stats):
-        prompt, chosen, rejected = (_string(obj, key, where, nonempty=True) for key in ("prompt", "chosen", "rejected"))
-        stats.unknown_keys.update(set(obj) - PREF_KEYS)
-        if chosen.strip() == rejected.strip():
-            stats.dropped["chosen == rejected"] += 1
+        try:
+            record = parse(where, obj, stats)
+        except DatasetError as exc:
+            stats.drop_bad_line(exc)
             continue
-        out.append(PreferencePair(prompt, chosen, rejected, where))
+        stats.unknown_keys.update(set(obj) - keys)
+        if record is not None:
+            out.append(record)
     stats.kept = len(out)
     _require_some(out, stats)
     return out, stats
+
+
+def read_sft_records(path: str | Path, *, skip_bad_lines: int = 0) -> tuple[list[Conversation], ReadStats]:
+    """Every SFT record of a JSONL file, validated before anything is built."""
+    return _read(path, skip_bad_lines, lambda where, obj, _: Conversation(conversation_from(obj, where), where),
+                 SFT_KEYS)
+
+
+def _pair(where: str, obj: dict, stats: ReadStats) -> PreferencePair | None:
+    prompt, chosen, rejected = (_string(obj, key, where, nonempty=True) for key in ("prompt", "chosen", "rejected"))
+    if chosen.strip() == rejected.strip():
+        stats.dropped["chosen == rejected"] += 1
+        return None
+    return PreferencePair(prompt, chosen, rejected, where)
+
+
+def read_preference_pairs(path: str | Path, *, skip_bad_lines: int = 0) -> tuple[list[PreferencePair], ReadStats]:
+    """Every preference pair of a JSONL file; degenerate pairs (chosen == rejected) are dropped."""
+    return _read(path, skip_bad_lines, _pair, PREF_KEYS)
+
+
+def read_prompts(path: str | Path, *, skip_bad_lines: int = 0) -> tuple[list[Prompt], ReadStats]:
+    """Every `{"prompt": "..."}` line of a JSONL file (PPO's prompts)."""
+    return _read(path, skip_bad_lines,
+                 lambda where, obj, _: Prompt(_string(obj, "prompt", where, nonempty=True), where), PROMPT_KEYS)

@@ -3,7 +3,7 @@ Mistral, Qwen2).
 
 A directory is `config.json` (translated by `hf_config`), `model.safetensors` or an index plus
 shards (read by `hf_weights`), `tokenizer.json`, and optionally `tokenizer_config.json` (special
-token strings) and `generation_config.json` (EOS ids). Nothing from the directory is ever imported
+token strings and the chat template) and `generation_config.json` (EOS ids). Nothing from the directory is ever imported
 or unpickled: `auto_map` and custom code are ignored (../shared/RELIABILITY.md L1, L2, L8).
 """
 
@@ -28,6 +28,7 @@ from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
 from llmkit.tokenizer.sentencepiece import read_sentencepiece, sentencepiece_backend
 
 __all__ = ["HFModel", "is_hf_dir", "load_hf", "refuse_pickles", "save_hf"]
@@ -180,9 +181,11 @@ def _tokenizer_json(tokenizer: Tokenizer, prefix_ids: Sequence[int] | None) -> s
 # ---- export -------------------------------------------------------------------------------------
 
 def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
-            prefix_ids: Sequence[int] | None = None, eos_ids: Sequence[int] | None = None) -> Path:
+            prefix_ids: Sequence[int] | None = None, eos_ids: Sequence[int] | None = None,
+            chat_template: str | None = None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json, generation_config.json) that transformers loads as the same model.
+    `chat_template` is the model's own (LanguageModel.chat_template); see `export_chat_template`.
 
     It is written into a temporary sibling and renamed into place, so `out_dir` is complete or absent.
     """
@@ -225,6 +228,8 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
     tokens = {f"{k}_token": getattr(tokenizer, f"{k}_token") for k in ("bos", "eos", "pad")}
     if cfg.arch == "encoder" and tokenizer.mask_id is not None:
         tokens["mask_token"] = tokenizer.mask_token  # fill-mask pipelines look for it
+    if cfg.arch not in ("encoder", "encoder-decoder"):  # chat formats belong to decoder-only models
+        tokens["chat_template"] = export_chat_template(tokenizer, chat_template)
     json_files = {
         "config.json": {**config, **ids},
         "generation_config.json": ids,
@@ -258,17 +263,29 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
     return out
 
 
+def export_chat_template(tokenizer: Tokenizer, template: str | None) -> str | None:
+    """The template `transformers` should render chats with: the model's own; else, for a tokenizer
+    with llmkit's role tokens, llmkit's default template — what `llmkit chat` renders for that model.
+    None (nothing written) for a model with neither: it has no chat format to export."""
+    if template is not None:
+        return template
+    roles = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    return DEFAULT_CHAT_TEMPLATE if all(tokenizer.token_to_id(t) is not None for t in roles) else None
+
+
 def hf_chat_template(directory: str | Path) -> str | None:
     """The model's chat template: `chat_template.jinja` (current transformers) or the
     `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default")."""
     directory = Path(directory)
+    template = None
     if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    if not (directory / "tokenizer_config.json").is_file():
-        return None
-    data = read_json(directory / "tokenizer_config.json")
-    template = data.get("chat_template") if isinstance(data, dict) else None
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
+        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (directory / "tokenizer_config.json").is_file():
+        data = read_json(directory / "tokenizer_config.json")
+        template = data.get("chat_template") if isinstance(data, dict) else None
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+    if template == DEFAULT_CHAT_TEMPLATE:
+        return None  # an llmkit export of a model without its own template: it loads back as it was
     return template if isinstance(template, str) else None

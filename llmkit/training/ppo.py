@@ -257,13 +257,15 @@ def stop_token(lm: "llmkit.LanguageModel", *, chat: bool) -> int:
 
 def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | Sequence[str], out_dir: str | Path,
               cfg: TrainConfig, ppo: PPOConfig, *, chat: bool = True, resume: bool = False,
-              evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+              skip_bad_lines: int = 0, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
               on_start: Event | None = None, on_step: Event | None = None, on_eval: Event | None = None,
               ) -> PPOTrainer:
     """Run PPO from the model at `policy` against `reward` (a reward model directory, `module:function`,
     or a RewardFn) on `prompts` (a JSONL file of {"prompt"} objects, or the texts); see the module
-    docstring. Everything is checked before the output directory is created."""
-    from llmkit.training.rewards import load_reward, read_prompts
+    docstring. Everything is checked before the output directory is created; `skip_bad_lines` bad
+    lines of the prompts file may be dropped (their errors reach `on_start` as "skipped")."""
+    from llmkit.data.records import read_prompts
+    from llmkit.training.rewards import load_reward
 
     out_dir = Path(out_dir)
     if cfg.threads:
@@ -271,7 +273,12 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     if not resume and list_checkpoints(out_dir / "checkpoints"):
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
-    texts, where = (read_prompts(prompts) if isinstance(prompts, (str, Path)) else (list(prompts), None))
+    skipped: list[str] = []
+    if isinstance(prompts, (str, Path)):
+        records, stats = read_prompts(prompts, skip_bad_lines=skip_bad_lines)
+        texts, where, skipped = [p.text for p in records], [p.where for p in records], stats.skipped
+    else:
+        texts, where = list(prompts), None
     lm = llmkit.load(policy)
     ref = llmkit.load(policy).model  # the frozen reference: the starting policy, also after a resume
     prompt_set = encode_prompts(lm, texts, chat=chat, where=where)
@@ -283,7 +290,7 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     if resume:
         trainer.resume()
     if on_start is not None:
-        on_start({"step": trainer.step, "steps": cfg.steps, "prompts": len(texts)})
+        on_start({"step": trainer.step, "steps": cfg.steps, "prompts": len(texts), "skipped": skipped})
     trainer.run(on_step=on_step, on_eval=on_eval)
     return trainer
 

@@ -70,9 +70,16 @@ def prepare_pairs(lm: Any, data: str | Path | tuple[list[PreferencePair], ReadSt
     data_path = stats.path
     counts: Counter = Counter(stats.dropped)
     pairs = []
+    rendered: dict[tuple[str, str], Example] = {}  # files repeat (prompt, response)s; rendering is the slow part
+
+    def render(rec: PreferencePair, text: str) -> Example:
+        key = (rec.prompt, text)
+        if key not in rendered:
+            rendered[key] = render_prompt_response(lm, rec.prompt, text, rec.where)
+        return Example(rendered[key].ids, rendered[key].labels, rec.where)  # errors name this record's line
+
     for rec in records:
-        fitted = [fit_length(render_prompt_response(lm, rec.prompt, text, rec.where), max_len, policy)
-                  for text in (rec.chosen, rec.rejected)]
+        fitted = [fit_length(render(rec, text), max_len, policy) for text in (rec.chosen, rec.rejected)]
         for _, what in fitted:
             if what == "truncated":
                 counts["truncated"] += 1
@@ -108,10 +115,12 @@ def _pad_id(lm: Any) -> int:
 
 
 def _setup(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
-           overlength: str, resume: bool, emit: Event) -> tuple[Any, Path, list[Pair], list[Pair], str]:
+           overlength: str, resume: bool, skip_bad_lines: int, emit: Event,
+           ) -> tuple[Any, Path, list[Pair], list[Pair], str]:
     out_dir = finetune.check_output_dir(out_dir, resume)
-    records = read_preference_pairs(data_path)  # every record checked before any model work
-    emit("records", {"summary": records[1].summary(), "unknown_keys": dict(records[1].unknown_keys)})
+    records = read_preference_pairs(data_path, skip_bad_lines=skip_bad_lines)  # checked before any model work
+    emit("records", {"summary": records[1].summary(), "unknown_keys": dict(records[1].unknown_keys),
+                     "skipped": records[1].skipped})
     lm = finetune.load_start_model(model_path, cfg)
     pairs, fingerprint = prepare_pairs(lm, records, finetune.context_length(lm, cfg), overlength, emit)
     train_pairs, val_pairs = finetune.holdout(pairs, cfg.val_fraction, cfg.seed)
@@ -156,11 +165,13 @@ def evaluate_reward(model: RewardModel, pairs: list[Pair], cfg: TrainConfig, pad
 
 def train_reward_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                        lora: LoraConfig | None = None, overlength: str = "truncate", resume: bool = False,
-                       on_event: Event | None = None, on_step: Callable[[dict], None] | None = None) -> TrainState:
+                       skip_bad_lines: int = 0, on_event: Event | None = None,
+                       on_step: Callable[[dict], None] | None = None) -> TrainState:
     """Train a reward model (LM backbone + scalar head) on preference pairs; see the module docstring."""
     emit = on_event or (lambda kind, info: None)
     lm, out_dir, train_pairs, val_pairs, fingerprint = _setup(model_path, data_path, out_dir, cfg,
-                                                              overlength=overlength, resume=resume, emit=emit)
+                                                              overlength=overlength, resume=resume,
+                                                              skip_bad_lines=skip_bad_lines, emit=emit)
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_lm(lm.model).train()
     lm.model = model  # the reward model holds the backbone now; lm keeps the tokenizer and chat format
@@ -189,13 +200,15 @@ def make_dpo_loss(reference: nn.Module, beta: float) -> Callable[[nn.Module, Bat
 
 def dpo(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         beta: float = 0.1, lora: LoraConfig | None = None, overlength: str = "truncate", resume: bool = False,
-        on_event: Event | None = None, on_step: Callable[[dict], None] | None = None) -> TrainState:
+        skip_bad_lines: int = 0, on_event: Event | None = None,
+        on_step: Callable[[dict], None] | None = None) -> TrainState:
     """Direct preference optimisation of the model at `model_path` against a frozen copy of itself."""
     if not beta > 0 or beta != beta or beta == float("inf"):
         raise ConfigError(f"--beta must be a positive number, got {beta}")
     emit = on_event or (lambda kind, info: None)
     lm, out_dir, train_pairs, val_pairs, fingerprint = _setup(model_path, data_path, out_dir, cfg,
-                                                              overlength=overlength, resume=resume, emit=emit)
+                                                              overlength=overlength, resume=resume,
+                                                              skip_bad_lines=skip_bad_lines, emit=emit)
     reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
     finetune.maybe_lora(lm.model, lora, emit)
     pad_id = _pad_id(lm)

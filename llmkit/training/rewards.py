@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 import torch
 
-from llmkit.errors import ConfigError, DatasetError
+from llmkit.errors import ConfigError
 from llmkit.training.ppo_rollout import RewardFn
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -63,11 +63,19 @@ def reward_model_scorer(path: str | Path, *, batch_size: int = 32) -> RewardFn:
     from llmkit.models.heads import load_reward_model
 
     rm, lm = load_reward_model(path)
+    rendered: dict[tuple[str, str], list[int]] = {}  # rollouts repeat (prompt, response)s; rendering is slow
+
+    def render(prompt: str, response: str) -> list[int]:
+        # As `llmkit reward` rendered its training pairs; an over-long pair keeps its tail.
+        if (prompt, response) not in rendered:
+            if len(rendered) >= 100_000:  # bounded: a long run sees ever new responses
+                rendered.clear()
+            rendered[prompt, response] = render_prompt_response(lm, prompt, response).ids[-rm.cfg.max_seq_len:]
+        return rendered[prompt, response]
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> list[float]:
-        # Rendered exactly as `llmkit reward` rendered its training pairs; an over-long pair keeps its tail.
-        rows = [render_prompt_response(lm, p, r).ids[-rm.cfg.max_seq_len:] for p, r in zip(prompts, responses)]
+        rows = [render(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
         for first in range(0, len(rows), batch_size):
             ids, mask = left_pad(rows[first:first + batch_size], lm.tokenizer.pad_id or 0)
@@ -75,22 +83,3 @@ def reward_model_scorer(path: str | Path, *, batch_size: int = 32) -> RewardFn:
         return out
 
     return score
-
-
-def read_prompts(path: str | Path) -> tuple[list[str], list[str]]:
-    """Prompts of a JSONL file, one `{"prompt": "..."}` per line, and where each came from (file:line)."""
-    from llmkit.data.records import iter_jsonl
-
-    texts, where = [], []
-    for at, obj in iter_jsonl(path):
-        value = obj.get("prompt")
-        if "prompt" not in obj:
-            raise DatasetError(f"{at}: missing field 'prompt'")
-        if not isinstance(value, str) or not value.strip():
-            raise DatasetError(f"{at}: field 'prompt' must be a non-empty string")
-        texts.append(value)
-        where.append(at)
-    if not texts:
-        raise DatasetError(f"{path}: no prompts (expected one JSON object with a \"prompt\" per line)")
-    return texts, where
-

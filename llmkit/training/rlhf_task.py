@@ -11,8 +11,8 @@ Everything is generated from a seed, the way a real post-training pipeline meets
   on the next line ("What is 7 plus 5?\\n12", training combinations only), 5 % of the numbers wrong;
 - SFT demonstrations from careless annotators: 30 % wrap the answer in chatter ("Sure! 12"),
   5 % give a wrong number;
-- preference pairs: the bare right number (chosen) against the answer in chatter (75 %) or a wrong
-  number (25 %) (rejected);
+- preference pairs: the bare right number (chosen) against a near miss, off by one or two
+  (`wrong_pair_rate`: 60 % in the demo), or against the right number in chatter (rejected);
 - held-out prompts: (phrasing, problem) combinations that no training file contains.
 """
 
@@ -63,6 +63,11 @@ def wrong_answer(right: int, rng: random.Random) -> int:
     return rng.choice(candidates)
 
 
+def any_other_number(right: int, rng: random.Random) -> int:
+    """A wild mistake: any other result the task can have (0–18); no training file holds one."""
+    return rng.choice([n for n in range(19) if n != right])
+
+
 def split_prompts(seed: int, heldout_fraction: float = 0.2) -> tuple[list[tuple], list[tuple]]:
     """(problem, phrasing) combinations, split into training and held-out sets."""
     combos = [(p, k) for p in problems() for k in range(len(PHRASINGS))]
@@ -97,7 +102,8 @@ def pretraining_text(seed: int, train: list[tuple], *, sentences: int = 30000, e
 
 
 def write_task_files(data_dir: Path, seed: int, *, sft_examples: int = 600, pairs: int = 1500,
-                     chatter_rate: float = 0.3, error_rate: float = 0.05) -> dict[str, Path]:
+                     chatter_rate: float = 0.3, error_rate: float = 0.05, wrong_pair_rate: float = 0.25,
+                     ) -> dict[str, Path]:
     """Write corpus.txt, sft.jsonl, prefs.jsonl, prompts.jsonl (training prompts) and heldout.jsonl."""
     data_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 2)
@@ -122,7 +128,8 @@ def write_task_files(data_dir: Path, seed: int, *, sft_examples: int = 600, pair
     for _ in range(pairs):
         (a, op, b), k = rng.choice(train)
         right = answer(a, op, b)
-        rejected = (rng.choice(CHATTER).format(n=right) if rng.random() < 0.75 else str(wrong_answer(right, rng)))
+        wrong = rng.random() < wrong_pair_rate
+        rejected = str(wrong_answer(right, rng)) if wrong else rng.choice(CHATTER).format(n=right)
         pref_rows.append({"prompt": render_prompt(a, op, b, k), "chosen": str(right), "rejected": rejected})
     jsonl(files["prefs.jsonl"], pref_rows)
     jsonl(files["prompts.jsonl"], [{"prompt": render_prompt(a, op, b, k)} for (a, op, b), k in train])

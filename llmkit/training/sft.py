@@ -56,13 +56,14 @@ def evaluate_sft(model: nn.Module, examples: list[Example], batch_size: int, pad
 
 def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         lora: LoraConfig | None = None, overlength: str = "truncate", packing: bool = False,
-        resume: bool = False, on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        resume: bool = False, skip_bad_lines: int = 0,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
         on_step: Callable[[dict], None] | None = None) -> TrainState:
     """Fine-tune the model at `model_path` on the SFT records of `data_path`; see the module docstring."""
     emit = on_event or (lambda kind, info: None)
     out_dir = finetune.check_output_dir(out_dir, resume)
-    records, stats = read_sft_records(data_path)  # every record checked before any model work
-    emit("records", {"summary": stats.summary(), "unknown_keys": dict(stats.unknown_keys)})
+    records, stats = read_sft_records(data_path, skip_bad_lines=skip_bad_lines)  # checked before any model work
+    emit("records", {"summary": stats.summary(), "unknown_keys": dict(stats.unknown_keys), "skipped": stats.skipped})
     lm = finetune.load_start_model(model_path, cfg)
     max_len = finetune.context_length(lm, cfg)
     counts: Counter = Counter()

@@ -48,6 +48,15 @@ BAD = {
 }
 
 
+def with_bad_lines(path: Path, name: str) -> Path:
+    """A copy of a JSONL file whose 3rd and 5th lines are broken: invalid JSON, then a record missing a field."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[2], lines[4] = lines[2][:-1], "{}"
+    out = path.with_name(name)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
     root = tmp_path_factory.mktemp("post_training_cli")
@@ -56,6 +65,7 @@ def cli(tmp_path_factory):
     prefs = write_jsonl(root / "prefs.jsonl", easy_preferences(24))
     for command, file, body, _ in BAD.values():
         (root / file).write_bytes(body if isinstance(body, bytes) else body.encode())
+    sft_skip, prefs_skip = with_bad_lines(sft_data, "sft_skip.jsonl"), with_bad_lines(prefs, "prefs_skip.jsonl")
     first = {
         "sft": ("sft", "--model", base, "--data", sft_data, "--out", "sft", *FAST, "--lora-rank", "2",
                 "--lora-targets", "q_proj,v_proj,o_proj", "--pack"),
@@ -63,6 +73,11 @@ def cli(tmp_path_factory):
         "dpo": ("dpo", "--model", base, "--data", prefs, "--out", "dpo", *FAST, "--beta", "0.2"),
         **{name: (command, "--model", base, "--data", root / file, "--out", name, *FAST)
            for name, (command, file, _, _) in BAD.items()},
+        "skip_sft": ("sft", "--model", base, "--data", sft_skip, "--out", "skip_sft", *FAST, "--skip-bad-lines", "2"),
+        "skip_reward": ("reward", "--model", base, "--data", prefs_skip, "--out", "skip_reward", *FAST,
+                        "--skip-bad-lines", "3"),
+        "skip_too_many": ("dpo", "--model", base, "--data", prefs_skip, "--out", "skip_too_many", *FAST,
+                          "--skip-bad-lines", "1"),
     }
     results = run_all(root, first)
     again = ("sft", "--model", base, "--data", sft_data, "--out", "sft", *FAST[2:], "--lora-rank", "2",
@@ -132,6 +147,25 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(cli, name):
     line = error_line(results[name])
     assert re.search(BAD[name][3], line), line
     assert not (root / name).exists(), f"{name} left its output directory behind"
+
+
+@pytest.mark.parametrize("name, data", [("skip_sft", "sft_skip.jsonl"), ("skip_reward", "prefs_skip.jsonl")])
+def test_skip_bad_lines_drops_them_and_prints_each_location(cli, name, data):
+    root, results = cli
+    err = ok(results[name]).stderr
+    skipped = [line for line in err.splitlines() if line.startswith("warning: skipped bad line ")]
+    assert len(skipped) == 2, err
+    assert re.search(rf"{data}:3:\d+: invalid JSON", skipped[0]) and f"{data}:5: missing field" in skipped[1]
+    assert "(dropped: 2 invalid)" in err
+    assert (root / name / "metrics.jsonl").is_file()
+
+
+def test_one_bad_line_past_skip_bad_lines_is_the_one_line_error(cli):
+    root, results = cli
+    line = error_line(results["skip_too_many"])
+    assert re.search(r"prefs_skip.jsonl:5: missing field 'prompt' \(bad line 2; --skip-bad-lines 1\)", line), line
+    assert "warning: skipped" not in results["skip_too_many"].stderr  # the run stopped before reporting
+    assert not (root / "skip_too_many").exists()
 
 
 @pytest.mark.parametrize("args, pattern", [

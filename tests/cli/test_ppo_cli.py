@@ -62,6 +62,9 @@ def runs(tmp_path_factory):
         path.parent.mkdir()
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         start(f"prompts_{case}", "--reward", "toy_rewards:a_fraction", "--prompts", str(path))
+    (root / "skip.jsonl").write_text('{"prompt": "hello"}\n{"prompt": \n{"text": "abc"}\n{"prompt": "abc"}\n')
+    start("skip", "--reward", "toy_rewards:a_fraction", "--prompts", "skip.jsonl", "--steps", "1",
+          "--skip-bad-lines", "2")
     for case, (spec, _) in BAD_REWARDS.items():
         start(f"reward_{case}", "--reward", spec, "--prompts", "prompts.jsonl")
     procs["help"] = subprocess.Popen([*llmkit_cmd(), "ppo", "-h"], cwd=root, env=env, stdout=subprocess.PIPE,
@@ -89,8 +92,18 @@ def test_ppo_help_lists_the_ppo_and_training_knobs(runs):
     assert code == 0, err
     for flag in ("--policy", "--reward", "--prompts", "--out", "--resume", "--steps", "--lr", "--seed",
                  "--rollout-batch", "--minibatch-size", "--ppo-epochs", "--kl-coef", "--kl-target", "--gamma",
-                 "--lam", "--clip-range", "--value-clip-range", "--vf-coef", "--no-eos-penalty"):
+                 "--lam", "--clip-range", "--value-clip-range", "--vf-coef", "--no-eos-penalty", "--skip-bad-lines"):
         assert flag in out, f"ppo -h does not list {flag}"
+
+
+def test_ppo_cli_skips_bad_prompt_lines_and_names_them(runs):
+    root, results = runs
+    code, _, err = results["skip"]
+    assert code == 0, err
+    skipped = [line for line in err.splitlines() if line.startswith("warning: skipped bad line ")]
+    assert len(skipped) == 2 and "skip.jsonl:2:12: invalid JSON" in skipped[0], err
+    assert "skip.jsonl:3: missing field 'prompt'" in skipped[1] and "ppo: 2 prompts" in err
+    assert [json.loads(x)["step"] for x in (root / "skip" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_PROMPTS))

@@ -192,8 +192,9 @@ def test_ppo_config_rejects_bad_values():
 
 
 def test_bad_reward_specs_and_prompt_files_are_one_line_errors(tmp_path):
+    from llmkit.data.records import read_prompts
     from llmkit.errors import DatasetError
-    from llmkit.training.rewards import load_reward, read_prompts
+    from llmkit.training.rewards import load_reward
 
     for spec, message in (("ppo_helpers:missing", "has no function 'missing'"),
                           ("just-a-word", "not of the form module:function"),
@@ -201,8 +202,9 @@ def test_bad_reward_specs_and_prompt_files_are_one_line_errors(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load_reward(spec)
     for content, message in (('{"prompt": "hello"}\n{"text": "abc"}\n', "p.jsonl:2: missing field 'prompt'"),
-                             ('{"prompt": "  "}\n', "p.jsonl:1: field 'prompt' must be a non-empty string"),
-                             ("\n\n", "no prompts")):
+                             ('{"prompt": "  "}\n', "p.jsonl:1: field 'prompt' is empty"),
+                             ('{"prompt": 3}\n', "p.jsonl:1: field 'prompt' must be a string, got int"),
+                             ("\n\n", r"0 usable examples in .*p.jsonl \(2 lines read\)")):
         (tmp_path / "p.jsonl").write_text(content)
         with pytest.raises(DatasetError, match=message):
             read_prompts(tmp_path / "p.jsonl")
