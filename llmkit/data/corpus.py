@@ -70,13 +70,17 @@ def _decode(path: Path, data: bytes) -> str:
 def read_text_file(path: Path) -> str:
     """The text of a strict UTF-8 file, with any BOM stripped and CRLF turned into LF."""
     path = Path(path)
+    return _decode(path, read_file_bytes(path))
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """A data file's bytes, or a one-line DatasetError naming it (missing, unreadable)."""
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file or directory") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return _decode(path, data)
 
 
 def _walk(root: Path, exclude: frozenset[str]) -> Iterator[Path]:

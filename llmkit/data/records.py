@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from llmkit.data.corpus import read_file_bytes
 from llmkit.errors import ConfigError, DatasetError
 
 ROLES = ("system", "user", "assistant")
@@ -94,12 +95,7 @@ def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tup
     """Yield ("file:line", object) for every non-blank line of a JSONL file; a bad line is an error,
     or is dropped when `stats` allows (ReadStats.skip_bad_lines)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    data = read_file_bytes(path)
     for bom, name in _UTF16_32_BOMS:
         if data.startswith(bom):
             raise DatasetError(f"{path}: file is {name}; convert it to UTF-8")
