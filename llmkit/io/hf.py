@@ -27,7 +27,7 @@ from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weig
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.causal_lm import CausalLM
-from llmkit.tokenizer import Tokenizer
+from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
 from llmkit.tokenizer.sentencepiece import read_sentencepiece, sentencepiece_backend
 
@@ -269,7 +269,7 @@ def export_chat_template(tokenizer: Tokenizer, template: str | None) -> str | No
     None (nothing written) for a model with neither: it has no chat format to export."""
     if template is not None:
         return template
-    roles = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    roles = [SPECIAL_TOKENS[name] for name in ("system", "user", "assistant", "end")]
     return DEFAULT_CHAT_TEMPLATE if all(tokenizer.token_to_id(t) is not None for t in roles) else None
 
 
