@@ -86,19 +86,17 @@ class Int4Linear(nn.Module):
         return dequantize_int4(self.codes(), scale, offset - 8 * scale, self.group).to(dtype)  # ~2× the matmul's cost
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        if (self.kernel_weight is not None and x.dtype == torch.bfloat16 and x.is_cpu
-                and x.numel() <= KERNEL_MAX_ROWS * self.in_features):  # decoding: the kernel, nothing else
-            y = _INT4_MM(x.reshape(-1, self.in_features), self.kernel_weight, self.group, self.kernel_scales)
-            y = y.view(*shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.kernel_weight is not None and rows.shape[0] <= KERNEL_MAX_ROWS and rows.is_cpu:
+        rows = x.reshape(-1, self.in_features)
+        if x.dtype != torch.bfloat16:  # casts only when needed: decoding makes ~120 of these calls a token
+            rows = rows.to(torch.bfloat16)
+        if self.kernel_weight is not None and rows.is_cpu and rows.shape[0] <= KERNEL_MAX_ROWS:
             y = _INT4_MM(rows, self.kernel_weight, self.group, self.kernel_scales)
         else:
             y = F.linear(rows, self.dequantize())
-        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        if x.dtype != torch.bfloat16:
+            y = y.to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
