@@ -159,8 +159,8 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                    help="weights and activations: fp32 (exact) or bf16 (about half the bytes per token; logits "
                         "drift by a few tenths) (default: fp32)")
     p.add_argument("--quantize", choices=("none", "int4"), default="none",
-                   help="int4: keep the layers' weights in 4 bits (groups of 32, bf16 scales), the fastest decoding; "
-                        "a Q4_0/Q4_1 GGUF keeps its own codes (default: none)")
+                   help="int4: keep the layers' weights in 4 bits and the LM head's in 8 (groups of 32, bf16 scales), "
+                        "the fastest decoding; a Q4_0/Q4_1 GGUF with a Q8_0 head keeps its own codes (default: none)")
 
 
 def load_for_generation(path: str | Path, args: argparse.Namespace):

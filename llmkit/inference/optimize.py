@@ -8,8 +8,12 @@ dispatch). `prepare_for_decoding` attacks both:
   gate/up projections one `gate_up_proj` — 4 matrix-vector calls per layer instead of 7, with the
   same numbers in the same order, so logits are unchanged;
 - `quantize="int4"` (approximate): every Linear inside the layers becomes an `Int4Linear`
-  (llmkit/layers/quantized.py), 4-bit weights with a bf16 scale and offset per group of 32; the
-  LM head and embeddings keep their dtype, since the logits are read off them directly.
+  (llmkit/layers/quantized.py), 4-bit weights with a bf16 scale and offset per group of 32. The LM
+  head, which sets the logits directly, gets 8 bits instead (`Int8Linear`, GGUF's Q8_0: a bf16
+  scale per group of 32, so about the precision of bf16 weights at half the bytes — the head is the
+  largest matrix of a small model: 28 of SmolLM2-135M's 135 M weights); embeddings keep their dtype.
+  Where torch's int4 kernel cannot serve the head (not a CPU model, vocabulary not a multiple of
+  16), the head keeps its dtype too.
 
 The result is for generation only: the separate projections are gone (no LoRA, no export, no
 training); load the model again for those.
@@ -26,7 +30,7 @@ from llmkit.errors import GenerationError
 from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
-from llmkit.layers.quantized import GROUP, Int4Linear
+from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable
 
 QUANTIZE_CHOICES = ("none", "int4")
 
@@ -36,7 +40,9 @@ class DecodingReport:
     fused_attention: int = 0  # self-attention layers whose q/k/v became one projection
     fused_mlp: int = 0  # gated MLPs whose gate/up became one projection
     int4_linears: int = 0  # Linear layers now holding 4-bit weights
-    kept_linears: int = 0  # Linear layers left in their dtype (heads; in_features not a multiple of 32)
+    int8_linears: int = 0  # heads now holding 8-bit weights
+    # Linear layers left in their dtype: heads the kernel cannot serve, in_features not a multiple of 32
+    kept_linears: int = 0
 
 
 def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> DecodingReport:
@@ -60,11 +66,17 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> De
             for child_name, child in list(module.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
-                if "head" in f"{name}.{child_name}" or child.in_features % GROUP:
+                if "head" in f"{name}.{child_name}":
+                    if int8_kernel_usable(child):  # the head of a tied model: the embedding keeps the weight
+                        setattr(module, child_name, Int8Linear(child))
+                        report.int8_linears += 1
+                    else:
+                        report.kept_linears += 1
+                elif child.in_features % GROUP:
                     report.kept_linears += 1
-                    continue
-                setattr(module, child_name, Int4Linear(child))
-                report.int4_linears += 1
+                else:
+                    setattr(module, child_name, Int4Linear(child))
+                    report.int4_linears += 1
     model.decoding_report = report  # a plain attribute: what was done, for printing and for tests
     return report
 

@@ -1,10 +1,11 @@
-"""Weight-only 4-bit linear layers for decoding: weights stored as int4 codes, activations in bf16.
+"""Weight-only quantised linear layers for decoding: 4-bit (and, for LM heads, 8-bit) weights, bf16
+activations.
 
 Decoding one token multiplies every weight matrix by a single vector, so its speed is set by how
 many bytes of weights stream from memory per token. Storing each weight in 4 bits (plus a scale and
 a minimum per group of 32 weights of a row) moves 1/8 of the fp32 bytes.
 
-The format is asymmetric round-to-nearest per group (the one GGUF calls Q4_1):
+`Int4Linear`, asymmetric round-to-nearest per group (the format GGUF calls Q4_1):
     w ≈ code · scale + minimum,   code ∈ {0..15},   scale = (max − min) / 15 over the group.
 Quantising weights that were already Q4_1 (SmolLM2's GGUF) gives back their own codes, so on such a
 model the only change from the dequantised fp32 weights is bf16 rounding (scales, activations).
@@ -16,6 +17,13 @@ numbers, so both paths multiply by the same weights. Many-row products (prefill,
 arithmetic rather than memory bounds the speed) dequantise the weight to bf16 and use the ordinary
 matmul, which is several times faster there. Inference only: these layers hold buffers, not
 parameters, and have no gradient.
+
+`Int8Linear`, symmetric per group of 32 (GGUF's Q8_0, the format of SmolLM2's embedding/LM head):
+    w ≈ code · scale,   code ∈ {−127..127},   scale = max|w| / 127 over the group.
+torch has no CPU kernel for grouped 8-bit weights, so the product runs as two passes of the int4
+kernel: code = 16 · high + low with high ∈ {−8..7} and low ∈ {0..15}, each a valid int4 code set, and
+w·x = (16 · scale) · high·x + scale · low·x. Half the bytes of a bf16 head (3.5 of 56 MB + codes), and
+Q8_0 weights come back exactly (only the scales are rounded to bf16).
 """
 
 from __future__ import annotations
@@ -50,6 +58,17 @@ def dequantize_int4(codes: Tensor, scale: Tensor, minimum: Tensor, group: int = 
     return w.reshape(N, K)
 
 
+def quantize_int8(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:
+    """(N, K) float → codes (N, K) int8 in −127..127 and scale (N, K/group) float32, w ≈ code · scale."""
+    N, K = weight.shape
+    assert K % group == 0, f"in_features {K} is not a multiple of the group size {group}"
+    w = weight.detach().float().reshape(N, K // group, group)
+    scale = w.abs().amax(-1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: every code 0
+    codes = (w / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return codes.reshape(N, K), scale
+
+
 # Looked up once: resolving torch.ops.aten.<name> costs about a microsecond, ~120 times a token.
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
@@ -58,7 +77,48 @@ def int4_kernel_available() -> bool:
     return _INT4_MM is not None
 
 
-class Int4Linear(nn.Module):
+class _KernelLinear(nn.Module):
+    """What the int4 and int8 layers share: the forward, which sums one or more passes of the int4
+    kernel for products of few rows and multiplies by the dequantised weight otherwise."""
+
+    in_features: int
+    out_features: int
+    group: int
+    # The kernel's arguments (`_kernel_pass`) per pass: plain attributes, CPU only (and only for
+    # out_features divisible by 16, which the kernel requires); empty: never the kernel.
+    kernel_passes: list[tuple[Tensor, int, Tensor]]
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if x.dtype != torch.bfloat16:  # casts only when needed: decoding makes ~120 of these calls a token
+            rows = rows.to(torch.bfloat16)
+        if self.kernel_passes and rows.is_cpu and rows.shape[0] <= KERNEL_MAX_ROWS:
+            y = _INT4_MM(rows, *self.kernel_passes[0])
+            for kernel_args in self.kernel_passes[1:]:
+                y = y + _INT4_MM(rows, *kernel_args)
+        else:
+            y = F.linear(rows, self.dequantize())
+        if x.dtype != torch.bfloat16:
+            y = y.to(x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _kernel_pass(codes: Tensor, scale: Tensor, offset: Tensor, group: int) -> tuple[Tensor, int, Tensor]:
+    """The int4 kernel's arguments after the input: its packing of codes (N, K) in 0..15, the group
+    size, and the (K/group, N, 2) table of bf16 scale and offset (w = (code − 8) · scale + offset)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return packed, group, torch.stack([scale.t(), offset.t()], -1).to(torch.bfloat16).contiguous()
+
+
+def _kernel_usable(linear: nn.Linear) -> bool:
+    return int4_kernel_available() and linear.weight.device.type == "cpu" and linear.out_features % 16 == 0
+
+
+class Int4Linear(_KernelLinear):
     """A Linear whose weight is kept as int4 codes; see the module docstring."""
 
     def __init__(self, linear: nn.Linear, group: int = GROUP) -> None:
@@ -70,12 +130,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         self.register_buffer("offset", (minimum + 8 * scale).to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        # The kernel's own packing and (K/group, N, 2) scale/offset table: plain attributes, CPU only
-        # (and only for out_features divisible by 16, which the kernel requires).
-        self.kernel_weight = self.kernel_scales = None
-        if int4_kernel_available() and linear.weight.device.type == "cpu" and self.out_features % 16 == 0:
-            self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-            self.kernel_scales = torch.stack([self.scale.t(), self.offset.t()], -1).contiguous()
+        self.kernel_passes = [_kernel_pass(codes, self.scale, self.offset, group)] if _kernel_usable(linear) else []
 
     def codes(self) -> Tensor:
         low, high = self.packed_codes & 15, self.packed_codes >> 4
@@ -85,18 +140,38 @@ class Int4Linear(nn.Module):
         scale, offset = self.scale.float(), self.offset.float()
         return dequantize_int4(self.codes(), scale, offset - 8 * scale, self.group).to(dtype)  # ~2× the matmul's cost
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if x.dtype != torch.bfloat16:  # casts only when needed: decoding makes ~120 of these calls a token
-            rows = rows.to(torch.bfloat16)
-        if self.kernel_weight is not None and rows.is_cpu and rows.shape[0] <= KERNEL_MAX_ROWS:
-            y = _INT4_MM(rows, self.kernel_weight, self.group, self.kernel_scales)
-        else:
-            y = F.linear(rows, self.dequantize())
-        if x.dtype != torch.bfloat16:
-            y = y.to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4"
+
+
+class Int8Linear(_KernelLinear):
+    """A Linear whose weight is kept as symmetric int8 codes per group (Q8_0), multiplied as two int4
+    kernel passes; see the module docstring. Only built where the kernel runs (`int8_kernel_usable`):
+    without it, dequantising 8-bit weights at every step would be slower than the layer it replaces."""
+
+    def __init__(self, linear: nn.Linear, group: int = GROUP) -> None:
+        super().__init__()
+        assert int8_kernel_usable(linear), "Int8Linear needs the CPU int4 kernel and out_features % 16 == 0"
+        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
+        codes, scale = quantize_int8(linear.weight, group)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        codes = codes.to(torch.int32)
+        high = torch.div(codes, 16, rounding_mode="floor")  # −8..7
+        low = codes - 16 * high  # 0..15
+        scale = self.scale.float()
+        self.kernel_passes = [_kernel_pass(high + 8, 16 * scale, torch.zeros_like(scale), group),  # 16·scale·high
+                              _kernel_pass(low, scale, 8 * scale, group)]  # scale·low
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        N, K = self.codes.shape
+        w = self.codes.reshape(N, K // self.group, self.group).float() * self.scale.float()[..., None]
+        return w.reshape(N, K).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int8"
+
+
+def int8_kernel_usable(linear: nn.Linear, group: int = GROUP) -> bool:
+    return _kernel_usable(linear) and linear.in_features % group == 0

@@ -13,7 +13,8 @@ from llmkit.inference.generate import generate
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.inference.sampling import SamplingParams
 from llmkit.layers.lora import LoraConfig, apply_lora
-from llmkit.layers.quantized import KERNEL_MAX_ROWS, Int4Linear, dequantize_int4, quantize_int4
+from llmkit.layers.quantized import (KERNEL_MAX_ROWS, Int4Linear, Int8Linear, dequantize_int4, int4_kernel_available,
+                                     quantize_int4, quantize_int8)
 from llmkit.models.build import build_model
 from llmkit.presets import preset
 
@@ -145,3 +146,54 @@ def test_int4_model_matches_its_dequantised_weights_and_generates():
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     out = generate(q, [ids[1].tolist()], max_new_tokens=16, params=GREEDY)[0]
     assert len(out) == 16 and all(0 <= t < VOCAB for t in out)
+
+
+# ---------------------------------------------------------------- the int8 head (Q8_0 as two int4 passes)
+
+needs_kernel = pytest.mark.skipif(not int4_kernel_available(), reason="this torch has no CPU int4 kernel")
+
+
+def test_weights_on_a_q8_0_grid_come_back_exactly():
+    """A Q8_0 block is code·d with the largest |code| = 127 (d = max|w|/127): re-quantising finds d and
+    the codes again."""
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (16, 64), generator=g, dtype=torch.int32)
+    codes[:, 0::32] = 127 * torch.where(torch.rand(16, 2, generator=g) < 0.5, -1, 1)  # each group reaches ±127
+    d = torch.rand(16, 2, generator=g).half().float() * 0.01 + 1e-3  # fp16 scales, as GGUF stores them
+    w = (codes.reshape(16, 2, 32).float() * d[..., None]).reshape(16, 64)
+    got_codes, got_d = quantize_int8(w)
+    assert got_codes.dtype == torch.int8 and torch.equal(got_codes.int(), codes)
+    torch.testing.assert_close(got_d, d, atol=0, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5])  # the last: the dequantised path
+def test_int8_linear_is_its_dequantised_weight_and_close_to_the_original(rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    q = Int8Linear(linear)
+    assert len(q.kernel_passes) == 2
+    x = torch.randn(rows, 64)
+    w = q.dequantize(torch.float32)
+    # within half a step (max|w|/127 per group) of the original weight, plus the scale's bf16 rounding
+    step = linear.weight.detach().abs().reshape(48, 2, 32).amax(-1) / 127
+    bound = step / 2 + 127 * (step.bfloat16().float() - step).abs() + 1e-7
+    assert bool(((w - linear.weight.detach()).abs().reshape(48, 2, 32) <= bound[..., None]).all())
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 48)
+    torch.testing.assert_close(got, x.bfloat16().float() @ w.t(), atol=0.03, rtol=0.02)  # bf16 products/outputs
+    # the two kernel passes (16·scale·high + scale·low) are the 8-bit weight, not 4-bit halves of it
+    assert (got - x @ linear.weight.detach().t()).abs().max() < 0.05
+
+
+def test_prepared_int4_model_gets_an_int8_head_where_the_kernel_serves_it():
+    m = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"], vocab_size=96)  # a multiple of 16: the kernel serves it
+    report = prepare_for_decoding(m, quantize="int4")
+    if not int4_kernel_available():
+        assert report.int8_linears == 0 and report.kept_linears == 1
+        return
+    assert report.int8_linears == 1 and report.kept_linears == 0 and isinstance(m.lm_head, Int8Linear)
+    assert m.embeddings.embed.weight.dtype == torch.float32  # the tied embedding keeps its own weight
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    out = generate(m, [ids[0].tolist()], max_new_tokens=8, params=GREEDY)[0]
+    assert len(out) == 8 and all(0 <= t < 96 for t in out)

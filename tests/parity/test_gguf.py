@@ -21,10 +21,14 @@ pytest.importorskip("accelerate")  # transformers' GGUF loader requires it
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+import llmkit  # noqa: E402
 from gguf_tiny import write_gguf  # noqa: E402
 from llmkit.inference.generate import generate_stream  # noqa: E402
+from llmkit.inference.optimize import prepare_for_decoding  # noqa: E402
 from llmkit.inference.sampling import SamplingParams  # noqa: E402
 from llmkit.io.gguf import load_gguf  # noqa: E402
+from llmkit.layers.quantized import (dequantize_int4, int4_kernel_available, quantize_int4,  # noqa: E402
+                                     quantize_int8)
 from llmkit.tokenizer.chat import render_chat  # noqa: E402
 
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,6 +40,7 @@ needs_smollm = pytest.mark.skipif(SMOLLM_DIR is None or not (SMOLLM_DIR / SMOLLM
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 40  # ≥ 32 compared token for token
 LOGIT_ATOL = 1e-4  # fp32, bitwise-equal dequantised weights; 0.0 measured here (same kernels)
+INT4_LOGIT_ATOL = 1.5  # bf16 scales and activations on logits of magnitude ~30 (0.5-0.8 measured)
 TIE_GAP = 1e-2  # a top-two gap this small can flip on rounding: a divergence there is a tie-break
 TEXTS = [
     "Hello, world! How are you doing today?",
@@ -142,6 +147,31 @@ def test_smollm_chat_greedy_and_logits_match(smol, hf_smol):
           f"(logit scale {b.abs().max().item():.1f})")
     assert next_diff < LOGIT_ATOL and all_diff < LOGIT_ATOL
     assert (a.argmax(-1) == b.argmax(-1)).all() or first is not None
+
+
+@needs_smollm
+def test_smollm_int4_decoding_keeps_the_files_codes(smol):
+    """`--quantize int4` re-quantises the dequantised weights: the Q4_1 layers and the Q8_0 head (the
+    tied embedding) come back as the file's own codes, so the int4 model differs from the fp32 one
+    only by bf16 rounding (scales, activations): next-token logits within INT4_LOGIT_ATOL, same top token."""
+    blk = smol.model.stack.blocks[7]
+    for w in (blk.attn.q_proj.weight, blk.attn.v_proj.weight, blk.mlp.down_proj.weight):
+        codes, scale, minimum = quantize_int4(w)
+        assert (dequantize_int4(codes, scale, minimum) - w).abs().max() <= 1e-6 * w.abs().max()
+    head = smol.model.lm_head.weight
+    codes, scale = quantize_int8(head)
+    assert torch.equal((codes.reshape(-1, 18, 32).float() * scale[..., None]).reshape(head.shape), head)
+
+    int4 = llmkit.load(SMOLLM_DIR / SMOLLM_FILE, dtype=torch.bfloat16)
+    report = prepare_for_decoding(int4.model, quantize="int4")
+    assert report.int4_linears == 30 * 4 and report.int8_linears == (1 if int4_kernel_available() else 0)
+    ids = smol.prefix_ids + smol.tokenizer.encode(render_chat(smol.chat_template, MESSAGES,
+                                                              add_generation_prompt=True))
+    with torch.no_grad():
+        ref = smol.model(torch.tensor([ids]))[0, -1]
+        got = int4.model(torch.tensor([ids]), last_only=True)[0, -1].float()
+    print(f"\nint4 vs fp32 next-token logits: max abs diff {(got - ref).abs().max().item():.3f}")
+    assert (got - ref).abs().max() < INT4_LOGIT_ATOL and got.argmax() == ref.argmax()
 
 
 CASES = {
