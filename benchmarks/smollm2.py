@@ -10,7 +10,7 @@ Rows (every llmkit row is prepared as `llmkit chat` prepares it: fused q/k/v and
 llmkit/inference/optimize.py):
   llmkit fp32         llmkit.load(gguf): Q4_1 weights dequantized to float32
   llmkit bf16         llmkit.load(gguf, dtype=torch.bfloat16)
-  llmkit int4         bf16, layer weights kept as 4-bit groups (--quantize int4; Q4_1 codes come back exactly)
+  llmkit int4         bf16, layer weights as 4-bit groups, LM head as 8-bit (--quantize int4; the file's codes)
   transformers fp32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.float32)
   transformers bf16   a copy of that model, .to(torch.bfloat16)
   llama.cpp           llama_cpp.Llama(gguf) on the quantized weights, only if llama_cpp imports
