@@ -90,3 +90,17 @@ def test_cpu_time_cap_stops_loops_the_budgets_do_not_count(monkeypatch):
     with pytest.raises(ChatTemplateError, match="took longer than 0.2 s"):
         render_chat(slow, [{"role": "user", "content": "x" * 20_000}])
     assert time.process_time() - started < 5
+
+
+def test_a_template_is_compiled_once_but_each_render_has_its_own_budget():
+    """The compiled code is cached per template text; the range budget belongs to each render, so a
+    template that spends 60% of it renders any number of times."""
+    import llmkit.tokenizer.chat as chat
+
+    heavy = "{% for i in range(" + str(chat.MAX_LOOP_ITEMS * 6 // 10) + ") %}{% endfor %}{{ messages[-1]['content'] }}"
+    hits = chat._compiled.cache_info().hits
+    assert [render_chat(heavy, MESSAGES) for _ in range(3)] == ["2+2?"] * 3
+    assert chat._compiled.cache_info().hits >= hits + 2
+    for _ in range(2):  # a syntax error is not cached: the same one-line error every time
+        with pytest.raises(ChatTemplateError, match="TemplateSyntaxError: Unexpected end of template"):
+            render_chat("{% for m in messages %}", MESSAGES)
