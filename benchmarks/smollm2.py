@@ -25,7 +25,9 @@ import argparse
 import copy
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -181,6 +183,28 @@ def hf_row(name: str, model) -> Row:
     return Row(name, prefill, gen)
 
 
+def llama_cpp_probe(path: Path) -> str | None:
+    """Evaluate two tokens with llama.cpp in a child process first: a build for instructions this
+    machine refuses (AMX in a VM, say) dies of SIGILL, which would take the whole benchmark with it.
+    Returns what went wrong, or None."""
+    code = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_threads=1, "
+            "verbose=False); llm.eval(llm.tokenize(b'hello world'))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "a two-token llama.cpp probe took more than 120 s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        hint = (" (this build uses CPU instructions the machine refuses; rebuild llama-cpp-python with "
+                "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF')"
+                if name == "SIGILL" else "")
+        return f"a two-token llama.cpp probe died of {name}{hint}"
+    last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+    return f"a two-token llama.cpp probe failed: {last[:200]}"
+
+
 def llama_cpp_row(path: Path, n_ctx: int, threads: int, n_batch: int) -> Row:
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
@@ -262,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         load_notes.append(f"transformers: load + bf16 copy took {time.perf_counter() - t0:.1f} s")
         rows += [hf_row("transformers fp32", hf32), hf_row("transformers bf16", hf16)]
     if llama_cpp is not None:
+        problem = llama_cpp_probe(path)
         try:
+            if problem:
+                raise RuntimeError(problem)
             rows.append(llama_cpp_row(path, P + N + 8, args.threads, P))
         except Exception as exc:
             print(f"- llama.cpp row skipped: {type(exc).__name__}: {exc}\n")
