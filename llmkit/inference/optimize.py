@@ -10,7 +10,7 @@ dispatch). `prepare_for_decoding` attacks both:
 - `quantize="int4"` (approximate): every Linear inside the layers becomes an `Int4Linear`
   (llmkit/layers/quantized.py), 4-bit weights with a bf16 scale and offset per group of 32. The LM
   head, which sets the logits directly, gets 8 bits instead (`Int8Linear`, GGUF's Q8_0: a bf16
-  scale per group of 32, so about the precision of bf16 weights at half the bytes — the head is the
+  scale per group of 32, so about the precision of bf16 weights at 5/8 of the bytes — the head is the
   largest matrix of a small model: 28 of SmolLM2-135M's 135 M weights); embeddings keep their dtype.
   Where torch's int4 kernel cannot serve the head (not a CPU model, vocabulary not a multiple of
   16), the head keeps its dtype too.
