@@ -13,7 +13,10 @@ dispatch). `prepare_for_decoding` attacks both:
   scale per group of 32, so about the precision of bf16 weights at 5/8 of the bytes — the head is the
   largest matrix of a small model: 28 of SmolLM2-135M's 135 M weights); embeddings keep their dtype.
   Where torch's int4 kernel cannot serve the head (not a CPU model, vocabulary not a multiple of
-  16), the head keeps its dtype too.
+  16), the head keeps its dtype too. `dtype` is the quantised layers' compute precision for many-row
+  products (prefill): bf16 where the CPU runs bf16 faster, fp32 where bf16 is emulated — the choice
+  `llmkit.runtime` makes (`lm.runtime.torch_dtype`); by default the model's own dtype. One-row
+  products always run torch's int4 kernel on bf16 activations (its fp32 path is ~14× slower).
 
 The result is for generation only: the separate projections are gone (no LoRA, no export, no
 training); load the model again for those.
@@ -31,6 +34,7 @@ from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
 from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable
+from llmkit.runtime import DTYPES
 
 QUANTIZE_CHOICES = ("none", "int4")
 
@@ -43,13 +47,28 @@ class DecodingReport:
     int8_linears: int = 0  # heads now holding 8-bit weights
     # Linear layers left in their dtype: heads the kernel cannot serve, in_features not a multiple of 32
     kept_linears: int = 0
+    compute_dtype: torch.dtype | None = None  # of the quantised layers' many-row products (None: no quantisation)
+
+    def describe(self) -> str:
+        """`int4 weights (8-bit head)`, or "" without quantisation: for the CLI's runtime line."""
+        if not self.int4_linears:
+            return ""
+        head = "8-bit head" if self.int8_linears else "head unquantised"
+        return f"int4 weights ({head})"
 
 
-def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> DecodingReport:
-    """Fuse projections (and with quantize="int4" quantise the layers' weights) in place."""
+def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
+                         dtype: torch.dtype | str | None = None) -> DecodingReport:
+    """Fuse projections (and with quantize="int4" quantise the layers' weights) in place; `dtype`
+    (fp32|bf16|fp16 or a torch dtype; default: the model's) is the quantised layers' precision for
+    many-row products."""
     quantize = None if quantize in (None, "none") else quantize
     if quantize not in (None, "int4"):
         raise GenerationError(f"unknown quantisation {quantize!r}; choose one of: {', '.join(QUANTIZE_CHOICES)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise GenerationError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     report = DecodingReport()
     for module in list(model.modules()):
         # Blocks name their self-attention `attn` (a decoder's cross-attention, `cross_attn`, reads
@@ -62,20 +81,22 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> De
             module.gate_up_proj = _fuse(module, ("gate_proj", "up_proj"))
             report.fused_mlp += 1
     if quantize == "int4":
+        report.compute_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                                             torch.float32)
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if not isinstance(child, nn.Linear):
                     continue
                 if "head" in f"{name}.{child_name}":
                     if int8_kernel_usable(child):  # the head of a tied model: the embedding keeps the weight
-                        setattr(module, child_name, Int8Linear(child))
+                        setattr(module, child_name, Int8Linear(child, compute_dtype=report.compute_dtype))
                         report.int8_linears += 1
                     else:
                         report.kept_linears += 1
                 elif child.in_features % GROUP:
                     report.kept_linears += 1
                 else:
-                    setattr(module, child_name, Int4Linear(child))
+                    setattr(module, child_name, Int4Linear(child, compute_dtype=report.compute_dtype))
                     report.int4_linears += 1
     model.decoding_report = report  # a plain attribute: what was done, for printing and for tests
     return report

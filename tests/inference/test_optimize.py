@@ -197,3 +197,89 @@ def test_prepared_int4_model_gets_an_int8_head_where_the_kernel_serves_it():
     ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(5))
     out = generate(m, [ids[0].tolist()], max_new_tokens=8, params=GREEDY)[0]
     assert len(out) == 8 and all(0 <= t < 96 for t in out)
+
+
+# ---------------------------------------------------------------- the compute dtype (fp32 where bf16 is emulated)
+
+@pytest.mark.parametrize("rows", [1, KERNEL_MAX_ROWS + 5])
+def test_int4_linear_in_fp32_multiplies_by_the_same_weight(rows):
+    """compute_dtype=fp32: many-row products are the fp32 matmul by the dequantised weight (nothing
+    rounded to bf16 but the stored scales); one-row products still run the kernel, on the input
+    rounded to bf16 (its fp32 path is ~14× slower), and return fp32."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    q = Int4Linear(linear, compute_dtype=torch.float32)
+    w = q.dequantize()
+    assert w.dtype == torch.float32 and torch.equal(w, Int4Linear(linear).dequantize(torch.float32))
+    x = torch.randn(rows, 64)
+    got = q(x)
+    assert got.dtype == torch.float32
+    if rows > KERNEL_MAX_ROWS or not q.kernel_passes:
+        torch.testing.assert_close(got, x @ w.t() + linear.bias.detach())  # fp32 tolerances: summation order only
+    else:  # bf16 input and output of the kernel: |x·w| ≲ 4 here, so 2^-8 relative is < 0.02
+        torch.testing.assert_close(got, x.bfloat16().float() @ w.t() + linear.bias.detach(), atol=0.02, rtol=0.01)
+
+
+def test_quantised_layers_compute_in_the_models_dtype_unless_told():
+    m32 = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"], vocab_size=96)
+    assert prepare_for_decoding(m32, quantize="int4").compute_dtype == torch.float32
+    assert {mod.compute_dtype for mod in m32.modules() if isinstance(mod, (Int4Linear, Int8Linear))} == {torch.float32}
+    m16 = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"]).to(torch.bfloat16)
+    assert prepare_for_decoding(m16, quantize="int4").compute_dtype == torch.bfloat16
+    mixed = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
+    report = prepare_for_decoding(mixed, quantize="int4", dtype="bf16")  # fp32 model, bf16 prefill: the old default
+    assert report.compute_dtype == torch.bfloat16 and report.describe().startswith("int4 weights")
+    assert prepare_for_decoding(model(), dtype="fp32").compute_dtype is None  # nothing quantised
+    with pytest.raises(GenerationError, match="fp8"):
+        prepare_for_decoding(model(), quantize="int4", dtype="fp8")
+
+
+def _int4_pair(**overrides):
+    """An fp32 model prepared with int4 weights computing in fp32, and an fp32 model holding its
+    dequantised weights (untied, so the 8-bit head's weight can be given to the reference alone)."""
+    cfg = {**FAMILIES["llama (GQA, SwiGLU, RoPE)"], "vocab_size": 96, "tie_embeddings": False, **overrides}
+    m, q = model(**cfg), model(**cfg)
+    report = prepare_for_decoding(q, quantize="int4", dtype=torch.float32)
+    assert report.int4_linears == 2 * 4 and report.int8_linears == (1 if int4_kernel_available() else 0)
+    prepare_for_decoding(m)
+    with torch.no_grad():
+        for name, module in q.named_modules():
+            if isinstance(module, (Int4Linear, Int8Linear)):
+                m.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+    return m, q
+
+
+def test_fp32_int4_prefill_is_the_dequantised_fp32_model(monkeypatch):
+    """Every product on the dequantised path (as a prefill longer than KERNEL_MAX_ROWS runs): the int4
+    model in fp32 is the fp32 model with the dequantised weights, up to fp32 summation order — so the
+    logits agree to ~1e-6 of their scale and greedy decoding picks the same tokens."""
+    m, q = _int4_pair()
+    monkeypatch.setattr("llmkit.layers.quantized.KERNEL_MAX_ROWS", 0)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref, got = m(ids, attention_mask=mask), q(ids, attention_mask=mask)
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()
+    prompts = [ids[0, 7:].tolist(), ids[1].tolist()]
+    assert generate(q, prompts, max_new_tokens=32, params=GREEDY) == generate(m, prompts, max_new_tokens=32,
+                                                                              params=GREEDY)
+
+
+def test_fp32_int4_decoding_is_close_to_the_dequantised_fp32_model():
+    """With the kernel (few rows: decoding), each int4 product's input and output are rounded to bf16
+    (8 significant bits: relative error ≤ 2^-9 ≈ 0.2 % each). Nine products lie in series (four per
+    layer, then the head's two kernel passes summed in bf16), so in the worst, linear case the errors add
+    to ~9 × 2 × 0.2 % ≈ 3.5 % of the logit scale: bound 4 % (measured 1.6 %). The greedy token is the
+    same wherever the reference's top two logits are further apart than twice the largest difference
+    (a random tiny model has near ties; there either token is right)."""
+    m, q = _int4_pair()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref, got = m(ids, attention_mask=mask), q(ids, attention_mask=mask)
+    diff = (got - ref).abs().max()
+    print(f"fp32 int4 (kernel) vs dequantised fp32: max |Δlogit| {diff:.4f} of {ref.abs().max():.2f}")
+    assert diff < 0.04 * ref.abs().max()
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1] > 2 * diff) & mask.bool()
+    assert clear.sum() > clear.numel() // 4  # the check covers enough positions to mean something
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])

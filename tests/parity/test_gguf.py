@@ -174,6 +174,33 @@ def test_smollm_int4_decoding_keeps_the_files_codes(smol):
     assert (got - ref).abs().max() < INT4_LOGIT_ATOL and got.argmax() == ref.argmax()
 
 
+@needs_smollm
+def test_smollm_int4_in_fp32_is_the_fp32_model_but_for_bf16_scales(smol, monkeypatch):
+    """`--quantize int4` where bf16 is emulated (compute dtype fp32): the file's codes come back (see
+    above), so on the dequantised path (prefill) the int4 model is the fp32 model but for the bf16
+    rounding of each group's scale and offset (relative 2^-9): every position's logits within
+    INT4_LOGIT_ATOL (0.45 measured, as much as with bf16 activations too: the scales set the gap) and
+    the same top tokens. The kernel path (decoding) still rounds its inputs to bf16: the next token's
+    logits stay within INT4_LOGIT_ATOL."""
+    int4 = llmkit.load(SMOLLM_DIR / SMOLLM_FILE, dtype="fp32")
+    report = prepare_for_decoding(int4.model, quantize="int4", dtype=int4.runtime.torch_dtype)
+    assert report.compute_dtype == torch.float32 and report.int4_linears == 30 * 4
+    ids = smol.prefix_ids + smol.tokenizer.encode(render_chat(smol.chat_template, MESSAGES,
+                                                              add_generation_prompt=True))
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = smol.model(x)[0]
+        kernel = int4.model(x, last_only=True)[0, -1]
+        monkeypatch.setattr("llmkit.layers.quantized.KERNEL_MAX_ROWS", 0)  # every product dequantised, in fp32
+        dequantised = int4.model(x)[0]
+    assert kernel.dtype == dequantised.dtype == torch.float32
+    d_all, d_next = (dequantised - ref).abs().max().item(), (kernel - ref[-1]).abs().max().item()
+    print(f"\nfp32 int4 vs fp32: all {len(ids)} positions (dequantised path) {d_all:.3f}; "
+          f"next token (kernel) {d_next:.3f}")
+    assert d_all < INT4_LOGIT_ATOL and d_next < INT4_LOGIT_ATOL
+    assert torch.equal(dequantised.argmax(-1), ref.argmax(-1)) and kernel.argmax() == ref[-1].argmax()
+
+
 CASES = {
     "llama-q8_0-tied": dict(arch="llama", qtype=Q.Q8_0, tied=True),
     "llama-f32-untied": dict(arch="llama", qtype=Q.F32, tied=False, layers=2),
