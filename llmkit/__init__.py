@@ -16,8 +16,10 @@ if TYPE_CHECKING:
     from llmkit.api import LanguageModel
 
 
-def load(path: str | Path, *, device: str = "cpu", dtype: "torch.dtype | None" = None) -> "LanguageModel":
-    """Load a model and its tokenizer (see `llmkit.api.load`)."""
+def load(path: str | Path, *, device: "str | torch.device" = "cpu",
+         dtype: "str | torch.dtype | None" = None) -> "LanguageModel":
+    """Load a model and its tokenizer; device "auto"|"cpu"|"cuda"|…, dtype None|"auto"|"fp32"|"bf16"|"fp16"
+    (see `llmkit.api.load`; `lm.runtime.describe()` says what was chosen and why)."""
     from llmkit.api import load as _load  # deferred: `import llmkit` stays cheap for the CLI
 
     return _load(path, device=device, dtype=dtype)

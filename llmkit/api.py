@@ -1,4 +1,4 @@
-"""The public Python surface: `llmkit.load(path)` → LanguageModel (.model, .tokenizer, .generate).
+"""The public Python surface: `llmkit.load(path)` → LanguageModel (.model, .tokenizer, .generate, .runtime).
 
 A path is a training output directory (its newest complete checkpoint is used), one checkpoint
 directory (`config.json` + `model.safetensors` + `tokenizer.json`), or a Hugging Face model
@@ -26,6 +26,7 @@ from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.models.build import build_model, skip_init, tie_weights
+from llmkit.runtime import DTYPES, Runtime, decoding_shapes, make_runtime, model_device, resolve_device
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -47,26 +48,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: not a model directory (no checkpoints/, manifest.json or model.safetensors)")
 
 
-def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> "LanguageModel":
+def load(path: str | Path, *, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> "LanguageModel":
     """Load a model and its tokenizer.
 
     Args:
-        path: a `llmkit train` output directory, a checkpoint directory, or a Hugging Face model
-            directory (config.json with a model_type, safetensors weights, tokenizer.json).
-        device: where to put the weights ("cpu", "cuda", …).
-        dtype: cast floating weights to this dtype (default: float32 for Hugging Face weights,
-            as stored for llmkit checkpoints).
+        path: a `llmkit train` output directory, a checkpoint directory, a Hugging Face model
+            directory (config.json with a model_type, safetensors weights, tokenizer.json), or a
+            GGUF file.
+        device: where to put the weights: "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda",
+            "cuda:N", "mps" (see llmkit.runtime.resolve_device).
+        dtype: the weights' dtype: "auto" (the fastest safe one here, by llmkit.runtime.choose_dtype
+            on the model's decoding shapes), "fp32", "bf16", "fp16" or a torch dtype; None (the
+            default) keeps float32 for Hugging Face and GGUF weights, and llmkit checkpoints as stored.
+    The choice, with its reason, is `lm.runtime` (`lm.runtime.describe()` says it in one line).
     """
+    where = resolve_device(device)  # first: an absent device is an error before any file is read
     if is_gguf_file(path):
         g = load_gguf(path)
-        model = g.model.to(device=device, dtype=dtype) if dtype else g.model.to(device)
-        return LanguageModel(model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
-                             chat_template=g.chat_template)
+        return LanguageModel(g.model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
+                             chat_template=g.chat_template).placed(where, dtype)
     if is_hf_dir(path) and not (Path(path) / "manifest.json").exists():
         model, tokenizer, prefix_ids, eos_ids = load_hf(path)
-        model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
         return LanguageModel(model.eval(), tokenizer, Path(path), prefix_ids=prefix_ids, eos_ids=eos_ids,
-                             chat_template=hf_chat_template(path))
+                             chat_template=hf_chat_template(path)).placed(where, dtype)
     ckpt = resolve_checkpoint(path)
     meta = read_json(ckpt / "config.json")
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
@@ -79,12 +84,22 @@ def load(path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = N
     weights = ckpt / "model.safetensors"
     load_finetuned_tensors(model, meta, load_tensors(weights), where=str(weights))
     tie_weights(model)
-    model = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+    model.eval()
     chat = read_chat_info(meta, str(ckpt / "config.json"))  # kept from the model a run started from
     if chat is None:
-        return LanguageModel(model, Tokenizer.load(ckpt), ckpt)
+        return LanguageModel(model, Tokenizer.load(ckpt), ckpt).placed(where, dtype)
     return LanguageModel(model, Tokenizer.load(ckpt, **chat.token_names()), ckpt, prefix_ids=chat.prefix_ids,
-                         eos_ids=chat.eos_ids, chat_template=chat.template)
+                         eos_ids=chat.eos_ids, chat_template=chat.template).placed(where, dtype)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
+
+
+def _runtime_as_loaded(model: nn.Module) -> Runtime:
+    """The Runtime of a model nobody chose a precision for: where it is, in the dtype it has."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Runtime(model_device(model), _dtype_name(dtype), torch.get_num_threads(), "as loaded")
 
 
 @dataclass
@@ -97,13 +112,32 @@ class LanguageModel:
     prefix_ids: list[int] | None = None
     eos_ids: list[int] | None = None
     chat_template: str | None = None  # the model's own; None → DEFAULT_CHAT_TEMPLATE (role tokens)
+    # Where and in what precision the model runs, and why (None → read off the model: "as loaded").
+    runtime: Runtime | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = _runtime_as_loaded(self.model)
         eos = [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
         seq2seq = getattr(getattr(self.model, "cfg", None), "arch", None) == "encoder-decoder"
         default_prefix = [] if seq2seq else eos  # a seq2seq source ends with EOS instead (see source_ids)
         self.prefix_ids = list(default_prefix if self.prefix_ids is None else self.prefix_ids)
         self.eos_ids = list(eos if self.eos_ids is None else self.eos_ids)
+
+    def placed(self, device: torch.device, dtype: str | torch.dtype | None) -> "LanguageModel":
+        """This model moved to `device` with its weights in `dtype` (see `load`), `runtime` set to match."""
+        if dtype is None:
+            self.model.to(device)
+            self.runtime = _runtime_as_loaded(self.model)
+            return self
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():  # float64, say: no choice to make
+            self.model.to(device=device, dtype=dtype)
+            self.runtime = Runtime(device, _dtype_name(dtype), torch.get_num_threads(), "as asked")
+            return self
+        spec = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+        self.runtime = make_runtime(str(device), spec, shapes=decoding_shapes(self.model), training=False)
+        self.model.to(device=device, dtype=self.runtime.torch_dtype)
+        return self
 
     @property
     def config(self) -> ModelConfig:
