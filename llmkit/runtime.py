@@ -164,6 +164,13 @@ def measure(shapes: Sequence[Shape], weights_in_dtype: bool, *, budget_s: float 
     return best["fp32"], best["bf16"]
 
 
+# `auto` takes bf16 only for a clear gain, so that timing noise on a shared machine cannot flip the
+# choice between runs; and never for a training step whose products take under TOO_SMALL_S in fp32
+# (tiny models: casting costs more than it saves, and their runs should be exactly repeatable).
+MIN_GAIN = 1.15
+TOO_SMALL_S = 5e-3
+
+
 @dataclass(frozen=True)
 class Choice:
     dtype: str
@@ -194,10 +201,14 @@ def choose_dtype(spec: str, device: torch.device, shapes: Sequence[Shape], *, tr
     if spec == "fp16" or not shapes:
         return Choice(spec, "as asked") if spec != "auto" else Choice("fp32", "nothing to measure")
     t32, t16 = probe(shapes, not training)
+    if training and spec == "auto" and t32 < TOO_SMALL_S:
+        return Choice("fp32", f"the model is too small for bf16 to pay (fp32 products take {t32 * 1e3:.1f} ms)")
     ratio = t32 / max(t16, 1e-12)  # > 1: bf16 faster
     measured = f"probe {ratio:.1f}× faster than fp32" if ratio >= 1 else f"probe {1 / ratio:.1f}× slower than fp32"
     if spec == "auto":
-        return Choice("bf16", f"native bf16, {measured}") if ratio > 1 else Choice("fp32", f"bf16 {measured}")
+        if ratio >= MIN_GAIN:
+            return Choice("bf16", f"native bf16, {measured}")
+        return Choice("fp32", f"native bf16, but {measured.replace('probe', 'the probe measured it')}")
     emulated = "" if native else " (no native bf16 on this CPU)"
     warning = (f"warning: --dtype bf16 runs here, but the probe measured it {1 / ratio:.1f}× slower than fp32"
                f"{emulated}; --dtype auto would pick fp32") if ratio < 1 else None

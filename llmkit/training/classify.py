@@ -30,6 +30,7 @@ from llmkit.models.masked_lm import MaskedLM
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.runtime import set_threads
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,7 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
     if not isinstance(lm.model, MaskedLM):
         raise ConfigError(f"{model_path}: finetune-classifier needs an encoder-only model (BERT family), "
                           f"this one is arch={lm.model.cfg.arch!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = classifier_from(lm.model.float(), len(label_names))
     max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)

@@ -29,6 +29,7 @@ from llmkit.layers.lora import LoraConfig, apply_lora
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.pretrain import run_trainer
+from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -55,8 +56,7 @@ def check_output_dir(out_dir: str | Path, resume: bool) -> Path:
 
 def load_start_model(path: str | Path, cfg: TrainConfig) -> Any:
     """The starting model, in float32 and train mode (bf16 is autocast, never stored weights)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     lm = llmkit.load(path)
     lm.model.float().train()
     return lm

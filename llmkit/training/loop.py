@@ -1,15 +1,21 @@
 """The one training loop: every objective (pretraining now; SFT, reward, DPO, MLM later) differs only
 in `get_batch` and `loss_fn(model, batch) -> (loss, metrics)`.
 
-Per optimizer step: the step's learning rate, `grad_accum` micro-batches (optionally under bf16
-autocast), a non-finite guard on loss and gradient norm (nothing non-finite reaches the weights),
-gradient clipping, AdamW. Every `eval_interval` steps: evaluation, then an atomic checkpoint that
-holds all exact resume needs — weights, AdamW moments, RNG state and the step, which fixes both the
-learning rate and the data position (batches are a pure function of their index).
+Per optimizer step: the step's learning rate, `grad_accum` micro-batches (moved to the model's
+device, under the run's one autocast context, llmkit/runtime.py), a non-finite guard on loss and
+gradient norm (nothing non-finite reaches the weights), gradient clipping, AdamW. Every
+`eval_interval` steps: evaluation, then an atomic checkpoint that holds all exact resume needs —
+weights, AdamW moments, RNG state, the step (which fixes the data position: batches are a pure
+function of their index) and the run's plan (its length and warm-up, which fix the learning rate).
+
+With `time_budget`, the length is planned from timed steps (llmkit/training/budget.py) and remade at
+each checkpoint, from the speeds and elapsed time that checkpoint records, until the learning rate
+starts to decay; a run resumed from a checkpoint therefore makes the same plan as one that went on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -23,11 +29,14 @@ from torch import Tensor, nn
 from llmkit.errors import CheckpointError, NonFiniteError
 from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, require_checkpoint, save_checkpoint
 from llmkit.io.weights import load_model_tensors, model_tensors
+from llmkit.runtime import Runtime, make_runtime, to_device
+from llmkit.training.budget import Speeds, plan_steps, warmup_for
 from llmkit.training.config import TrainConfig
-from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
+from llmkit.training.optim import build_optimizer, decay_steps, load_optimizer_tensors, lr_at, optimizer_tensors
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
 Event = Callable[[dict[str, Any]], None]
+Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -36,23 +45,51 @@ class TrainState:
     tokens_seen: int = 0
     consecutive_skips: int = 0
     skipped_steps: int = 0
+    # The plan of a budgeted run (None otherwise): total steps and warm-up, whether the decay has
+    # begun (then the plan no longer changes), and the budget's seconds used so far.
+    planned_steps: int | None = None
+    planned_warmup: int | None = None
+    plan_final: bool = False
+    elapsed_s: float = 0.0
+    speeds: dict[str, float] | None = None  # the measured Speeds the plan was last made from
 
 
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, loss_fn: LossFn, get_batch: Callable[[int], Any],
                  out_dir: str | Path, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_json: dict[str, Any] | None = None, checkpoint_files: dict[str, Path] | None = None,
-                 fingerprint: dict[str, Any] | None = None) -> None:
+                 fingerprint: dict[str, Any] | None = None, runtime: Runtime | None = None,
+                 clock: Callable[[], float] = time.perf_counter, started_at: float | None = None) -> None:
+        """`runtime`: device and precision (default: chosen from cfg.device/dtype/threads by
+        llmkit.runtime on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
+        `started_at`: the clock reading when the run's work began (data preparation counts
+        against --time-budget too); default: now."""
         self.model, self.cfg, self.loss_fn, self.get_batch = model, cfg, loss_fn, get_batch
         self.out_dir = Path(out_dir)
         self.evaluate = evaluate
         self.checkpoint_json = checkpoint_json or {}
         self.checkpoint_files = checkpoint_files or {}
         self.fingerprint = fingerprint or {}
+        seq_len = cfg.seq_len or getattr(getattr(model, "cfg", None), "max_seq_len", 256)
+        self.runtime = runtime or make_runtime(cfg.device, cfg.dtype, cfg.threads, model=model,
+                                               rows=cfg.batch_size * seq_len, training=True)
+        model.to(self.runtime.device)
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.clock = clock
+        self.started_at = clock() if started_at is None else started_at
+        self.speeds: Speeds | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """The run's length: the plan of a budgeted run, else --steps."""
+        return self.state.planned_steps or self.cfg.steps
+
+    @property
+    def warmup(self) -> int:
+        return self.cfg.warmup_steps if self.state.planned_warmup is None else self.state.planned_warmup
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -60,9 +97,10 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
+        self.state.speeds = dataclasses.asdict(self.speeds) if self.speeds is not None else None
         opt_tensors, groups = optimizer_tensors(self.optimizer)
         train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
-                           optimizer_groups=groups)
+                           optimizer_groups=groups, runtime=self.runtime.to_dict())
         return save_checkpoint(
             self.checkpoint_root, self.state.step,
             tensors={"model.safetensors": model_tensors(self.model), "optimizer.safetensors": opt_tensors,
@@ -84,7 +122,16 @@ class Trainer:
         load_model_tensors(self.model, load_tensors(path / "model.safetensors"), where=str(path))
         load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
         torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
-        self.state = TrainState(**{k: saved[k] for k in vars(TrainState())})
+        self.state = TrainState(**{k: saved[k] for k in vars(TrainState()) if k in saved})
+        if self.cfg.time_budget is None and self.state.planned_steps is not None:
+            self.state.plan_final = True  # resumed without a budget: finish the plan as it stands
+        previous = saved.get("runtime", {})
+        if (self.cfg.dtype == "auto" and previous.get("dtype") in ("fp32", "bf16")
+                and previous.get("device", "").split(":")[0] == self.runtime.device.type
+                and previous["dtype"] != self.runtime.dtype):
+            # `auto` keeps the precision the run started with, so resuming repeats its numbers
+            self.runtime = dataclasses.replace(self.runtime, dtype=previous["dtype"],
+                                               reason="as chosen when the run started")
         self._truncate_metrics(self.state.step)
         return path
 
@@ -101,17 +148,14 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     # -- the loop -------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float] | None:
-        """One optimizer step; returns its metrics, or None when a non-finite step was skipped."""
-        cfg, step = self.cfg, self.state.step
-        lr = lr_at(step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _micro_batches(self, step: int) -> tuple[float, int, dict[str, float]]:
+        """Forward and backward over step `step`'s micro-batches; (mean loss, tokens, metrics)."""
+        cfg = self.cfg
         total_loss, tokens = 0.0, 0
         extra: dict[str, float] = {}  # the objective's own metrics (reward accuracy, DPO margins), averaged
         for micro in range(cfg.grad_accum):
-            batch = self.get_batch(step * cfg.grad_accum + micro)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+            batch = to_device(self.get_batch(step * cfg.grad_accum + micro), self.runtime.device)
+            with self.runtime.autocast():
                 loss, metrics = self.loss_fn(self.model, batch)
             (loss / cfg.grad_accum).backward()
             total_loss += float(loss.detach()) / cfg.grad_accum
@@ -119,6 +163,15 @@ class Trainer:
             for key, value in metrics.items():
                 if key != "tokens":
                     extra[key] = extra.get(key, 0.0) + float(value) / cfg.grad_accum
+        return total_loss, tokens, extra
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step; returns its metrics, or None when a non-finite step was skipped."""
+        cfg, step = self.cfg, self.state.step
+        lr = lr_at(step, cfg, steps=self.total_steps, warmup=self.warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss, tokens, extra = self._micro_batches(step)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         problem = ("loss" if not math.isfinite(total_loss) else
@@ -141,43 +194,128 @@ class Trainer:
         self.state.tokens_seen += tokens
         return {"train_loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "extra": extra}
 
-    def run(self, *, on_step: Event | None = None, on_eval: Event | None = None) -> TrainState:
+    # -- budgets ----------------------------------------------------------------------------------
+    def _probe_speeds(self) -> Speeds:
+        """Time two forward/backward passes of the first step's micro-batches (the weights and the
+        RNG are left as they were) and estimate an evaluation and a checkpoint from them."""
+        rng = torch.get_rng_state()
+        times = []
+        for _ in range(2):  # the first pass pays for kernel selection and first touches of memory
+            start = self.clock()
+            self._micro_batches(self.state.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            times.append(self.clock() - start)
+        torch.set_rng_state(rng)
+        step_s = times[-1]
+        # An evaluation is eval_batches forward passes (about a third of a forward + backward each);
+        # a checkpoint writes weights and two AdamW moments. Evaluations are measured when they
+        # happen; the checkpoint stays an estimate, as its own time cannot be recorded in it.
+        eval_s = step_s / 3 / self.cfg.grad_accum * self.cfg.eval_batches if self.evaluate is not None else 0.0
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) * 3
+        return Speeds(step_s, eval_s, 0.2 + n_bytes / 200e6)
+
+    def _replan(self, notify: Notify) -> None:
+        """Plan (or remake the plan of) a budgeted run from the current speeds; final once the decay
+        has begun, as the learning rates from there on depend on the length."""
+        cfg, state = self.cfg, self.state
+        if cfg.time_budget is None or state.plan_final or self.speeds is None:
+            return
+        total = plan_steps(budget_s=cfg.time_budget * 60, elapsed_s=self._elapsed(), step=state.step,
+                           speeds=self.speeds, eval_interval=cfg.eval_interval, max_steps=cfg.steps)
+        if state.planned_warmup is None:
+            state.planned_warmup = warmup_for(total, cfg.warmup_steps)
+        decay_start = total - (decay_steps(total, cfg) if cfg.lr_schedule == "wsd" else total)
+        first = state.planned_steps is None
+        if cfg.lr_schedule != "wsd" or state.step >= decay_start:
+            state.plan_final = True  # cosine decays from the first step after warm-up: plan once
+        if first or total != state.planned_steps or state.plan_final:
+            state.planned_steps = total
+            notify("plan", {"steps": total, "warmup": state.planned_warmup, "step": state.step,
+                            "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60,
+                            "elapsed_s": self._elapsed(), "final": state.plan_final, "first": first,
+                            "schedule": cfg.lr_schedule})
+
+    def _elapsed(self) -> float:
+        return self.state.elapsed_s + (self.clock() - self._session_start)
+
+    def run(self, *, on_step: Event | None = None, on_eval: Event | None = None,
+            on_event: Notify | None = None) -> TrainState:
         cfg = self.cfg
+        notify = on_event or (lambda kind, info: None)
         self.model.train()
-        started = time.perf_counter()
-        window_tokens, window_start = 0, time.perf_counter()
+        started = self.clock()
+        # A fresh run's budget counts from when its work began (data preparation included); a
+        # resumed one adds this session's time to what its checkpoint recorded.
+        self._session_start = self.started_at if self.state.step == 0 else started
+        if cfg.time_budget is not None and not self.state.plan_final and self.state.step < self.total_steps:
+            # a resumed plan goes on from the speeds it was made from, as it would have without the stop
+            self.speeds = Speeds(**self.state.speeds) if self.state.speeds else self._probe_speeds()
+            self._replan(notify)
+        window_tokens, window_start, window_steps = 0, self.clock(), 0
+        stopped: str | None = None
         try:
-            while self.state.step < cfg.steps:
+            while self.state.step < self.total_steps:
                 metrics = self.train_step()
                 step = self.state.step
+                window_steps += 1
                 if metrics is not None:
                     window_tokens += metrics["tokens"]
-                    tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    elapsed_window = max(self.clock() - window_start, 1e-9)
                     row = {"step": step, "train_loss": metrics["train_loss"], "lr": metrics["lr"],
-                           "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s, **metrics["extra"]}
-                    if step % cfg.log_interval == 0 or step == cfg.steps:
+                           "grad_norm": metrics["grad_norm"], "tokens_per_s": window_tokens / elapsed_window,
+                           **metrics["extra"]}
+                    if step % cfg.log_interval == 0 or step == self.total_steps:
                         self.log(row)
-                        window_tokens, window_start = 0, time.perf_counter()
+                        if self.speeds is not None:  # the real step time replaces the probe's
+                            self.speeds = dataclasses.replace(self.speeds, step_s=elapsed_window / window_steps)
+                        window_tokens, window_start, window_steps = 0, self.clock(), 0
                     if on_step is not None:
-                        on_step(row)
-                out_of_time = cfg.max_minutes is not None and time.perf_counter() - started > cfg.max_minutes * 60
-                if step % cfg.eval_interval == 0 or step == cfg.steps or out_of_time:
-                    self.evaluate_and_save(on_eval)
-                    window_tokens, window_start = 0, time.perf_counter()  # tokens/s counts training only
-                if out_of_time:
+                        on_step({**row, "steps": self.total_steps})
+                out_of_time = cfg.max_minutes is not None and self.clock() - started > cfg.max_minutes * 60
+                if step % cfg.eval_interval == 0 or step >= self.total_steps or out_of_time:
+                    self.evaluate_and_save(on_eval, notify)
+                    window_tokens, window_start, window_steps = 0, self.clock(), 0  # tokens/s counts training only
+                if out_of_time and self.state.step < self.total_steps:
+                    stopped = f"--max-minutes {cfg.max_minutes:g} reached"
                     break
         except KeyboardInterrupt:
             if self.state.step > 0:
+                self._bank_elapsed()
                 self.save()  # Ctrl-C keeps the work done so far
+            notify("stopped", {"step": self.state.step, "steps": self.total_steps, "reason": "interrupted",
+                               "lr": lr_at(max(self.state.step - 1, 0), cfg, steps=self.total_steps,
+                                           warmup=self.warmup)})
             raise
+        if stopped is not None:
+            notify("stopped", {"step": self.state.step, "steps": self.total_steps, "reason": stopped,
+                               "lr": lr_at(max(self.state.step - 1, 0), cfg, steps=self.total_steps,
+                                           warmup=self.warmup)})
+        if cfg.time_budget is not None:
+            notify("budget", {"elapsed_s": self._elapsed(), "budget_s": cfg.time_budget * 60,
+                              "steps": self.state.step})
         return self.state
 
-    def evaluate_and_save(self, on_eval: Event | None = None) -> None:
+    def _bank_elapsed(self) -> None:
+        """Fold this session's time into the state (what a checkpoint records)."""
+        now = self.clock()
+        self.state.elapsed_s += now - self._session_start
+        self._session_start = now
+
+    def evaluate_and_save(self, on_eval: Event | None = None, notify: Notify | None = None) -> None:
+        """Evaluate (when there is an evaluation), remake a budgeted run's plan from the measured
+        speeds and the time used so far, then checkpoint all of it."""
+        start = self.clock()
         if self.evaluate is not None:
             self.model.eval()
-            row = {"step": self.state.step, **self.evaluate(self.model)}
+            with self.runtime.autocast():
+                row = {"step": self.state.step, **self.evaluate(self.model)}
             self.model.train()
             self.log(row)
             if on_eval is not None:
                 on_eval(row)
+        if self.speeds is not None and self.evaluate is not None:
+            self.speeds = dataclasses.replace(self.speeds, eval_s=self.clock() - start)
+        if hasattr(self, "_session_start"):
+            self._bank_elapsed()
+            self._replan(notify or (lambda kind, info: None))
         self.save()

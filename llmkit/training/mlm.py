@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from llmkit.data.batches import TokenBatches, eval_batches
 from llmkit.data.masking import IGNORE, MaskingConfig, mask_tokens, special_ids, word_start_table
 from llmkit.errors import DatasetError
+from llmkit.runtime import model_device, to_device
 from llmkit.tokenizer import Tokenizer
 
 MLMBatch = tuple[Tensor, Tensor, Tensor | None]  # inputs, labels, attention mask (None: no padding)
@@ -64,12 +65,13 @@ def mlm_loss(model: nn.Module, batch: MLMBatch) -> tuple[Tensor, dict[str, float
 
 
 @torch.inference_mode()
-def evaluate_mlm(model: nn.Module, batches: Iterable[MLMBatch], *, bf16: bool = False) -> dict[str, float]:
+def evaluate_mlm(model: nn.Module, batches: Iterable[MLMBatch]) -> dict[str, float]:
     """Validation MLM loss (nats per masked token), its exponential, and top-1 accuracy at masked tokens."""
     total, correct, count = 0.0, 0, 0
-    for inputs, labels, attention_mask in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(inputs, attention_mask=attention_mask)
+    device = model_device(model)
+    for batch in batches:
+        inputs, labels, attention_mask = to_device(batch, device)
+        logits = model(inputs, attention_mask=attention_mask)  # under the caller's autocast, if any
         picked = labels != IGNORE
         total += float(F.cross_entropy(logits.float()[picked], labels[picked], reduction="sum"))
         correct += int((logits[picked].argmax(-1) == labels[picked]).sum())
@@ -79,7 +81,7 @@ def evaluate_mlm(model: nn.Module, batches: Iterable[MLMBatch], *, bf16: bool = 
 
 
 def mlm_objective(tokenizer: Tokenizer, train: np.ndarray, val: np.ndarray, *, seq_len: int, batch_size: int,
-                  seed: int, eval_batch_limit: int, bf16: bool, whole_word: bool = False):
+                  seed: int, eval_batch_limit: int, whole_word: bool = False):
     """(loss_fn, get_batch, evaluate) for the Trainer."""
     masker = MLMMasker(tokenizer, seed, MaskingConfig(whole_word=whole_word))
     eval_masker = MLMMasker(tokenizer, seed + 1, MaskingConfig(whole_word=whole_word))
@@ -87,6 +89,6 @@ def mlm_objective(tokenizer: Tokenizer, train: np.ndarray, val: np.ndarray, *, s
 
     def evaluate(model: nn.Module) -> dict[str, float]:
         windows = eval_batches(val, seq_len, batch_size, max_batches=eval_batch_limit)
-        return evaluate_mlm(model, (eval_masker(x, i) for i, (x, _) in enumerate(windows)), bf16=bf16)
+        return evaluate_mlm(model, (eval_masker(x, i) for i, (x, _) in enumerate(windows)))
 
     return mlm_loss, batches.batch, evaluate

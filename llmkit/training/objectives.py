@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.runtime import model_device
+
 
 def next_token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
     """Pretraining: mean cross-entropy of predicting token t+1 from tokens ≤ t."""
@@ -18,14 +20,14 @@ def next_token_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Ten
 
 
 @torch.inference_mode()
-def evaluate_lm(model: nn.Module, batches, *, bytes_per_token: float | None = None,
-                bf16: bool = False) -> dict[str, float]:
+def evaluate_lm(model: nn.Module, batches, *, bytes_per_token: float | None = None) -> dict[str, float]:
     """Validation loss (nats/token), perplexity and, given the text's bytes per token, bits per byte
     — a unit that does not depend on the tokenizer, so models with different vocabularies compare."""
     total, count = 0.0, 0
+    device = model_device(model)
     for x, y in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
+        x, y = x.to(device), y.to(device)
+        logits = model(x)  # under the caller's autocast (the Trainer's runtime), if any
         total += float(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
         count += y.numel()
     loss = total / max(count, 1)

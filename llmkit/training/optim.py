@@ -1,8 +1,12 @@
 """AdamW with the usual parameter groups, and the learning-rate schedule.
 
 Weight decay pulls weights towards zero; applied to norm gains, biases or embeddings it only hurts
-(nanoGPT, LLaMA), so those go in a group without it. The schedule is a pure function of the step —
-linear warmup, then cosine decay to min_lr_ratio·lr — so resuming needs no scheduler state.
+(nanoGPT, LLaMA), so those go in a group without it. The schedule is a pure function of the step and
+the run's length — linear warmup, then cosine decay to min_lr_ratio·lr, or WSD (warmup, stable,
+decay: constant, then linear to min_lr_ratio·lr over the last decay_fraction of the steps, reaching
+it at the last step) — so resuming needs no scheduler state. WSD (MiniCPM, arXiv:2404.06395) suits
+a run whose length is planned from measured speed: until the decay starts, a longer or shorter plan
+does not change any learning rate already used.
 """
 
 from __future__ import annotations
@@ -29,17 +33,33 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.optim.AdamW(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), fused=True)
+                             betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cpu", "cuda"))
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
+def decay_steps(steps: int, cfg: TrainConfig) -> int:
+    """WSD: how many of `steps` decay the learning rate (at least one)."""
+    return max(1, math.ceil(cfg.decay_fraction * steps))
+
+
+def lr_at(step: int, cfg: TrainConfig, *, steps: int | None = None, warmup: int | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `steps` steps (default: cfg.steps)
+    with `warmup` warm-up steps (default: cfg.warmup_steps)."""
+    steps = cfg.steps if steps is None else steps
+    warmup = cfg.warmup_steps if warmup is None else warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "wsd":
+        decay = decay_steps(steps, cfg)
+        start = steps - decay
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step - start + 1) / decay)
+        return cfg.lr + (floor - cfg.lr) * progress
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

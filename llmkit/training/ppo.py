@@ -32,6 +32,7 @@ from llmkit.training.config import TrainConfig, knob
 from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
 from llmkit.training.ppo_math import AdaptiveKLController
 from llmkit.training.ppo_rollout import Experience, PolicyWithValue, RewardFn, make_experience, ppo_minibatch_loss
+from llmkit.runtime import set_threads
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -268,8 +269,7 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     from llmkit.training.rewards import load_reward
 
     out_dir = Path(out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if not resume and list_checkpoints(out_dir / "checkpoints"):
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward

@@ -28,6 +28,7 @@ from llmkit.data.records import PreferencePair, ReadStats, read_preference_pairs
 from llmkit.errors import ConfigError, DatasetError
 from llmkit.layers.lora import LoraConfig
 from llmkit.models.heads import REWARD_HEAD, RewardModel, bradley_terry_loss
+from llmkit.runtime import model_device, to_device
 from llmkit.training import finetune
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import TrainState
@@ -154,9 +155,9 @@ def reward_loss(model: RewardModel, batch: Batch) -> tuple[Tensor, dict[str, flo
 def evaluate_reward(model: RewardModel, pairs: list[Pair], cfg: TrainConfig, pad_id: int) -> dict[str, float]:
     """Held-out Bradley–Terry loss and pairwise accuracy (how often chosen outscores rejected)."""
     loss, correct, n = 0.0, 0, 0
-    for size, (ids, _, mask) in _eval_batches(pairs, cfg, pad_id):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            chosen, rejected = model(ids, attention_mask=mask).chunk(2)
+    for size, batch in _eval_batches(pairs, cfg, pad_id):
+        ids, _, mask = to_device(batch, model_device(model))
+        chosen, rejected = model(ids, attention_mask=mask).chunk(2)  # under the caller's autocast, if any
         loss += float(bradley_terry_loss(chosen, rejected)) * size
         correct += int((chosen > rejected).sum())
         n += size
@@ -190,6 +191,8 @@ def make_dpo_loss(reference: nn.Module, beta: float) -> Callable[[nn.Module, Bat
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         ids, labels, mask = batch
         policy_c, policy_r = sequence_logprobs(model, ids, labels).chunk(2)
+        if model_device(reference) != ids.device:  # the frozen copy follows the policy to its device
+            reference.to(ids.device)
         with torch.no_grad():
             ref_c, ref_r = sequence_logprobs(reference, ids, labels).chunk(2)
         loss, stats = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
@@ -219,8 +222,7 @@ def dpo(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
         sums: Counter = Counter()
         n = 0
         for size, batch in _eval_batches(val_pairs, cfg, pad_id):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                loss, stats = loss_fn(model, batch)
+            loss, stats = loss_fn(model, to_device(batch, model_device(model)))  # under the Trainer's autocast
             sums["val_loss"] += float(loss) * size
             for key in ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy"):
                 sums[f"val_{key}"] += stats[key] * size

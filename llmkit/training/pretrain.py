@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +33,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.objectives import evaluate_lm, next_token_loss
+from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -155,24 +157,22 @@ def seq2seq_tokens(model_cfg: ModelConfig) -> tuple[str, ...]:
 def objective(model_cfg: ModelConfig, corpus: Corpus, seq_len: int, cfg: TrainConfig):
     """(loss_fn, get_batch, evaluate) for the model's arch: next-token prediction for decoders,
     masked-LM for encoders, denoising for encoder-decoders (T5 span corruption, BART infilling)."""
-    bf16 = cfg.dtype == "bf16"
     if model_cfg.arch == "encoder-decoder":
         from llmkit.training.seq2seq import denoising_objective
 
         return denoising_objective(model_cfg, corpus.tokenizer, corpus.train, corpus.val, seq_len=seq_len,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_limit=cfg.eval_batches,
-                                   bf16=bf16)
+                                   batch_size=cfg.batch_size, seed=cfg.seed, eval_batch_limit=cfg.eval_batches)
     if model_cfg.arch == "encoder":
         from llmkit.training.mlm import mlm_objective
 
         return mlm_objective(corpus.tokenizer, corpus.train, corpus.val, seq_len=seq_len, batch_size=cfg.batch_size,
-                             seed=cfg.seed, eval_batch_limit=cfg.eval_batches, bf16=bf16,
+                             seed=cfg.seed, eval_batch_limit=cfg.eval_batches,
                              whole_word=cfg.mlm_masking == "word")
     batches = TokenBatches(corpus.train, seq_len, cfg.batch_size, cfg.seed)
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return evaluate_lm(model, eval_batches(corpus.val, seq_len, cfg.batch_size, max_batches=cfg.eval_batches),
-                           bytes_per_token=corpus.val_bytes_per_token, bf16=bf16)
+                           bytes_per_token=corpus.val_bytes_per_token)
 
     return next_token_loss, batches.batch, evaluate
 
@@ -188,10 +188,10 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
              init_tensors: dict[str, torch.Tensor] | None = None) -> TrainState:
     """Train a causal LM on text files; see the module docstring. `init_tensors` starts from trained
     weights instead of a fresh initialisation (fine-tuning: `llmkit extend --finetune-steps`)."""
+    started_at = time.perf_counter()  # --time-budget counts data preparation too
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     probe = preset(cfg.preset, **(model_overrides or {}))  # validates the preset before any data work
     seq_len = cfg.seq_len or probe.max_seq_len
     if seq_len > probe.max_seq_len:
@@ -224,7 +224,8 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
         checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
         fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
                      "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
-                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
+        started_at=started_at)
     return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
 
 
@@ -235,12 +236,14 @@ def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
     if resume:
         path = trainer.resume()
         emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    emit("start", {"step": trainer.state.step, "steps": trainer.cfg.steps})
+    emit("runtime", {"line": trainer.runtime.describe(), "warning": trainer.runtime.warning})
+    emit("start", {"step": trainer.state.step, "steps": trainer.total_steps,
+                   "budget_min": trainer.cfg.time_budget})
 
     def on_eval(row: dict) -> None:
         emit("eval", row)
         plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
 
-    state = trainer.run(on_step=on_step, on_eval=on_eval)
+    state = trainer.run(on_step=on_step, on_eval=on_eval, on_event=emit)
     plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
     return state

@@ -24,6 +24,7 @@ from llmkit.data.batches import TokenBatches
 from llmkit.data.seq2seq_noise import SENTINEL_TOKENS, bart_noise, raw_length_for, sentence_end_table, span_corrupt
 from llmkit.errors import ConfigError, DatasetError
 from llmkit.models.seq2seq import shift_right
+from llmkit.runtime import model_device, to_device
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.bpe import MASK_TOKEN
 
@@ -82,12 +83,14 @@ def seq2seq_loss(model: nn.Module, batch: Seq2SeqBatch) -> tuple[Tensor, dict[st
 
 
 @torch.inference_mode()
-def evaluate_seq2seq(model: nn.Module, batches: Iterator[Seq2SeqBatch], *, bf16: bool = False) -> dict[str, float]:
+def evaluate_seq2seq(model: nn.Module, batches: Iterator[Seq2SeqBatch]) -> dict[str, float]:
     """Validation loss (nats per target token), perplexity and target-token accuracy (teacher forced)."""
     total, correct, count = 0.0, 0, 0
+    device = model_device(model)
     for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(batch.input_ids, batch.decoder_input_ids, attention_mask=batch.attention_mask)
+        batch = to_device(batch, device)
+        # under the caller's autocast (the Trainer's runtime), if any
+        logits = model(batch.input_ids, batch.decoder_input_ids, attention_mask=batch.attention_mask)
         logits = logits.float()
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
                                        ignore_index=IGNORE, reduction="sum"))
@@ -185,13 +188,13 @@ def objective_for(model_cfg: ModelConfig) -> str:
 
 
 def denoising_objective(model_cfg: ModelConfig, tokenizer: Tokenizer, train: np.ndarray, val: np.ndarray, *,
-                        seq_len: int, batch_size: int, seed: int, eval_batch_limit: int, bf16: bool):
+                        seq_len: int, batch_size: int, seed: int, eval_batch_limit: int):
     """(loss_fn, get_batch, evaluate) for `llmkit train --arch t5|bart` (see llmkit.training.pretrain).
     The tokenizer must already hold the objective's tokens (pretrain adds `denoising_tokens`)."""
     batches = DenoisingBatches(train, objective_for(model_cfg), seq_len=seq_len, batch_size=batch_size, seed=seed,
                                tokenizer=tokenizer, start_id=model_cfg.decoder_start_token_id)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return evaluate_seq2seq(model, batches.eval_batches(val, max_batches=eval_batch_limit), bf16=bf16)
+        return evaluate_seq2seq(model, batches.eval_batches(val, max_batches=eval_batch_limit))
 
     return seq2seq_loss, batches.batch, evaluate

@@ -32,6 +32,7 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
+from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -95,8 +96,7 @@ def run_demo(out_dir: str | Path, cfg: TrainConfig, *, n_train: int, n_test: int
     """Train (or resume, or reuse a finished run) and score exact match on the held-out numbers."""
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     started = time.perf_counter()
     train, test = make_task(n_train, n_test, cfg.seed)
     emit("data", {"train": len(train), "test": len(test), "example": train[2]})
@@ -118,7 +118,7 @@ def run_demo(out_dir: str | Path, cfg: TrainConfig, *, n_train: int, n_test: int
     trainer = Trainer(
         model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
         evaluate=lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches),
-                                            bf16=cfg.dtype == "bf16"),
+                                            ),
         checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                          "model": model_cfg.to_dict()}},
         checkpoint_files={"tokenizer.json": own},

@@ -26,6 +26,7 @@ from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.pretrain import run_trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
+from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -51,8 +52,7 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
     """Fine-tune an encoder-decoder model on `data_path`; see the module docstring."""
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     if not resume and list_checkpoints(out_dir / "checkpoints"):
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
     examples = read_seq2seq_records(data_path)  # every record checked before anything is loaded or written
@@ -90,7 +90,7 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
     trainer = Trainer(
         model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
         evaluate=None if held_out is None else
-        (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches), bf16=cfg.dtype == "bf16")),
+        (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches))),
         # "chat" keeps the base model's special-token names and EOS ids (a Hugging Face T5's </s>)
         checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                          "model": model_cfg.to_dict(), "chat": chat_info_json(lm)}},

@@ -20,6 +20,7 @@ from llmkit.data.chat_examples import (IGNORE, Example, length_summary, pack, pa
 from llmkit.data.records import read_sft_records
 from llmkit.errors import DatasetError
 from llmkit.layers.lora import LoraConfig
+from llmkit.runtime import model_device, to_device
 from llmkit.training import finetune
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import TrainState
@@ -41,13 +42,12 @@ def sft_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
 
 @torch.inference_mode()
 def evaluate_sft(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int, *,
-                 max_batches: int, bf16: bool = False) -> dict[str, float]:
+                 max_batches: int) -> dict[str, float]:
     """Held-out loss on reply tokens (nats/token)."""
     total, count = 0.0, 0
     for first in range(0, min(len(examples), max_batches * batch_size), batch_size):
-        ids, labels, _ = pad_batch(examples[first:first + batch_size], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(ids)
+        ids, labels, _ = to_device(pad_batch(examples[first:first + batch_size], pad_id), model_device(model))
+        logits = model(ids)  # under the caller's autocast (the Trainer's runtime), if any
         total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                        labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"))
         count += int((labels[:, 1:] != IGNORE).sum())
@@ -91,8 +91,7 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
                                                                   cfg.seed)], pad_id)
 
     evaluate = None if not val_examples else (
-        lambda m: evaluate_sft(m, val_examples, cfg.batch_size, pad_id, max_batches=cfg.eval_batches,
-                               bf16=cfg.dtype == "bf16"))
+        lambda m: evaluate_sft(m, val_examples, cfg.batch_size, pad_id, max_batches=cfg.eval_batches))
     emit("split", {"train": len(train_examples), "val": len(val_examples), "packed": packing})
     return finetune.train(run, loss_fn=sft_loss, get_batch=get_batch, evaluate=evaluate, resume=resume,
                           on_event=on_event, on_step=on_step)
