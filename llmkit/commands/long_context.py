@@ -36,7 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, kind in (("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_batches", int)):
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=FINETUNE_DEFAULTS[name],
                        help=f"fine-tune {name.replace('_', ' ')} (default: {FINETUNE_DEFAULTS[name]})")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="fine-tune precision (default: fp32)")
+    from llmkit.runtime import DEVICE_HELP
+
+    p.add_argument("--device", default="auto", help=f"fine-tune device: {DEVICE_HELP} (default: auto)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="fine-tune precision: auto (bf16 autocast only where this machine measures it faster), "
+                        "fp32 or bf16 (default: auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: one per core)")
     p.add_argument("--seed", type=int, default=1337, help="fine-tune data order (default: 1337)")
     p.set_defaults(handler=cmd_extend)
 
@@ -64,6 +70,7 @@ def cmd_extend(args: argparse.Namespace) -> None:
         data=args.data, out=str(out), tokenizer=str(ckpt / "tokenizer.json"), config=None, resume=False,
         exclude=args.exclude, steps=steps, seq_len=args.seq_len or new_cfg.max_seq_len, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=min(args.warmup_steps, steps), eval_batches=args.eval_batches,
-        eval_interval=steps, log_interval=min(10, steps), dtype=args.dtype, seed=args.seed,
+        eval_interval=steps, log_interval=min(10, steps), dtype=args.dtype, device=args.device, threads=args.threads,
+        seed=args.seed,
         weight_decay=FINETUNE_DEFAULTS["weight_decay"])
     cmd_train(train_args, model_fields=new_cfg.to_dict(), init_tensors=tensors)

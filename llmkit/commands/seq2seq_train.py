@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Any
 
+from llmkit.commands.progress import Progress
+
 DEMO_OUT = "runs/seq2seq-demo"
 # The demo's settings, measured (README): a T5 v1.1-style model of 0.3M parameters (2+2 layers, width
 # 64) spells held-out numbers exactly after 400 steps (93%) to 1000 steps (100%). One thread: at this
@@ -16,43 +18,6 @@ DEMO_OUT = "runs/seq2seq-demo"
 DEMO_DEFAULTS = dict(preset="t5v11-tiny", steps=800, batch_size=64, lr=3e-3, warmup_steps=50, eval_interval=200,
                      eval_batches=4, log_interval=25, vocab_size=512, max_minutes=10.0, weight_decay=0.01, threads=1)
 FINETUNE_DEFAULTS = dict(steps=300, lr=5e-4, warmup_steps=20, eval_interval=50, eval_batches=10, val_fraction=0.1)
-
-
-class Progress:
-    """The tqdm bar and status lines of a training command (the pattern of `llmkit train`)."""
-
-    def __init__(self) -> None:
-        self.bar = None
-
-    def say(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr))(line)
-
-    def on_event(self, kind: str, info: dict[str, Any]) -> None:
-        if kind == "resume" and info["path"]:
-            self.say(f"resuming from {info['path']} (step {info['step']})")
-        elif kind == "model":
-            self.say(f"model: {info['params'] / 1e6:.2f}M parameters")
-        elif kind == "start" and info["step"] >= info["steps"]:
-            self.say(f"already trained to step {info['step']} of {info['steps']}; nothing to do")
-        elif kind == "start":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True,
-                            file=sys.stderr, disable=None)
-        elif kind == "eval":
-            self.say(f"step {info['step']}: val loss {info['val_loss']:.4f}, ppl {info['val_ppl']:.2f}, "
-                     f"token accuracy {info['val_acc']:.3f}")
-
-    def on_step(self, row: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                 lr=f"{row['lr']:.1e}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def cmd_finetune_seq2seq(args: argparse.Namespace) -> None:
