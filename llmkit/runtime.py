@@ -122,7 +122,7 @@ def set_threads(threads: int | None) -> int:
 
 # ---- the precision probe --------------------------------------------------------------------------
 
-PROBE_ROWS = 256  # rows of the probe's products: enough to show the kernel's rate, well under a second
+PROBE_ROWS = 2048  # enough rows that casting the weights (autocast) costs what it does in a real step
 
 
 def linear_shapes(model: nn.Module, rows: int) -> list[Shape]:
