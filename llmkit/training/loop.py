@@ -9,8 +9,8 @@ weights, AdamW moments, RNG state, the step (which fixes the data position: batc
 function of their index) and the run's plan (its length and warm-up, which fix the learning rate).
 
 With `time_budget`, the length is planned from timed steps (llmkit/training/budget.py) and remade at
-each checkpoint, from the speeds and elapsed time that checkpoint records, until the learning rate
-starts to decay; a run resumed from a checkpoint therefore makes the same plan as one that went on.
+each log line and checkpoint from the measured speeds, until the learning rate starts to decay; the
+speeds and time used are checkpointed, so a resumed run plans as the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -220,6 +220,14 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if cfg.time_budget is None or state.plan_final or self.speeds is None:
             return
+        if state.planned_steps is not None and cfg.lr_schedule == "wsd" and \
+                state.step >= state.planned_steps - decay_steps(state.planned_steps, cfg):
+            state.plan_final = True  # the decay has begun: its length is fixed
+            notify("plan", {"steps": state.planned_steps, "warmup": state.planned_warmup, "step": state.step,
+                            "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60,
+                            "elapsed_s": self._elapsed(), "final": True, "first": False,
+                            "schedule": cfg.lr_schedule})
+            return
         total = plan_steps(budget_s=cfg.time_budget * 60, elapsed_s=self._elapsed(), step=state.step,
                            speeds=self.speeds, eval_interval=cfg.eval_interval, max_steps=cfg.steps)
         if state.planned_warmup is None:
@@ -269,6 +277,7 @@ class Trainer:
                         if self.speeds is not None:  # the real step time replaces the probe's
                             self.speeds = dataclasses.replace(self.speeds, step_s=elapsed_window / window_steps)
                         window_tokens, window_start, window_steps = 0, self.clock(), 0
+                        self._replan(notify)
                     if on_step is not None:
                         on_step({**row, "steps": self.total_steps})
                 out_of_time = cfg.max_minutes is not None and self.clock() - started > cfg.max_minutes * 60

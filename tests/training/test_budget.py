@@ -92,9 +92,11 @@ def rows(path):
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_a_budgeted_run_ends_a_complete_schedule_within_its_budget(tmp_path):
+@pytest.mark.parametrize("eval_interval", [25, 1000])  # 1000: no checkpoint until the end
+def test_a_budgeted_run_ends_a_complete_schedule_within_its_budget(tmp_path, eval_interval):
     clock = FakeClock()
-    trainer = toy_run(tmp_path, clock, budget_min=2.0)  # 120 s at 1 s a step and 3 s an evaluation
+    # 120 s at 1 s a step and 3 s an evaluation
+    trainer = toy_run(tmp_path, clock, budget_min=2.0, eval_interval=eval_interval)
     events = []
     state = trainer.run(on_event=lambda kind, info: events.append((kind, info)))
     used = clock.now - 1000.0
