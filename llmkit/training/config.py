@@ -37,6 +37,9 @@ class TrainConfig:
                          choices=("auto", "cosine", "wsd"))
     decay_fraction: float = knob(0.2, "wsd: the share of the steps spent decaying the learning rate")
     weight_decay: float = knob(0.1, "AdamW weight decay (never on norms, biases or embeddings)")
+    optimizer: str = knob("adamw", "adamw, or muon: Muon for the hidden 2-D weights (same --lr, matched to "
+                                   "AdamW's update size) and AdamW for embeddings, head, norms and biases",
+                          choices=("adamw", "muon"))
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.95, "AdamW beta2")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
@@ -81,6 +84,8 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         if self.schedule not in ("auto", "cosine", "wsd"):
             raise ConfigError(f"--schedule must be auto, cosine or wsd, got {self.schedule!r}")
         if not 0 < self.decay_fraction <= 1:
