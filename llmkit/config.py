@@ -16,7 +16,7 @@ from llmkit.errors import ConfigError
 
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
-MLPKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
@@ -25,7 +25,7 @@ AttentionPattern = Literal["full", "sliding_window", "longformer", "bigbird"]
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-MLP_KINDS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+MLP_KINDS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu")
 POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 ARCHS = ("decoder", "encoder", "encoder-decoder")
@@ -80,6 +80,13 @@ class ModelConfig:
     qkv_bias: bool | None = None  # None → bias (Qwen2: True with bias=False)
     tie_embeddings: bool = True
     dropout: float = 0.0
+    # Small-model training records (modded-nanoGPT, OLMo 2, Gemma 2): RMS-normalise each head's query and
+    # key before RoPE; cap logits smoothly at ±logit_softcap (cap·tanh(z/cap); 0 = off); start each
+    # block's output projections (attention o_proj, MLP down_proj) at zero, so every block begins as
+    # the identity on the residual stream.
+    qk_norm: bool = False
+    logit_softcap: float = 0.0
+    zero_init_residual: bool = False
     init_std: float = 0.02
     # Which stacks exist: a causal decoder (GPT, LLaMA), a bidirectional encoder (BERT), or both
     # with cross-attention (T5, BART).
@@ -147,6 +154,8 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise ConfigError(f"ModelConfig.logit_softcap must be ≥ 0 (0 = off), got {self.logit_softcap!r}")
         for name in ("n_kv_heads", "head_dim", "d_ff", "rope_original_max_seq_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -334,6 +343,8 @@ class ModelConfig:
             attn += q_out + 2 * kv_out
         if self.bias:
             attn += d
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         stored_layers = 1 if self.share_layers else L  # ALBERT stores one block

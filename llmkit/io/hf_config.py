@@ -252,6 +252,7 @@ def _export_family(cfg: ModelConfig) -> str:
         family = "mistral"  # Mistral is LLaMA with every layer attending to a sliding window (and no biases)
     else:
         wants["attention_pattern"] = "full"  # the other families attend to every key (layers/sparse.py)
+    wants.update(qk_norm=False, logit_softcap=0.0)  # none of these families has them
     for name, wanted in wants.items():
         if getattr(cfg, name) != wanted:
             raise ModelFormatError(f"cannot export to Hugging Face {family}: {name}={getattr(cfg, name)!r} "

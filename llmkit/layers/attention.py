@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
 from llmkit.layers.linear import Linear
+from llmkit.layers.norm import RMSNorm
 from llmkit.layers.position import apply_rope
 
 
@@ -83,6 +84,9 @@ class Attention(nn.Module):
         # For decoding, q/k/v may be fused into one projection (llmkit/inference/optimize.py): one
         # matrix-vector product per layer instead of three. None: the three separate projections.
         self.qkv_proj: nn.Module | None = None
+        # QK-norm: RMSNorm over each head's query and key (before RoPE), bounding the attention logits.
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
                 mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0,
@@ -117,11 +121,15 @@ class Attention(nn.Module):
         if self.qkv_proj is None:
             q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
             k, v = self.project_kv(x)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             return q, k, v
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
         qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], dim=1)
         if rope is not None:  # one rotation for the query and key heads together
             qk = apply_rope(qk, *rope)
         return qk[:, :H], qk[:, H:], v

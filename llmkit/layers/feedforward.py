@@ -14,6 +14,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # ReLU² (Primer, So et al. 2021; modded-nanoGPT)
     "swiglu": F.silu,
     "geglu": lambda x: F.gelu(x, approximate="tanh"),
 }

@@ -40,6 +40,8 @@ class CausalLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+                if cfg.zero_init_residual:
+                    nn.init.zeros_(p)
         if cfg.body != "transformer":
             self.stack.reset_recurrent_parameters()
 
@@ -52,7 +54,11 @@ class CausalLM(nn.Module):
         """Logits (B, T, vocab); with `last_only`, (B, 1, vocab) for the last position only — all a
         generation step reads, and the vocabulary projection of a long prompt is not cheap."""
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
-        return self.lm_head(hidden[:, -1:] if last_only else hidden)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def hidden_states(self, input_ids: Tensor, *, attention_mask: Tensor | None = None,
                       positions: Tensor | None = None, cache=None) -> Tensor:
