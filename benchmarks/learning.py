@@ -44,6 +44,20 @@ from llmkit.training.pretrain import pretrain
 NANOGPT = dict(preset="gpt2-mini", batch_size=16, seq_len=256, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1,
                schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, vocab_size=8192, dtype="fp32",
                eval_interval=50, eval_batches=10)
+# Variants of the demo's recipe, for choosing it (`--recipes demo,muon,...`): (training, model) changes.
+VARIANTS = {
+    "demo": ({}, {}),
+    "fp32": ({"dtype": "fp32"}, {}),
+    "muon": ({"optimizer": "muon"}, {}),
+    "qk-norm": ({}, {"qk_norm": True}),
+    "relu2": ({}, {"mlp": "relu2"}),
+    "zero-init": ({}, {"zero_init_residual": True}),
+    "softcap": ({}, {"logit_softcap": 30.0}),
+    "untied": ({}, {"tie_embeddings": False}),
+    "gpt2": ({"preset": "gpt2-demo"}, {}),
+    "seq128": ({"seq_len": 128, "batch_size": 32}, {}),
+    "lr2e-3": ({"lr": 2e-3}, {}),
+}
 HELD_OUT_PACKAGE = "jinja2"  # pure-Python source installed beside llmkit, not part of the stdlib corpus
 
 
@@ -76,11 +90,12 @@ def bits_per_byte(run: Path, text: str) -> float:
     return total / math.log(2) / len(text.encode())
 
 
-def train(name: str, settings: dict, budget_min: float, out: Path, data: list[str]) -> dict:
+def train(name: str, settings: dict, budget_min: float, out: Path, data: list[str],
+          model: dict | None = None) -> dict:
     cfg = TrainConfig(**{**settings, "steps": 100_000, "time_budget": budget_min})
     started = time.perf_counter()
     events: dict[str, dict] = {}
-    state = pretrain(data, out / name, cfg, exclude=("site-packages", "__pycache__"),
+    state = pretrain(data, out / name, cfg, exclude=("site-packages", "__pycache__"), model_overrides=model,
                      on_event=lambda kind, info: events.__setitem__(kind, info))
     seconds = time.perf_counter() - started
     return {"name": name, "steps": state.step, "tokens": state.tokens_seen, "seconds": seconds,
@@ -92,6 +107,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=5.0, help="minutes per recipe (default: 5)")
     parser.add_argument("--out", default="runs/learning-benchmark", help="where the runs go (replaced)")
     parser.add_argument("--held-out", default=HELD_OUT_PACKAGE, help="installed package whose source is scored")
+    parser.add_argument("--recipes", default="nanogpt,demo",
+                        help=f"comma-separated, the first is the baseline: nanogpt, {', '.join(VARIANTS)} "
+                             "(default: nanogpt,demo)")
     args = parser.parse_args()
     import shutil
 
@@ -105,16 +123,21 @@ def main() -> None:
     print(f"corpus: {stdlib} ({len(find_text_files([stdlib], exclude=('site-packages', '__pycache__'))[0])} files)")
     print(f"held out: {where}")
     demo = {k: v for k, v in DEMO_DEFAULTS.items() if k not in ("steps", "time_budget")}
+    recipes = {"nanogpt": (NANOGPT, {})}
+    recipes.update({name: ({**demo, **changes}, model) for name, (changes, model) in VARIANTS.items()})
     results = []
-    for name, settings in (("nanogpt", NANOGPT), ("demo", demo)):
+    for name in args.recipes.split(","):
+        if name not in recipes:
+            sys.exit(f"error: unknown recipe {name!r}; choose from {', '.join(recipes)}")
+        settings, model = recipes[name]
         print(f"training {name} for {args.budget:g} minutes …", flush=True)
-        row = train(name, settings, args.budget, out, [stdlib])
+        row = train(name, settings, args.budget, out, [stdlib], model)
         row["bpb"] = bits_per_byte(out / name, text)
         results.append(row)
         print(f"  {row['runtime']}; {row['steps']} steps, {row['tokens']:,} tokens in {row['seconds']:.0f} s; "
               f"held-out {row['bpb']:.3f} bits/byte", flush=True)
     base = results[0]["bpb"]
-    print(f"\n| recipe | params | steps | tokens | wall s | held-out bits/byte | vs nanogpt |")
+    print(f"\n| recipe | params | steps | tokens | wall s | held-out bits/byte | vs {results[0]['name']} |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in results:
         print(f"| {row['name']} | {row['params'] / 1e6:.2f}M | {row['steps']} | {row['tokens']:,} | "
