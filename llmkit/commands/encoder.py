@@ -1,6 +1,6 @@
 """Encoder-only (BERT family) subcommands (registered by llmkit.cli.build_parser).
 
-    llmkit embed --model PATH TEXT... [--no-normalize] [--batch-size N]
+    llmkit embed --model PATH TEXT... [--no-normalize] [--batch-size N] [--device D] [--dtype T] [--threads N]
     llmkit finetune-classifier --model PATH --data FILE.jsonl --out DIR [--labels A,B,...]
                                [--val-data FILE.jsonl] [--max-len T] [training flags]
 
@@ -24,6 +24,7 @@ FINETUNE_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, warmup_steps=10, wei
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `embed` and `finetune-classifier` to the `llmkit` parser."""
     from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.speed import add_speed_flags
     from llmkit.training.config import TrainConfig
 
     emb = sub.add_parser("embed", help="sentence embeddings from an encoder (mean pooling), as JSON")
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     emb.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                      help="L2-normalise each embedding, so dot products are cosines (default: on)")
     emb.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default: 16)")
+    add_speed_flags(emb, quantize=False)
     emb.set_defaults(handler=cmd_embed)
 
     ft = sub.add_parser("finetune-classifier", help="fine-tune an encoder on JSONL {\"text\", \"label\"} records",
@@ -50,13 +52,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    import llmkit
+    from llmkit.commands.speed import announce, load_with_flags
     from llmkit.errors import ConfigError
     from llmkit.inference.embed import embed_texts, encoder_batch
 
     if args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be > 0, got {args.batch_size}")
-    lm = llmkit.load(args.model)
+    lm = load_with_flags(args.model, args)
+    announce(lm.runtime)
     vectors = embed_texts(lm.model, lm.tokenizer, args.texts, normalize=args.normalize, batch_size=args.batch_size)
     truncated = encoder_batch(lm.tokenizer, args.texts, lm.model.cfg.max_seq_len)[2]
     if truncated:

@@ -162,17 +162,22 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import torch
 
+    from llmkit.commands.speed import announce, place
     from llmkit.data.chat_examples import render_prompt_response
     from llmkit.errors import GenerationError
     from llmkit.models.heads import load_reward_model
+    from llmkit.runtime import resolve_device
 
+    resolve_device(args.device)  # an absent device is the one error line, before anything is read
     rm, lm = load_reward_model(args.model)
     example = render_prompt_response(lm, args.prompt, args.response, "--prompt/--response")
     if len(example.ids) > rm.cfg.max_seq_len:
         raise GenerationError(f"--prompt and --response are {len(example.ids)} tokens, longer than the reward "
                               f"model's context ({rm.cfg.max_seq_len})")
+    runtime = place(rm, args, rows=len(example.ids))
+    announce(runtime)
     with torch.inference_mode():
-        reward = float(rm(torch.tensor([example.ids]))[0])
+        reward = float(rm(torch.tensor([example.ids], device=runtime.device))[0])
     print(f"{reward:.6f}")
 
 
@@ -198,4 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     score.add_argument("--model", required=True, metavar="RM", help="a `llmkit reward` output or checkpoint")
     score.add_argument("--prompt", required=True, help="the user's prompt")
     score.add_argument("--response", required=True, help="the response to score")
+    from llmkit.commands.speed import add_speed_flags
+
+    add_speed_flags(score, quantize=False)
     score.set_defaults(handler=cmd_score)

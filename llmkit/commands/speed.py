@@ -1,0 +1,74 @@
+"""Device, precision and speed flags of the commands that run a trained model (generate, chat,
+embed, score), and the load that applies them.
+
+    --device auto|cpu|cuda|cuda:N|mps   --dtype auto|fp32|bf16|fp16   --threads N   [--quantize none|int4]
+
+`auto` is llmkit.runtime's choice (bf16 on a CPU only where it has native bf16 and a probe measures it
+faster). Each load prints one line to stderr saying what was chosen and why, e.g.
+`device cpu (AVX2, 2 threads), fp32: no native bf16, int4 weights (8-bit head)`, and a second,
+`warning: ...`, when an explicit --dtype bf16 was measured slower than fp32 (it still runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmkit.runtime import DEVICE_HELP, DTYPE_CHOICES
+
+
+def add_speed_flags(p: argparse.ArgumentParser, *, quantize: bool = True) -> None:
+    """--device, --dtype, --threads and (with quantize) --quantize."""
+    p.add_argument("--device", default="auto", metavar="DEVICE", help=f"{DEVICE_HELP} (default: auto)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weights and activations: auto (bf16 where this machine runs it faster, measured; else "
+                        "fp32), fp32 (exact), bf16 (half the bytes per token; logits drift by a few tenths) or "
+                        "fp16 (default: auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's, one per core)")
+    if quantize:
+        p.add_argument("--quantize", choices=("none", "int4"), default="none",
+                       help="int4: keep the layers' weights in 4 bits and the LM head's in 8 (groups of 32, bf16 "
+                            "scales), the fastest decoding; a Q4_0/Q4_1 GGUF with a Q8_0 head keeps its own codes "
+                            "(default: none)")
+
+
+def announce(runtime, extra: str = "") -> None:
+    """The runtime line (and its warning, if any) on stderr."""
+    print(runtime.describe() + (f", {extra}" if extra else ""), file=sys.stderr)
+    if runtime.warning:
+        print(runtime.warning, file=sys.stderr)
+
+
+def load_with_flags(path: str | Path, args: argparse.Namespace):
+    """llmkit.load on the device and in the precision the flags ask for; threads set first."""
+    import llmkit
+    from llmkit.runtime import resolve_device, set_threads
+
+    resolve_device(args.device)  # an absent device is the one error line, before anything is read
+    set_threads(args.threads)
+    return llmkit.load(path, device=args.device, dtype=args.dtype)
+
+
+def place(model, args: argparse.Namespace, *, rows: int):
+    """Move an already loaded `model` where the flags ask, its weights in the precision they ask for
+    (auto: probed on `rows`-row products); returns the Runtime. For models llmkit.load does not build
+    whole (a reward model around a loaded one)."""
+    from llmkit.runtime import make_runtime
+
+    runtime = make_runtime(args.device, args.dtype, args.threads, model=model, rows=rows, training=False)
+    model.to(device=runtime.device, dtype=runtime.torch_dtype)
+    return runtime
+
+
+def load_for_generation(path: str | Path, args: argparse.Namespace):
+    """load_with_flags, then the inference-only speed-ups (fused projections, optional int4 weights
+    computing in the runtime's precision), then the runtime line on stderr."""
+    from llmkit.inference.optimize import prepare_for_decoding
+
+    lm = load_with_flags(path, args)
+    report = prepare_for_decoding(lm.model, quantize=getattr(args, "quantize", "none"),
+                                  dtype=lm.runtime.torch_dtype)
+    announce(lm.runtime, report.describe())
+    return lm
