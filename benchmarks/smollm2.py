@@ -11,6 +11,10 @@ llmkit/inference/optimize.py):
   llmkit fp32         llmkit.load(gguf): Q4_1 weights dequantized to float32
   llmkit bf16         llmkit.load(gguf, dtype=torch.bfloat16)
   llmkit int4         bf16, layer weights as 4-bit groups, LM head as 8-bit (--quantize int4; the file's codes)
+  llmkit auto (…)     `llmkit chat`'s default precision with --quantize int4: llmkit.load(gguf, dtype="auto"),
+                      int4 layers computing in the dtype chosen here (bf16 only where the CPU has native
+                      bf16 and a probe measures it faster; else fp32 activations and fp32 prefill); the
+                      row names the choice
   transformers fp32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.float32)
   transformers bf16   a copy of that model, .to(torch.bfloat16)
   llama.cpp           llama_cpp.Llama(gguf) on the quantized weights, only if llama_cpp imports
@@ -269,13 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     lm32 = llmkit.load(path)
     lm16 = llmkit.load(path, dtype=torch.bfloat16)
     lm4 = llmkit.load(path, dtype=torch.bfloat16)
-    for lm, quantize in ((lm32, None), (lm16, None), (lm4, "int4")):
-        prepare_for_decoding(lm.model, quantize=quantize)
-    load_notes = [f"llmkit: the three loads and preparations took {time.perf_counter() - t0:.1f} s"]
+    lm_auto = llmkit.load(path, dtype="auto")  # the probe runs here, on this machine's threads
+    for lm, quantize in ((lm32, None), (lm16, None), (lm4, "int4"), (lm_auto, "int4")):
+        prepare_for_decoding(lm.model, quantize=quantize, dtype=lm.runtime.torch_dtype)
+    load_notes = [f"llmkit: the four loads and preparations took {time.perf_counter() - t0:.1f} s",
+                  f"llmkit auto: {lm_auto.runtime.describe()}"]
     prompt = build_prompt(lm32, P)
     if P + N > lm32.config.max_seq_len:
         raise SystemExit(f"--prompt-len + --new-tokens = {P + N} exceed the model's context {lm32.config.max_seq_len}")
-    rows = [llmkit_row("llmkit fp32", lm32), llmkit_row("llmkit bf16", lm16), llmkit_row("llmkit int4", lm4)]
+    rows = [llmkit_row("llmkit fp32", lm32), llmkit_row("llmkit bf16", lm16), llmkit_row("llmkit int4", lm4),
+            llmkit_row(f"llmkit auto (int4, {lm_auto.runtime.dtype})", lm_auto)]
     impl = None
     if use_hf:
         t0 = time.perf_counter()
