@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -145,6 +146,11 @@ def test_kl_penalty_is_zero_when_policy_equals_reference(tiny):
 FAST = dict(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, seed=0, threads=1, eval_interval=5)
 TOY = PPOConfig(rollout_batch=16, minibatch_size=8, ppo_epochs=2, max_new_tokens=8, kl_coef=0.0,
                 no_eos_penalty=0.0)
+# The learning test samples twice TOY's responses per step (32, two minibatches of 16). With 16 the seeded run
+# was a coin toss across CPU kernels: rounding differences change which tokens get sampled after ~10 steps, and
+# from there it is another run. With 16, 6 of seeds 0-19 (AVX-512) ended in a local optimum ("ab ab …",
+# "\x18a\x18a …": last-3 mean 0.12-0.50), and the AVX2 kernels took seed 0 into one (0.48 against > 0.5).
+LEARN = dataclasses.replace(TOY, rollout_batch=32, minibatch_size=16)
 
 
 def scores_of(run) -> list[float]:
@@ -152,21 +158,28 @@ def scores_of(run) -> list[float]:
 
 
 def test_ppo_raises_a_toy_reward_and_the_output_loads(tiny, tmp_path):
-    """Reward = fraction of "a" in the response: from ~1/300 per token for a random model to most
-    of the response within 30 PPO steps (seeded)."""
+    """Reward = fraction of "a" in the response: from ~1/60 of the characters for a random model to
+    most of the response within 30 PPO steps (seeded; the bound below asks for less, see there)."""
     out = tmp_path / "run"
     train_ppo(tiny, "ppo_helpers:a_fraction", ["hello", "abc", "x", "the"], out,
-              TrainConfig(steps=30, **FAST), TOY, chat=False)
+              TrainConfig(steps=30, **FAST), LEARN, chat=False)
     scores = scores_of(out)
     assert len(scores) == 30
-    assert sum(scores[:3]) / 3 < 0.1 and sum(scores[-3:]) / 3 > 0.5, scores
+    # Scores are means over 32 responses; the end is averaged over the last 10 steps (320 responses). Measured
+    # first-3 / last-10 means, seed 0: 0.017 / 0.997 (AVX-512), 0.017 / 0.990 (AVX2), 0.017 / 0.997 (default).
+    # Seeds 0-19 stand in for the divergence between kernels: worst last-10 means 0.72 / 0.49 / 0.52 (AVX-512 /
+    # AVX2 / default; 56 of the 60 runs above 0.85), first-3 means at most 0.026. With lr 0 (no learning) the
+    # last-10 mean is 0.016. Bound 0.3: 19× the no-learning value and 0.6× the worst of the 60 runs.
+    assert sum(scores[:3]) / 3 < 0.1 and sum(scores[-10:]) / 10 > 0.3, scores
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("score", "reward", "kl", "entropy", "clip_fraction", "value_loss", "explained_variance",
                 "response_length", "no_eos_fraction", "lr", "grad_norm"):
         assert key in row
     lm = llmkit.load(out)  # the policy alone: the value head and optimizer state sit beside it
     text = lm.generate("hello", max_new_tokens=8, temperature=0.0)
-    assert text and text.count("a") >= len(text) / 2, text
+    # The untrained policy's greedy text is "ffffffff" (no "a"); over the 60 runs above the loaded output's was
+    # at least half "a" (56 runs "aaaaaaaa", the lowest "abab…"). A quarter: 2× below the worst.
+    assert text and text.count("a") >= len(text) / 4, text
 
 
 def test_ppo_resume_is_exact(tiny, tmp_path):
