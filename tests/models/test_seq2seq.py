@@ -91,7 +91,10 @@ def test_reference_and_fused_attention_kernels_agree_with_bias_masks_and_cross_a
     with torch.no_grad():
         fused = model(ids, targets, attention_mask=mask)
         reference = set_attention_impl(model, "reference")(ids, targets, attention_mask=mask)
-    assert (fused - reference).abs().max() < 1e-5
+    # fp32 reduction order only (torch's SDPA vs softmax(QKᵀ)V written out), through ×8 weights. Measured max
+    # |fused − reference|: 7.6e-6 (AVX-512), 9.5e-6 (AVX2), 1.5e-5 (default: over the old 1e-5 bound). Bound 1e-4:
+    # 6.5× the worst; dropping the padding mask moves these logits (max 71) by 1.7.
+    assert (fused - reference).abs().max() < 1e-4
 
 
 def test_encoder_runs_once_and_cross_attention_is_projected_once_per_request(monkeypatch):
