@@ -30,7 +30,13 @@ from seq2seq_helpers import VOCAB, padded_batch, save_hf_dir, t5_model, tokenize
 
 pytest.importorskip("transformers")
 
+# Loading: llmkit and transformers do the same fp32 ops in a different order. Measured max differences (AVX-512 /
+# AVX2 / default): encoder output 4.8e-7 / 4.8e-7 / 7.6e-7, logits 3.8e-6 / 2.9e-6 / 3.3e-6: 1e-4 is ≥ 26× those.
 TOLERANCE = 1e-4
+# Export check: weights ×20 give activations far above the logits, so rounding reaches the v1.1 logits (max 9.8)
+# at 5.3e-5 / 6.3e-5 / 6.8e-5 (AVX-512 / AVX2 / default; v1.0: 0), 1.5× under the 1e-4 used before. 3e-4: 4.4×
+# the worst.
+EXPORT_TOLERANCE = 3e-4
 EOS = 1
 
 
@@ -103,7 +109,7 @@ def test_t5_export_loads_in_transformers_with_the_same_outputs(tmp_path, name):
         ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=targets, decoder_attention_mask=target_mask)
         ours = model(ids, targets, attention_mask=mask, decoder_attention_mask=target_mask)
         generated = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    assert (ours - ref.logits)[target_mask.bool()].abs().max() < TOLERANCE
+    assert (ours - ref.logits)[target_mask.bool()].abs().max() < EXPORT_TOLERANCE
     assert ref.logits.abs().max() > 1.0
     sources = [row[:n].tolist() for row, n in zip(ids, mask.sum(1))]
     mine = seq2seq_generate(model, sources, max_new_tokens=10, params=SamplingParams(temperature=0), eos_ids=[EOS])
