@@ -39,8 +39,11 @@ needs_smollm = pytest.mark.skipif(SMOLLM_DIR is None or not (SMOLLM_DIR / SMOLLM
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 40  # ≥ 32 compared token for token
-LOGIT_ATOL = 1e-4  # fp32, bitwise-equal dequantised weights; 0.0 measured here (same kernels)
-INT4_LOGIT_ATOL = 1.5  # bf16 scales and activations on logits of magnitude ~30 (0.5-0.8 measured)
+LOGIT_ATOL = 1e-4  # fp32, bitwise-equal dequantised weights: 0.0 measured on AVX-512, AVX2 and default kernels
+# bf16 scales and activations on logits of magnitude ~30. Measured max |int4 − fp32| of the next-token logits with
+# bf16 activations: 0.46 (AVX-512), 0.46 (AVX2), 0.85 (default kernels: 1.8× under the 1.5 used before); fp32
+# activations: 0.32-0.45 on all three. 3.0: 3.5× the worst.
+INT4_LOGIT_ATOL = 3.0
 TIE_GAP = 1e-2  # a top-two gap this small can flip on rounding: a divergence there is a tie-break
 TEXTS = [
     "Hello, world! How are you doing today?",
@@ -52,6 +55,15 @@ TEXTS = [
     "<|im_start|>user\nhi there<|im_end|>\n<|endoftext|>",
     "naïve café résumé — Ω≈ç√∫ «quotes» „Anführung“",
 ]
+
+
+def within_one_bf16_ulp_of_the_top(logits: torch.Tensor, token: torch.Tensor) -> bool:
+    """The int4 kernel returns bf16 logits: one ulp is 0.125 at 16-32. The fp32 model's top two next tokens for
+    MESSAGES are 0.082 apart (504: 25.33, 60: 25.24), so they may round to one value and argmax then takes the
+    lower id (default kernels: both 25.25 → 60; AVX-512, AVX2: 504 ahead by one ulp). So a top token is checked
+    as holding the maximum to within one bf16 ulp."""
+    best = logits.max()
+    return bool(logits[token] >= best - torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(best.abs())))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +165,8 @@ def test_smollm_chat_greedy_and_logits_match(smol, hf_smol):
 def test_smollm_int4_decoding_keeps_the_files_codes(smol):
     """`--quantize int4` re-quantises the dequantised weights: the Q4_1 layers and the Q8_0 head (the
     tied embedding) come back as the file's own codes, so the int4 model differs from the fp32 one
-    only by bf16 rounding (scales, activations): next-token logits within INT4_LOGIT_ATOL, same top token."""
+    only by bf16 rounding (scales, activations): next-token logits within INT4_LOGIT_ATOL, same top token
+    (to one bf16 ulp)."""
     blk = smol.model.stack.blocks[7]
     for w in (blk.attn.q_proj.weight, blk.attn.v_proj.weight, blk.mlp.down_proj.weight):
         codes, scale, minimum = quantize_int4(w)
@@ -171,7 +184,7 @@ def test_smollm_int4_decoding_keeps_the_files_codes(smol):
         ref = smol.model(torch.tensor([ids]))[0, -1]
         got = int4.model(torch.tensor([ids]), last_only=True)[0, -1].float()
     print(f"\nint4 vs fp32 next-token logits: max abs diff {(got - ref).abs().max().item():.3f}")
-    assert (got - ref).abs().max() < INT4_LOGIT_ATOL and got.argmax() == ref.argmax()
+    assert (got - ref).abs().max() < INT4_LOGIT_ATOL and within_one_bf16_ulp_of_the_top(got, ref.argmax())
 
 
 @needs_smollm
@@ -198,7 +211,8 @@ def test_smollm_int4_in_fp32_is_the_fp32_model_but_for_bf16_scales(smol, monkeyp
     print(f"\nfp32 int4 vs fp32: all {len(ids)} positions (dequantised path) {d_all:.3f}; "
           f"next token (kernel) {d_next:.3f}")
     assert d_all < INT4_LOGIT_ATOL and d_next < INT4_LOGIT_ATOL
-    assert torch.equal(dequantised.argmax(-1), ref.argmax(-1)) and kernel.argmax() == ref[-1].argmax()
+    assert torch.equal(dequantised.argmax(-1), ref.argmax(-1))  # same on AVX-512, AVX2 and default kernels
+    assert within_one_bf16_ulp_of_the_top(kernel, ref[-1].argmax())  # the kernel's logits are bf16
 
 
 CASES = {
