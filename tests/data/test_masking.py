@@ -110,7 +110,7 @@ def test_mlm_objective_batches_are_a_pure_function_of_the_index():
     stream = np.array(tok.encode("the unplayable replayers misplayed on the mat " * 200), dtype=np.int64)
     for whole_word in (False, True):
         _, get_batch, _ = mlm_objective(tok, stream, stream[:200], seq_len=32, batch_size=4, seed=0,
-                                        eval_batch_limit=1, bf16=False, whole_word=whole_word)
+                                        eval_batch_limit=1, whole_word=whole_word)
         inputs, labels, mask = get_batch(3)
         again = get_batch(3)
         assert inputs.shape == labels.shape == (4, 32) and mask is None
