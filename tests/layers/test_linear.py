@@ -8,6 +8,8 @@ from llmkit.layers.linear import Linear
 
 
 @pytest.mark.parametrize("bias", [True, False])
+# fp32: the same dot products, 0.0 measured; bf16: one output rounding (half an ulp at |y| < 2 is 3.9e-3), 3.9e-3
+# measured (AVX-512 / AVX2 / default).
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 @pytest.mark.parametrize("shape", [(1, 1, 48), (1, 48), (48,)])
 def test_one_row_fast_path_matches_matmul(bias, dtype, atol, shape):

@@ -62,6 +62,8 @@ def our_cos_sin(cfg, positions):
     return cos[:, 0], sin[:, 0]
 
 
+# cos/sin against transformers (here and below): the same fp32 ops, 0.0 measured (AVX-512 / AVX2 / default);
+# 1e-6 leaves room for a few ulps (1.2e-7 at 1) from a different libm.
 @pytest.mark.parametrize("where", POSITIONS)
 @pytest.mark.parametrize("factor", [2.0, 5.0])
 @pytest.mark.parametrize("kind,extra,hf_extra", VARIANTS, ids=lambda v: repr(v) if isinstance(v, dict) else v)
@@ -117,6 +119,7 @@ def test_linear_scaling_is_position_interpolation(s):
     scaled, _ = rope_frequencies(cfg)
     cos, sin = rope_cos_sin(s * p, scaled, torch.float32)
     plain_cos, plain_sin = rope_cos_sin(p, rope_inv_freq(HEAD_DIM, cfg.rope_theta), torch.float32)
+    # angles ≤ 49 rad rounded twice (θ/s, then ×s·p): ≤ ~5e-6 in fp32; 8.9e-7 measured (AVX-512 / AVX2 / default)
     torch.testing.assert_close(cos, plain_cos, atol=1e-5, rtol=0)
     torch.testing.assert_close(sin, plain_sin, atol=1e-5, rtol=0)
     # and not at position p itself
@@ -138,6 +141,8 @@ def cached_and_full(model, T, prefill=5):
     return torch.cat(steps, dim=1), full
 
 
+# Cached vs full decoding below: fp32 summation order only. Measured: yarn 3.3e-6 / 3.7e-6 / 3.9e-6, dynamic
+# 3.3e-6 / 3.3e-6 / 4.6e-6 (AVX-512 / AVX2 / default): 1e-5 is ≥ 2.2× the worst (attention kernels, not RoPE).
 def test_yarn_model_cached_decoding_equals_recomputation():
     # 40 tokens over an original context of 16: decoding runs well past where YaRN changes anything
     model = tiny_llama(rope_scaling="yarn", rope_factor=4.0, rope_original_max_seq_len=16)

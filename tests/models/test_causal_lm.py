@@ -11,6 +11,8 @@ from llmkit.inference.kv_cache import KVCache
 from llmkit.inference.sampling import SamplingParams
 from llmkit.models.causal_lm import CausalLM
 
+# fp32 summation order only (chunked prefill, cached decoding, batched vs alone). Worst measured over
+# this file: 2.9e-6 / 2.7e-6 / 2.6e-6 (AVX-512 / AVX2 / default): 3.4× below.
 ATOL = 1e-5
 VOCAB = 97
 GREEDY = SamplingParams(temperature=0.0)

@@ -26,6 +26,7 @@ from seq2seq_helpers import VOCAB, bart_model, padded_batch, save_hf_dir, tokeni
 
 pytest.importorskip("transformers")
 
+# the same fp32 ops as transformers in the same order: 0.0 measured (AVX-512 / AVX2 / default).
 TOLERANCE = 1e-4
 EOS = 2
 

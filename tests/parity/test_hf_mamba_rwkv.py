@@ -58,6 +58,7 @@ def test_logits_match_transformers(pair):
         expected = hf(ids).logits
         got = lm.model(ids)
     assert expected.abs().max() > 0.1  # a real signal, not two zero tensors
+    # fp32 summation order only: 1.2e-6 / 1.2e-6 / 1.4e-6 measured (AVX-512 / AVX2 / default)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 

@@ -80,6 +80,7 @@ def test_hf_directory_with_only_tokenizer_model_loads(corpus, tmp_path):
     assert lm.tokenizer.encode(text) == reference.encode(text)
     ids = torch.tensor([lm.prefix_ids + lm.tokenizer.encode(text)])
     with torch.no_grad():
+        # the same fp32 ops as transformers: 0.0 measured (AVX-512 / AVX2 / default)
         assert (lm.model(ids) - hf(ids).logits).abs().max() < 1e-4
     assert isinstance(lm.generate("def", max_new_tokens=4, temperature=0), str)
 

@@ -47,6 +47,8 @@ def test_dpo_with_policy_equal_to_reference_is_log_2():
     labels = ids.clone()
     labels[:, :4] = IGNORE
     loss, stats = make_dpo_loss(copy.deepcopy(model), beta=0.1)(model, (ids, labels, torch.ones_like(ids)))
+    # identical policy and reference: margin exactly 0, loss = fp32 log(2) (1.9e-9 from the float64 value), measured
+    # (AVX-512 / AVX2 / default)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["reward_margin"] == pytest.approx(0.0, abs=1e-6)
 
@@ -58,6 +60,7 @@ def test_sequence_logprobs_sum_the_supervised_tokens_only():
     labels = torch.tensor([[IGNORE, IGNORE, IGNORE, ids[0, 3], ids[0, 4], IGNORE]])
     logp = model(ids).log_softmax(-1)[0]
     want = logp[2, ids[0, 3]] + logp[3, ids[0, 4]]
+    # the same log_softmax gathered and summed (2 terms of |x| ≲ 5): 0.0 measured (AVX-512 / AVX2 / default)
     assert sequence_logprobs(model, ids, labels).item() == pytest.approx(want.item(), abs=1e-5)
 
 
@@ -70,6 +73,7 @@ def test_reward_is_read_at_the_last_real_token_with_either_padding():
     alone = rm(row)
     right = rm(torch.cat([row, torch.zeros(1, 2, dtype=torch.long)], 1), attention_mask=mask[:1])
     left = rm(torch.cat([torch.zeros(1, 2, dtype=torch.long), row], 1), attention_mask=mask[1:2])
+    # padding changes only summation order: ≤ 1.8e-7 measured (AVX-512 / AVX2 / default)
     assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left, atol=1e-5)
 
 
