@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import importlib.util
 import math
 import sys
@@ -69,7 +70,11 @@ def held_out_text(package: str) -> tuple[str, str]:
     files = sorted(root.rglob("*.py"))
     text = "\n".join(read_text_file(f) for f in files)
     data = text.encode()
-    where = (f"{package} {getattr(sys.modules.get(package), '__version__', '')} source: {len(files)} files, "
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    where = (f"{package} {version} source: {len(files)} files, "
              f"{len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}…")
     return text, where
 
