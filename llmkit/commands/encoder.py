@@ -83,16 +83,22 @@ def cmd_finetune_classifier(args: argparse.Namespace) -> None:
     if args.max_len is not None and args.max_len <= 1:
         raise ConfigError(f"--max-len must be > 1, got {args.max_len}")
 
+    from llmkit.commands.progress import Progress
+
+    progress = Progress()
+
     def on_event(kind: str, info: dict) -> None:
         if kind == "data":
-            print(f"{info['train']} training and {info['val']} held-out records, labels {info['labels']}"
-                  + (f"; {info['truncated']} text(s) truncated to {info['max_len']} tokens" if info["truncated"]
-                     else ""), file=sys.stderr)
-        elif kind == "eval":
-            print(f"step {info['step']}: held-out loss {info['val_loss']:.4f}, accuracy {info['val_accuracy']:.3f}",
-                  file=sys.stderr)
+            progress.say(f"{info['train']} training and {info['val']} held-out records, labels {info['labels']}"
+                         + (f"; {info['truncated']} text(s) truncated to {info['max_len']} tokens"
+                            if info["truncated"] else ""))
+        else:
+            progress.on_event(kind, info)
 
-    summary = finetune_classifier(args.model, args.data, args.out, cfg, labels=labels, val_path=args.val_data,
-                                  max_len=args.max_len, on_event=on_event)
+    try:
+        summary = finetune_classifier(args.model, args.data, args.out, cfg, labels=labels, val_path=args.val_data,
+                                      max_len=args.max_len, on_event=on_event, on_step=progress.on_step)
+    finally:
+        progress.close()
     print(json.dumps(summary))
     print(f"saved to {args.out} (metrics.jsonl, checkpoints/); load it with llmkit.load", file=sys.stderr)

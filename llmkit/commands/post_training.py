@@ -78,12 +78,12 @@ def _options(args: argparse.Namespace):
 
 
 def _progress() -> tuple[Callable[[str, dict[str, Any]], None], Callable[[dict], None], Callable[[], None]]:
-    """on_event, on_step and close for a run: one line per preparation stage, then a progress bar."""
-    state: dict[str, Any] = {"bar": None}
+    """on_event, on_step and close for a run: one line per preparation stage, then the shared
+    training progress (llmkit/commands/progress.py)."""
+    from llmkit.commands.progress import Progress
 
-    def say(line: str) -> None:
-        bar = state["bar"]
-        (bar.write if bar is not None else lambda s: print(s, file=sys.stderr))(line)
+    progress = Progress()
+    say = progress.say
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "records":
@@ -104,30 +104,10 @@ def _progress() -> tuple[Callable[[str, dict[str, Any]], None], Callable[[dict],
         elif kind == "lora":
             say(f"LoRA: rank {info['rank']}, alpha {info['alpha']:g} on {info['layers']} layers; "
                 f"{info['trainable']:,} trainable parameters")
-        elif kind == "warning":
-            say(f"warning: {info['message']}")
-        elif kind == "resume" and info["path"]:
-            say(f"resuming from {info['path']} (step {info['step']})")
-        elif kind == "start" and info["step"] >= info["steps"]:
-            say(f"already trained to step {info['step']} of {info['steps']}; nothing to do")
-        elif kind == "start":
-            from tqdm import tqdm
+        else:
+            progress.on_event(kind, info)
 
-            state["bar"] = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True,
-                                file=sys.stderr, disable=None)
-        elif kind == "eval":
-            say(f"step {info['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in info.items() if k != "step"))
-
-    def on_step(row: dict) -> None:
-        if state["bar"] is not None:
-            state["bar"].update(1)
-            state["bar"].set_postfix(loss=f"{row['train_loss']:.3f}", lr=f"{row['lr']:.1e}", refresh=False)
-
-    def close() -> None:
-        if state["bar"] is not None:
-            state["bar"].close()
-
-    return on_event, on_step, close
+    return on_event, progress.on_step, progress.close
 
 
 def _run(args: argparse.Namespace, train: Callable, **extra: Any) -> None:

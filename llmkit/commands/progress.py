@@ -14,7 +14,8 @@ from typing import Any, Callable, TextIO
 
 # How the evaluation metrics read in a line; other keys are printed as `name value`.
 EVAL_NAMES = {"val_loss": ("val loss", "{:.4f}"), "val_ppl": ("ppl", "{:.2f}"), "val_bpb": ("", "{:.3f} bits/byte"),
-              "val_mlm_accuracy": ("masked-token accuracy", "{:.3f}"), "val_acc": ("token accuracy", "{:.3f}")}
+              "val_mlm_accuracy": ("masked-token accuracy", "{:.3f}"), "val_acc": ("token accuracy", "{:.3f}"),
+              "val_accuracy": ("accuracy", "{:.3f}")}
 
 
 def eval_line(info: dict[str, Any]) -> str:

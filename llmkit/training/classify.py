@@ -30,7 +30,7 @@ from llmkit.models.masked_lm import MaskedLM
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
-from llmkit.runtime import set_threads
+from llmkit.runtime import model_device, set_threads, to_device
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,9 @@ def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) 
 def evaluate_classifier(model: nn.Module, data: ClassificationData) -> dict[str, float]:
     total, correct = 0.0, 0
     for start in range(0, len(data.examples), 32):
-        ids, mask, targets = data.rows(range(start, min(start + 32, len(data.examples))))
-        logits = model.classify(ids, mask).float()
+        ids, mask, targets = to_device(data.rows(range(start, min(start + 32, len(data.examples)))),
+                                       model_device(model))
+        logits = model.classify(ids, mask).float()  # under the caller's autocast (the Trainer's), if any
         total += float(F.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())
     return {"val_loss": total / len(data.examples), "val_accuracy": correct / len(data.examples)}
@@ -175,7 +176,9 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
                           checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                                            "model": model.cfg.to_dict(), "labels": label_names}},
                           checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
-        state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row))
+        emit("runtime", {"line": trainer.runtime.describe(), "warning": trainer.runtime.warning})
+        emit("start", {"step": 0, "steps": trainer.total_steps, "budget_min": cfg.time_budget})
+        state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row), on_event=emit)
     except Exception:
         if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)
             shutil.rmtree(out, ignore_errors=True)
