@@ -152,6 +152,8 @@ def test_convert_writes_a_bert_that_transformers_runs_identically(cli):
         expected = hf(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
         logits = lm.model(ids["input_ids"], attention_mask=ids["attention_mask"])
     real = ids["attention_mask"].bool()
+    # two fp32 implementations of the same tiny BERT: 7.2e-7 measured under AVX-512, AVX2 and default
+    # kernels (helper's sweep); 1e-4 leaves > 100× room, while a wrong weight mapping moves logits by O(1)
     assert float((logits - expected).abs()[real].max()) < 1e-4
 
 
