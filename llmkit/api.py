@@ -26,7 +26,7 @@ from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.models.build import build_model, skip_init, tie_weights
-from llmkit.runtime import DTYPES, Runtime, decoding_shapes, make_runtime, model_device, resolve_device
+from llmkit.runtime import DTYPES, Runtime, decoding_shapes, make_runtime, model_device, model_dtype, resolve_device
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -98,8 +98,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _runtime_as_loaded(model: nn.Module) -> Runtime:
     """The Runtime of a model nobody chose a precision for: where it is, in the dtype it has."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return Runtime(model_device(model), _dtype_name(dtype), torch.get_num_threads(), "as loaded")
+    return Runtime(model_device(model), _dtype_name(model_dtype(model)), torch.get_num_threads(), "as loaded")
 
 
 @dataclass

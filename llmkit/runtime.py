@@ -282,6 +282,11 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (float32 for a model without any)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """`batch` with every tensor in it (nested in tuples, lists, dicts, dataclasses) on `device`."""
     if isinstance(batch, torch.Tensor):

@@ -34,7 +34,7 @@ from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
 from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable
-from llmkit.runtime import DTYPES
+from llmkit.runtime import DTYPES, model_dtype
 
 QUANTIZE_CHOICES = ("none", "int4")
 
@@ -81,8 +81,7 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
             module.gate_up_proj = _fuse(module, ("gate_proj", "up_proj"))
             report.fused_mlp += 1
     if quantize == "int4":
-        report.compute_dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                                             torch.float32)
+        report.compute_dtype = dtype or model_dtype(model)
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 if not isinstance(child, nn.Linear):

@@ -176,8 +176,7 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
                           checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
                                                            "model": model.cfg.to_dict(), "labels": label_names}},
                           checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
-        emit("runtime", {"line": trainer.runtime.describe(), "warning": trainer.runtime.warning})
-        emit("start", {"step": 0, "steps": trainer.total_steps, "budget_min": cfg.time_budget})
+        trainer.announce(emit)
         state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row), on_event=emit)
     except Exception:
         if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)

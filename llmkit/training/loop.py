@@ -81,6 +81,7 @@ class Trainer:
         self.clock = clock
         self.started_at = clock() if started_at is None else started_at
         self.speeds: Speeds | None = None
+        self._session_start: float | None = None  # clock reading this session's time counts from (run)
 
     @property
     def total_steps(self) -> int:
@@ -223,10 +224,7 @@ class Trainer:
         if state.planned_steps is not None and cfg.lr_schedule == "wsd" and \
                 state.step >= state.planned_steps - decay_steps(state.planned_steps, cfg):
             state.plan_final = True  # the decay has begun: its length is fixed
-            notify("plan", {"steps": state.planned_steps, "warmup": state.planned_warmup, "step": state.step,
-                            "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60,
-                            "elapsed_s": self._elapsed(), "final": True, "first": False,
-                            "schedule": cfg.lr_schedule})
+            self._notify_plan(notify, first=False)
             return
         total = plan_steps(budget_s=cfg.time_budget * 60, elapsed_s=self._elapsed(), step=state.step,
                            speeds=self.speeds, eval_interval=cfg.eval_interval, max_steps=cfg.steps)
@@ -238,10 +236,19 @@ class Trainer:
             state.plan_final = True  # cosine decays from the first step after warm-up: plan once
         if first or total != state.planned_steps or state.plan_final:
             state.planned_steps = total
-            notify("plan", {"steps": total, "warmup": state.planned_warmup, "step": state.step,
-                            "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60,
-                            "elapsed_s": self._elapsed(), "final": state.plan_final, "first": first,
-                            "schedule": cfg.lr_schedule})
+            self._notify_plan(notify, first=first)
+
+    def _notify_plan(self, notify: Notify, *, first: bool) -> None:
+        cfg, state = self.cfg, self.state
+        notify("plan", {"steps": state.planned_steps, "warmup": state.planned_warmup, "step": state.step,
+                        "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60, "elapsed_s": self._elapsed(),
+                        "final": state.plan_final, "first": first, "schedule": cfg.lr_schedule})
+
+    def announce(self, emit: Notify) -> None:
+        """The events a training command prints before the first step: the device and precision
+        chosen, and where the run starts (the step count of a budgeted run comes with its plan)."""
+        emit("runtime", {"line": self.runtime.describe(), "warning": self.runtime.warning})
+        emit("start", {"step": self.state.step, "steps": self.total_steps, "budget_min": self.cfg.time_budget})
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + (self.clock() - self._session_start)
@@ -324,7 +331,7 @@ class Trainer:
                 on_eval(row)
         if self.speeds is not None and self.evaluate is not None:
             self.speeds = dataclasses.replace(self.speeds, eval_s=self.clock() - start)
-        if hasattr(self, "_session_start"):
+        if self._session_start is not None:
             self._bank_elapsed()
             self._replan(notify or (lambda kind, info: None))
         self.save()

@@ -236,9 +236,7 @@ def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
     if resume:
         path = trainer.resume()
         emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
-    emit("runtime", {"line": trainer.runtime.describe(), "warning": trainer.runtime.warning})
-    emit("start", {"step": trainer.state.step, "steps": trainer.total_steps,
-                   "budget_min": trainer.cfg.time_budget})
+    trainer.announce(emit)
 
     def on_eval(row: dict) -> None:
         emit("eval", row)

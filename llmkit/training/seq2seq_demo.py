@@ -127,7 +127,7 @@ def run_demo(out_dir: str | Path, cfg: TrainConfig, *, n_train: int, n_test: int
     if list_checkpoints(out_dir / "checkpoints"):
         path = trainer.resume()
         emit("resume", {"path": str(path), "step": trainer.state.step})
-    emit("start", {"step": trainer.state.step, "steps": cfg.steps})
+    trainer.announce(emit)
 
     def on_eval(row: dict) -> None:
         emit("eval", row)

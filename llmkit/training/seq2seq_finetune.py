@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 import llmkit
 from llmkit.data.seq2seq_records import Seq2SeqExample, read_seq2seq_records, tokenize_examples
