@@ -1,45 +1,53 @@
-"""Weight-only quantised linear layers for decoding: 4-bit (and, for LM heads, 8-bit) weights.
+"""Weight-only quantised linear layers: int4 per group (asymmetric or symmetric) and int8 (symmetric,
+per group or per output channel), round-to-nearest or with codes chosen by a calibrated method.
 
 Decoding one token multiplies every weight matrix by a single vector, so its speed is set by how
-many bytes of weights stream from memory per token. Storing each weight in 4 bits (plus a scale and
-a minimum per group of 32 weights of a row) moves 1/8 of the fp32 bytes.
+many bytes of weights stream from memory per token; 4-bit weights move 1/8 of the fp32 bytes.
 
-`Int4Linear`, asymmetric round-to-nearest per group (the format GGUF calls Q4_1):
-    w ≈ code · scale + minimum,   code ∈ {0..15},   scale = (max − min) / 15 over the group.
-Quantising weights that were already Q4_1 (SmolLM2's GGUF) gives back their own codes, so on such a
-model the only change from the dequantised fp32 weights is bf16 rounding (the scales; the
-activations where they are bf16, below).
+Formats (`WeightFormat`; one scale, and for asymmetric int4 one offset, per `group` weights of a row):
+    int4 asymmetric (GGUF's Q4_1): w ≈ code · scale + minimum,  code ∈ {0..15}, scale = (max − min) / 15
+    int4 symmetric:                w ≈ (code − 8) · scale,       code ∈ {0..15}, scale = max|w| / 7.5
+    int8 symmetric (GGUF's Q8_0):  w ≈ code · scale,             code ∈ {−127..127}, scale = max|w| / 127
+Round-to-nearest puts every weight within half a step (scale / 2) of its code's value, before the
+scale and offset are stored in bf16 (the tests bound that rounding too). Quantising weights that were
+already Q4_1 or Q8_0 (SmolLM2's GGUF) gives back their own codes.
 
-The layer stores w = (code − 8) · scale + offset with offset = minimum + 8 · scale, both in bf16,
-because that is the form torch's CPU int4 matrix kernel (`_weight_int4pack_mm_for_cpu`) reads; one-row
-products (decoding) use that kernel, and the dequantised weight is computed from the same bf16
-numbers, so both paths multiply by the same weights. Many-row products (prefill, where
-arithmetic rather than memory bounds the speed) dequantise the weight and use the ordinary matmul,
-which is several times faster there, in the layer's `compute_dtype`: bf16 where the CPU has native
-bf16 arithmetic, fp32 where bf16 is emulated (AVX2-only CPUs, where a bf16 matmul of 128 rows is
-~5× slower than an fp32 one: SmolLM2's 512-token prefill ran at 37 tokens/s in bf16 against 191 in
-fp32 on an AMD Zen 1; llmkit.runtime decides which, by a probe). The
-kernel itself always takes bf16 activations: it accepts fp32 ones only with an fp32 scale table,
-and that path is not vectorised (one row of 1536×576: 0.63 ms against 0.045 ms in bf16, on AVX2
-as on AVX-512), so an fp32 layer rounds its input to bf16 for the kernel and returns fp32.
-Inference only: these layers hold buffers, not parameters, and have no gradient.
+An int4 layer stores w = (code − 8) · scale + offset (offset = minimum + 8 · scale; 0 if symmetric),
+both in bf16, because that is the form torch's CPU int4 matrix kernel (`_weight_int4pack_mm_for_cpu`)
+reads; one-row products (decoding) use that kernel, and the dequantised weight is computed from the same
+bf16 numbers, so both paths multiply by the same weights. The kernel takes groups of 32, 64, 128 or
+256: a larger group (a whole row, say) is given to it as its scale repeated over kernel-sized groups,
+which is exact. Many-row products (prefill, where arithmetic rather than memory bounds the speed)
+dequantise the weight and use the ordinary matmul, several times faster there, in the layer's
+`compute_dtype`: bf16 where the CPU has native bf16 arithmetic, fp32 where bf16 is emulated (AVX2-only
+CPUs, where a bf16 matmul of 128 rows is ~5× slower than an fp32 one: SmolLM2's 512-token prefill ran
+at 37 tokens/s in bf16 against 191 in fp32 on an AMD Zen 1; llmkit.runtime decides which, by a probe;
+None: the activations' dtype, which the runtime chose by the same rule). The kernel itself always takes
+bf16 activations: it accepts fp32 ones only with an fp32 scale table, and that path is not vectorised
+(one row of 1536×576: 0.63 ms against 0.045 ms in bf16, on AVX2 as on AVX-512), so an fp32 layer
+rounds its input to bf16 for the kernel and returns fp32.
 
-`Int8Linear`, symmetric per group of 32 (GGUF's Q8_0, the format of SmolLM2's embedding/LM head):
-    w ≈ code · scale,   code ∈ {−127..127},   scale = max|w| / 127 over the group.
-torch has no CPU kernel for grouped 8-bit weights, so the product runs as two passes of the int4
-kernel: code = 16 · high + low with high ∈ {−8..7} and low ∈ {0..15}, each a valid int4 code set, and
-w·x = (16 · scale) · high·x + scale · low·x. Per token that reads two 4-bit packs and two scale tables
-(35 MB for SmolLM2's head, against 56 MB in bf16), and Q8_0 weights come back exactly (only the scales
-are rounded to bf16). The int8 codes are kept too, for dequantising (many-row products).
+torch has no CPU kernel for 8-bit weights, so an int8 product runs as two passes of the int4 kernel:
+code = 16 · high + low with high ∈ {−8..7} and low ∈ {0..15}, each a valid int4 code set, and
+w·x = (16 · scale) · high·x + scale · low·x (35 MB a token for SmolLM2's head, against 56 MB in bf16).
+Where the kernel cannot run (not the CPU, out_features not a multiple of 16, a group it cannot be given)
+every product dequantises the weight first.
+
+AWQ (llmkit.quant.awq) quantises W·diag(s) and divides the layer's input by s at run time
+(`act_scale`), an elementwise division before the product. Inference only: these layers hold buffers,
+not parameters, and have no gradient.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 GROUP = 32
+KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel accepts
 # Up to this many rows the int4 kernel is faster; above it, dequantising once and using the ordinary
 # matmul is (measured on 2 cores, 3072×576: kernel 2.1 ms at 64 rows; dequantise 4.5 ms + matmul 4.6 ms
 # at 512 rows, where the kernel takes ~16 ms). The fp32 matmul on an AVX2-only CPU moves the crossover
@@ -47,16 +55,75 @@ GROUP = 32
 KERNEL_MAX_ROWS = 128
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    bits: int  # 4 or 8
+    group: int  # weights of a row sharing one scale (in_features: one scale per output channel)
+    symmetric: bool  # int8 is always symmetric
+
+
+def group_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale and minimum (the value of code 0; float32, unrounded) of each group: `w` is (..., group)."""
+    if bits == 8:
+        scale = w.abs().amax(-1) / 127
+        return scale, torch.zeros_like(scale)  # int8 codes are signed: no minimum
+    if symmetric:
+        scale = w.abs().amax(-1) / 7.5
+        return scale, -8 * scale  # so the offset, minimum + 8 · scale, is exactly 0
+    lo, hi = w.amin(-1), w.amax(-1)
+    return (hi - lo) / 15, lo
+
+
+def encode(w: Tensor, scale: Tensor, minimum: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Round-to-nearest codes (as floats) of `w` (..., g) for per-group `scale`, `minimum` (...)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None]  # a constant group: one code
+    if bits == 8:
+        return (w / safe).round().clamp(-127, 127)
+    if symmetric:
+        return (w / safe).round().clamp(-8, 7) + 8
+    return ((w - minimum[..., None]) / safe).round().clamp(0, 15)
+
+
+def stored_params(scale: Tensor, minimum: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """The bf16 scale and offset a layer keeps (w = (code − 8) · scale + offset for int4, code · scale for int8)."""
+    offset = torch.zeros_like(scale) if bits == 8 else minimum + 8 * scale
+    return scale.to(torch.bfloat16), offset.to(torch.bfloat16)
+
+
+def decode(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Tensor:
+    """float32 weights of codes (..., g) from the stored per-group scale and offset (...)."""
+    scale, offset = scale.float()[..., None], offset.float()[..., None]
+    if bits == 8:
+        return codes.float() * scale
+    return torch.addcmul(offset - 8 * scale, codes.float(), scale)
+
+
+def quantize_weight(weight: Tensor, fmt: WeightFormat) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest: (N, K) float → codes (N, K) (uint8 for int4, int8 for int8) and the bf16
+    scale and offset (N, K/group)."""
+    N, K = weight.shape
+    assert K % fmt.group == 0, f"in_features {K} is not a multiple of the group size {fmt.group}"
+    w = weight.detach().float().reshape(N, K // fmt.group, fmt.group)
+    scale, minimum = group_params(w, fmt.bits, fmt.symmetric)
+    codes = encode(w, scale, minimum, fmt.bits, fmt.symmetric)
+    scale, offset = stored_params(scale, minimum, fmt.bits)
+    return codes.to(torch.int8 if fmt.bits == 8 else torch.uint8).reshape(N, K), scale, offset
+
+
+def dequantize_weight(codes: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """The float32 (N, K) weight of codes and per-group scale and offset (N, K/group)."""
+    N, K = codes.shape
+    bits = 8 if codes.dtype == torch.int8 else 4
+    return decode(codes.reshape(N, scale.shape[1], -1), scale, offset, bits).reshape(N, K)
+
+
 def quantize_int4(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, K) float → codes (N, K) uint8 in 0..15, scale and minimum (N, K/group) float32."""
+    """Asymmetric int4, unrounded parameters: codes (N, K) uint8 in 0..15, scale and minimum (N, K/group)."""
     N, K = weight.shape
     assert K % group == 0, f"in_features {K} is not a multiple of the group size {group}"
     w = weight.detach().float().reshape(N, K // group, group)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = (hi - lo) / 15
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
-    codes = ((w - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.uint8)
-    return codes.reshape(N, K), scale, lo
+    scale, minimum = group_params(w, 4, False)
+    return encode(w, scale, minimum, 4, False).to(torch.uint8).reshape(N, K), scale, minimum
 
 
 def dequantize_int4(codes: Tensor, scale: Tensor, minimum: Tensor, group: int = GROUP) -> Tensor:
@@ -67,14 +134,12 @@ def dequantize_int4(codes: Tensor, scale: Tensor, minimum: Tensor, group: int = 
 
 
 def quantize_int8(weight: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:
-    """(N, K) float → codes (N, K) int8 in −127..127 and scale (N, K/group) float32, w ≈ code · scale."""
+    """Symmetric int8, unrounded scale: codes (N, K) int8 in −127..127 and scale (N, K/group), w ≈ code · scale."""
     N, K = weight.shape
     assert K % group == 0, f"in_features {K} is not a multiple of the group size {group}"
     w = weight.detach().float().reshape(N, K // group, group)
-    scale = w.abs().amax(-1) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: every code 0
-    codes = (w / safe[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return codes.reshape(N, K), scale
+    scale, _ = group_params(w, 8, True)
+    return encode(w, scale, scale, 8, True).to(torch.int8).reshape(N, K), scale
 
 
 # Looked up once: resolving torch.ops.aten.<name> costs about a microsecond, ~120 times a token.
@@ -85,6 +150,36 @@ def int4_kernel_available() -> bool:
     return _INT4_MM is not None
 
 
+def kernel_group(group: int) -> int | None:
+    """The largest group the kernel takes that divides `group` (its scales repeated, exactly), or None."""
+    return next((g for g in KERNEL_GROUPS if group % g == 0), None)
+
+
+@dataclass
+class QuantizedWeight:
+    """What a quantised layer holds: codes (N, K), bf16 scale and offset (N, K/group), and optionally
+    a bias and AWQ's per-input-channel divisor (K,)."""
+    codes: Tensor
+    scale: Tensor
+    offset: Tensor
+    bias: Tensor | None = None
+    act_scale: Tensor | None = None
+
+    @classmethod
+    def of(cls, linear: nn.Linear, fmt: WeightFormat) -> "QuantizedWeight":
+        codes, scale, offset = quantize_weight(linear.weight, fmt)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(codes, scale, offset, bias)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.codes.dtype == torch.int8 else 4
+
+    @property
+    def group(self) -> int:
+        return self.codes.shape[1] // self.scale.shape[1]
+
+
 class _KernelLinear(nn.Module):
     """What the int4 and int8 layers share: the forward, which sums one or more passes of the int4
     kernel for products of few rows and multiplies by the dequantised weight otherwise."""
@@ -92,17 +187,24 @@ class _KernelLinear(nn.Module):
     in_features: int
     out_features: int
     group: int
-    # The kernel's arguments (`_kernel_pass`) per pass: plain attributes, CPU only (and only for
-    # out_features divisible by 16, which the kernel requires); empty: never the kernel.
+    # The kernel's arguments (`_kernel_pass`) per pass: plain attributes, CPU only; empty: never the kernel.
     kernel_passes: list[tuple[Tensor, int, Tensor]]
-    compute_dtype: torch.dtype  # of the many-row products (dequantised weight × activations)
+    compute_dtype: torch.dtype | None  # of the many-row products; None: the activations' dtype
+
+    def _hold(self, q: QuantizedWeight, compute_dtype: torch.dtype | None) -> None:
+        self.out_features, self.in_features = q.codes.shape
+        self.group, self.compute_dtype = q.group, compute_dtype
+        self.register_buffer("bias", q.bias)
+        self.register_buffer("act_scale", q.act_scale)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight the layer multiplies by, in `dtype` (default: the compute dtype)."""
+        """The weight the layer multiplies by, in `dtype` (default: the compute dtype, else float32)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self.act_scale is not None:  # AWQ: the weight was multiplied by s, so the input is divided by it
+            rows = rows / self.act_scale
         # casts only when needed: decoding makes ~120 of these calls a token
         if self.kernel_passes and rows.is_cpu and rows.shape[0] <= KERNEL_MAX_ROWS:
             rows = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
@@ -110,88 +212,107 @@ class _KernelLinear(nn.Module):
             for kernel_args in self.kernel_passes[1:]:
                 y = y + _INT4_MM(rows, *kernel_args)
         else:
-            rows = rows if rows.dtype == self.compute_dtype else rows.to(self.compute_dtype)
-            y = F.linear(rows, self.dequantize(self.compute_dtype))
+            dtype = self.compute_dtype or x.dtype
+            rows = rows if rows.dtype == dtype else rows.to(dtype)
+            y = F.linear(rows, self.dequantize(dtype))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def extra_repr(self) -> str:
+        bits = "int8" if isinstance(self, Int8Linear) else "int4"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, {bits}, "
+                f"compute_dtype={self.compute_dtype}" + (", awq" if self.act_scale is not None else ""))
+
 
 def _kernel_pass(codes: Tensor, scale: Tensor, offset: Tensor, group: int) -> tuple[Tensor, int, Tensor]:
     """The int4 kernel's arguments after the input: its packing of codes (N, K) in 0..15, the group
     size, and the (K/group, N, 2) table of bf16 scale and offset (w = (code − 8) · scale + offset)."""
+    kg = kernel_group(group)
+    assert kg is not None, f"group {group} is not a multiple of any group size the kernel takes"
+    scale, offset = scale.repeat_interleave(group // kg, 1), offset.repeat_interleave(group // kg, 1)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    return packed, group, torch.stack([scale.t(), offset.t()], -1).to(torch.bfloat16).contiguous()
+    return packed, kg, torch.stack([scale.t(), offset.t()], -1).to(torch.bfloat16).contiguous()
 
 
-def _kernel_usable(linear: nn.Linear) -> bool:
-    return int4_kernel_available() and linear.weight.device.type == "cpu" and linear.out_features % 16 == 0
+def _kernel_serves(q: QuantizedWeight) -> bool:
+    N = q.codes.shape[0]
+    return int4_kernel_available() and q.codes.device.type == "cpu" and N % 16 == 0 and \
+        kernel_group(q.group) is not None
 
 
-def _compute_dtype(linear: nn.Linear, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None else linear.weight.dtype
+def _source(source: nn.Linear | QuantizedWeight, fmt: WeightFormat,
+            compute_dtype: torch.dtype | None) -> tuple[QuantizedWeight, torch.dtype | None]:
+    """A Linear is quantised round-to-nearest and computes in its own dtype unless told."""
+    if isinstance(source, QuantizedWeight):
+        return source, compute_dtype
+    return QuantizedWeight.of(source, fmt), compute_dtype or source.weight.dtype
 
 
 class Int4Linear(_KernelLinear):
-    """A Linear whose weight is kept as int4 codes; see the module docstring. `compute_dtype` is the
-    precision of its many-row products (default: the replaced layer's dtype)."""
+    """A Linear whose weight is kept as int4 codes; see the module docstring. Built from a Linear
+    (round-to-nearest, `group`, `symmetric`) or from a QuantizedWeight a calibrated method chose."""
 
-    def __init__(self, linear: nn.Linear, group: int = GROUP, *, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, source: nn.Linear | QuantizedWeight, group: int = GROUP, *, symmetric: bool = False,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        self.compute_dtype = _compute_dtype(linear, compute_dtype)
-        codes, scale, minimum = quantize_int4(linear.weight, group)
+        q, compute_dtype = _source(source, WeightFormat(4, group, symmetric), compute_dtype)
+        assert q.bits == 4
+        self._hold(q, compute_dtype)
+        codes = q.codes
         # Codes two per byte (low nibble: even column) for dequantising; the kernel wants its own packing.
         self.register_buffer("packed_codes", codes[:, 0::2] | (codes[:, 1::2] << 4))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("offset", (minimum + 8 * scale).to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.kernel_passes = [_kernel_pass(codes, self.scale, self.offset, group)] if _kernel_usable(linear) else []
+        self.register_buffer("scale", q.scale.to(torch.bfloat16))
+        self.register_buffer("offset", q.offset.to(torch.bfloat16))
+        self.kernel_passes = [_kernel_pass(codes, self.scale, self.offset, self.group)] if _kernel_serves(q) else []
 
     def codes(self) -> Tensor:
         low, high = self.packed_codes & 15, self.packed_codes >> 4
         return torch.stack([low, high], -1).reshape(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        scale, offset = self.scale.float(), self.offset.float()
-        w = dequantize_int4(self.codes(), scale, offset - 8 * scale, self.group)  # ~2× the bf16 matmul's cost
-        return w.to(dtype or self.compute_dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int4, "
-                f"compute_dtype={self.compute_dtype}")
+        w = dequantize_weight(self.codes(), self.scale, self.offset)  # ~2× the bf16 matmul's cost
+        return w.to(dtype or self.compute_dtype or torch.float32)
 
 
 class Int8Linear(_KernelLinear):
-    """A Linear whose weight is kept as symmetric int8 codes per group (Q8_0), multiplied as two int4
-    kernel passes; see the module docstring. Only built where the kernel runs (`int8_kernel_usable`):
-    without it, dequantising 8-bit weights at every step would be slower than the layer it replaces."""
+    """A Linear whose weight is kept as symmetric int8 codes per group or per output channel, multiplied
+    as two int4 kernel passes where the kernel serves it (else dequantised); see the module docstring."""
 
-    def __init__(self, linear: nn.Linear, group: int = GROUP, *, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, source: nn.Linear | QuantizedWeight, group: int = GROUP, *,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        assert int8_kernel_usable(linear), "Int8Linear needs the CPU int4 kernel and out_features % 16 == 0"
-        self.in_features, self.out_features, self.group = linear.in_features, linear.out_features, group
-        self.compute_dtype = _compute_dtype(linear, compute_dtype)
-        codes, scale = quantize_int8(linear.weight, group)
-        self.register_buffer("codes", codes)
-        self.register_buffer("scale", scale.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        codes = codes.to(torch.int32)
-        high = torch.div(codes, 16, rounding_mode="floor")  # −8..7
-        low = codes - 16 * high  # 0..15
-        scale = self.scale.float()
-        self.kernel_passes = [_kernel_pass(high + 8, 16 * scale, torch.zeros_like(scale), group),  # 16·scale·high
-                              _kernel_pass(low, scale, 8 * scale, group)]  # scale·low
+        q, compute_dtype = _source(source, WeightFormat(8, group, True), compute_dtype)
+        assert q.bits == 8
+        self._hold(q, compute_dtype)
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scale", q.scale.to(torch.bfloat16))
+        self.kernel_passes = []
+        if _kernel_serves(q):
+            codes = q.codes.to(torch.int32)
+            high = torch.div(codes, 16, rounding_mode="floor")  # −8..7
+            low = codes - 16 * high  # 0..15
+            scale = self.scale.float()
+            self.kernel_passes = [_kernel_pass(high + 8, 16 * scale, torch.zeros_like(scale), self.group),  # 16·s·high
+                                  _kernel_pass(low, scale, 8 * scale, self.group)]  # scale·low
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        N, K = self.codes.shape
-        w = self.codes.reshape(N, K // self.group, self.group).float() * self.scale.float()[..., None]
-        return w.reshape(N, K).to(dtype or self.compute_dtype)
+        w = dequantize_weight(self.codes, self.scale, torch.zeros_like(self.scale))
+        return w.to(dtype or self.compute_dtype or torch.float32)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, int8, "
-                f"compute_dtype={self.compute_dtype}")
+
+def quantized_layer(q: QuantizedWeight, *, compute_dtype: torch.dtype | None = None) -> _KernelLinear:
+    """The int4 or int8 layer holding `q`."""
+    return (Int8Linear if q.bits == 8 else Int4Linear)(q, compute_dtype=compute_dtype)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, _KernelLinear)
+
+
+def _kernel_usable(linear: nn.Linear) -> bool:
+    return int4_kernel_available() and linear.weight.device.type == "cpu" and linear.out_features % 16 == 0
 
 
 def int8_kernel_usable(linear: nn.Linear, group: int = GROUP) -> bool:
