@@ -78,12 +78,17 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{ckpt / 'config.json'}: neither an llmkit checkpoint (no \"model\" object) "
                               "nor a Hugging Face config (no \"model_type\")")
     cfg = ModelConfig.from_dict(meta["model"], where=str(ckpt / "config.json"))
-    with skip_init():  # load_finetuned_tensors fills every parameter or refuses the file
-        model = build_model(cfg)
-    # Fine-tuned checkpoints (llmkit sft/reward/dpo) may carry LoRA adapters, merged here, and heads.
     weights = ckpt / "model.safetensors"
-    load_finetuned_tensors(model, meta, load_tensors(weights), where=str(weights))
-    tie_weights(model)
+    if "quantization" in meta:  # `llmkit quantize` output: int4/int8 layers built from their saved codes
+        from llmkit.quant.saved import load_quantized_model
+
+        model = load_quantized_model(meta, load_tensors(weights), where=str(weights))
+    else:
+        with skip_init():  # load_finetuned_tensors fills every parameter or refuses the file
+            model = build_model(cfg)
+        # Fine-tuned checkpoints (llmkit sft/reward/dpo) may carry LoRA adapters, merged here, and heads.
+        load_finetuned_tensors(model, meta, load_tensors(weights), where=str(weights))
+        tie_weights(model)
     model.eval()
     chat = read_chat_info(meta, str(ckpt / "config.json"))  # kept from the model a run started from
     if chat is None:

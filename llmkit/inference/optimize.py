@@ -18,6 +18,10 @@ dispatch). `prepare_for_decoding` attacks both:
   `llmkit.runtime` makes (`lm.runtime.torch_dtype`); by default the model's own dtype. One-row
   products always run torch's int4 kernel on bf16 activations (its fp32 path is ~14× slower).
 
+A model that `llmkit quantize` saved (llmkit/quant/) comes back with its layers already quantised;
+here they only get `dtype` as their compute precision, and `quantize="int4"` touches the linear
+layers it left in full precision.
+
 The result is for generation only: the separate projections are gone (no LoRA, no export, no
 training); load the model again for those.
 """
@@ -33,7 +37,7 @@ from llmkit.errors import GenerationError
 from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
-from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable
+from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable, is_quantized
 from llmkit.runtime import DTYPES, model_dtype
 
 QUANTIZE_CHOICES = ("none", "int4")
@@ -48,9 +52,12 @@ class DecodingReport:
     # Linear layers left in their dtype: heads the kernel cannot serve, in_features not a multiple of 32
     kept_linears: int = 0
     compute_dtype: torch.dtype | None = None  # of the quantised layers' many-row products (None: no quantisation)
+    saved_scheme: str = ""  # a model `llmkit quantize` wrote: its scheme, e.g. "int4 gptq g128 asymmetric"
 
     def describe(self) -> str:
         """`int4 weights (8-bit head)`, or "" without quantisation: for the CLI's runtime line."""
+        if self.saved_scheme:
+            return f"{self.saved_scheme} weights (saved quantised)"
         if not self.int4_linears:
             return ""
         head = "8-bit head" if self.int8_linears else "head unquantised"
@@ -80,6 +87,13 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
         if isinstance(module, GatedMLP) and module.gate_up_proj is None and _plain(module, ("gate_proj", "up_proj")):
             module.gate_up_proj = _fuse(module, ("gate_proj", "up_proj"))
             report.fused_mlp += 1
+    saved = [m for m in model.modules() if is_quantized(m)]
+    if saved:  # quantised when saved: they compute in the runtime's precision
+        report.compute_dtype = dtype or model_dtype(model)
+        scheme = getattr(model, "quantization", None)
+        report.saved_scheme = scheme.describe() if scheme is not None else "int4/int8"
+        for module in saved:
+            module.compute_dtype = report.compute_dtype
     if quantize == "int4":
         report.compute_dtype = dtype or model_dtype(model)
         for name, module in list(model.named_modules()):

@@ -1,0 +1,145 @@
+"""A quantised model on disk, and back: a directory `llmkit.load` reads like any checkpoint.
+
+    DIR/config.json        {"model": ModelConfig, "quantization": QuantScheme, "chat": …}
+    DIR/model.safetensors  int4 layers: <name>.packed_codes (uint8, two codes a byte), .scale, .offset (bf16);
+                           int8 layers: <name>.codes (int8), .scale (bf16); optional .bias, .act_scale (AWQ);
+                           every other tensor (embeddings, norms, layers left in full precision) as it was
+    DIR/tokenizer.json
+
+Names are those of the model with fused projections (`attn.qkv_proj`, `mlp.gate_up_proj`). The
+directory is written beside its destination under a temporary name and renamed at the end, so a
+failed run leaves nothing at DIR. Nothing is pickled: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from llmkit.config import ModelConfig
+from llmkit.errors import CheckpointError, ConfigError, ModelFormatError
+from llmkit.inference.optimize import prepare_for_decoding
+from llmkit.io.finetuned import chat_info_json, load_finetuned_tensors
+from llmkit.layers.quantized import QuantizedWeight, is_quantized, quantized_layer
+from llmkit.models.build import build_model, skip_init
+from llmkit.quant.scheme import QuantScheme
+
+CODE_NAMES = {"packed_codes": 4, "codes": 8}
+
+
+def check_destination(out: Path) -> None:
+    """Refuse before any work: an existing, non-empty destination, or a parent that does not exist."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise ConfigError(f"{out.parent}: no such directory (the output's parent must exist)")
+
+
+def save_quantized(lm: Any, out: str | Path) -> Path:
+    """Write quantised `lm` (its model holds the layers quantize_model made) as a directory `out`."""
+    out = Path(out)
+    check_destination(out)
+    scheme: QuantScheme = lm.model.quantization
+    meta: dict[str, Any] = {"model": lm.model.cfg.to_dict(), "quantization": scheme.to_json(),
+                            "chat": chat_info_json(lm)}
+    tensors = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
+    if lm.model.cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # the embedding's own tensor, under a second name (a kept head)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "llmkit-quantized"})
+        lm.tokenizer.save(tmp)
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_quantized_model(meta: dict, tensors: dict[str, Tensor], *, where: str) -> nn.Module:
+    """The model a quantised checkpoint describes, its quantised layers built from their saved codes."""
+    scheme = QuantScheme.from_json(meta["quantization"], where=where)
+    if meta.get("lora") is not None or meta.get("heads"):
+        raise CheckpointError(f"{where}: a quantised model carries no LoRA adapters or extra heads")
+    cfg = ModelConfig.from_dict(meta["model"], where=where)
+    with skip_init():  # every tensor is loaded below, strictly
+        model = build_model(cfg)
+    prepare_for_decoding(model)  # the fused names the codes were saved under
+    for name, bits in _quantized_names(tensors):
+        linear = model.get_submodule(name) if _has_module(model, name) else None
+        if not isinstance(linear, nn.Linear):
+            raise CheckpointError(f"{where}: quantised tensors for {name!r}, which is not a linear layer of the model")
+        q = _weight(tensors, name, bits, linear, where)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quantized_layer(q))
+    load_finetuned_tensors(model, meta, tensors, where=where)  # the rest, strictly; heads set aside
+    model.quantization = scheme
+    return model.eval()
+
+
+def _quantized_names(tensors: dict[str, Tensor]) -> list[tuple[str, int]]:
+    found = []
+    for key in tensors:
+        name, _, leaf = key.rpartition(".")
+        if leaf in CODE_NAMES and name:
+            found.append((name, CODE_NAMES[leaf]))
+    return found
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _weight(tensors: dict[str, Tensor], name: str, bits: int, linear: nn.Linear, where: str) -> QuantizedWeight:
+    """The saved codes of `name`, checked against the layer they replace."""
+    N, K = linear.out_features, linear.in_features
+    get = lambda leaf: tensors.get(f"{name}.{leaf}")  # noqa: E731
+    codes, scale = get("packed_codes" if bits == 4 else "codes"), get("scale")
+    offset = get("offset") if bits == 4 else None
+    if scale is None or (bits == 4 and offset is None):
+        raise CheckpointError(f"{where}: {name} has codes but no scale" + (" or offset" if bits == 4 else ""))
+    if bits == 4:
+        if codes.dtype.is_floating_point or codes.element_size() != 1 or tuple(codes.shape) != (N, K // 2):
+            raise CheckpointError(f"{where}: {name}.packed_codes must be uint8 of shape {(N, K // 2)}")
+        codes = codes.view(torch.uint8)
+        codes = torch.stack([codes & 15, codes >> 4], -1).reshape(N, K)  # low nibble: the even column
+    elif codes.dtype.is_floating_point or codes.element_size() != 1 or tuple(codes.shape) != (N, K):
+        raise CheckpointError(f"{where}: {name}.codes must be int8 of shape {(N, K)}")
+    groups = scale.shape[1] if scale.dim() == 2 else 0
+    if scale.dim() != 2 or scale.shape[0] != N or groups == 0 or K % groups or (K // groups) % 2 or \
+            (offset is not None and tuple(offset.shape) != tuple(scale.shape)):
+        raise CheckpointError(f"{where}: {name}.scale has shape {tuple(scale.shape)}; needs ({N}, groups) "
+                              f"with groups dividing {K} into even sizes" + (", and offset the same" if bits == 4 else ""))
+    for leaf, t in (("scale", scale), ("offset", offset)):
+        if t is not None and not t.is_floating_point():
+            raise ModelFormatError(f"{where}: {name}.{leaf} must be a floating-point tensor")
+    act_scale = get("act_scale")
+    if act_scale is not None and (tuple(act_scale.shape) != (K,) or not act_scale.is_floating_point()):
+        raise CheckpointError(f"{where}: {name}.act_scale must be a float vector of {K}")
+    if offset is None:
+        offset = scale.new_zeros(scale.shape)
+    return QuantizedWeight(codes.view(torch.int8) if bits == 8 else codes, scale, offset, get("bias"), act_scale)
+
+
+def refuse_export(model: nn.Module, what: str) -> None:
+    """`convert --to hf` writes full-precision models; a quantised one is refused in one line."""
+    scheme = getattr(model, "quantization", None)
+    if scheme is not None or any(is_quantized(m) for m in model.modules()):
+        kind = scheme.describe() if scheme is not None else "quantised"
+        raise ModelFormatError(f"{what} is quantised ({kind}); convert --to hf writes full-precision models only: "
+                               "convert the model it was quantised from")
