@@ -67,6 +67,16 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.budget.reserve(max(n, 0) * (max * 16 + 16) if isinstance(n, int) and isinstance(max, int) else 0, "lipsum")
         return self.budget.account(generate_lorem_ipsum(n, html, min, max), "lipsum")
 
+    # Filters written in Python (sort, groupby, map, selectattr...) reach items through these two: the
+    # clock is read there too, so a long filter stops at the deadline in any thread.
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self.budget.tick()
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self.budget.tick()
+        return super().getattr(obj, attribute)
+
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         self.budget.reserve(_binop_size(self.budget, op, left, right), f"operator {op}")
         return self.budget.account(self.binop_table[op](left, right), f"operator {op}")
