@@ -93,7 +93,9 @@ class CausalLM(nn.Module):
         fixed-size StateCache (float32, any `max_len`) for RWKV and Mamba."""
         if self.cfg.body != "transformer":
             return self.stack.new_state(batch, device=device)
-        return KVCache.empty(self.cfg, batch, max_len, dtype=dtype, device=device)
+        # `kv_cache = "int8"` (set by `--kv-cache int8`): int8 keys and values, a scale per head and position
+        return KVCache.empty(self.cfg, batch, max_len, dtype=dtype, device=device,
+                             int8=getattr(self, "kv_cache", "full") == "int8")
 
 
 def default_positions(B: int, T: int, offset: int, attention_mask: Tensor | None, device) -> Tensor:
