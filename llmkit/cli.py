@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -212,25 +213,43 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote a Hugging Face {model_type} model to {out}", file=sys.stderr)
 
 
+def _check_output_dir(out: Path) -> None:
+    """Refuse, before any work is done, an --out that is a file or lies under one, or whose nearest
+    existing folder cannot be written; nothing is created here, so a refused run leaves nothing."""
+    from llmkit.errors import ConfigError
+
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable")
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from llmkit.data.corpus import find_text_files, read_text_file
+    from llmkit.errors import CheckpointError
     from llmkit.tokenizer import Tokenizer
 
+    _check_output_dir(Path(args.out))
     files, skipped = find_text_files(args.data)
     tokenizer = Tokenizer.train((read_text_file(f) for f in files), args.vocab_size)
-    path = tokenizer.save(args.out)
+    try:
+        path = tokenizer.save(args.out)
+    except OSError as exc:  # a read-only file system, or the place changed while training ran
+        raise CheckpointError(f"{args.out}: cannot write the tokenizer ({exc.strerror or exc})") from None
     print(f"trained on {len(files)} files; vocab {tokenizer.vocab_size}; saved {path}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The embedded default: train on this interpreter's standard library, then sample from it."""
     import llmkit
+    from llmkit.plots import read_metrics
 
     stdlib = sysconfig.get_paths()["stdlib"]
     args.data, args.tokenizer, args.config, args.resume = [stdlib], None, None, True
     started = time.perf_counter()
     cmd_train(args, exclude=("site-packages", "__pycache__"))
-    rows = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(Path(args.out) / "metrics.jsonl")
     last = [r for r in rows if "val_loss" in r][-1]
     print(f"\nvalidation (held-out stdlib files): loss {last['val_loss']:.4f} nats/token, "
           f"perplexity {last['val_ppl']:.2f}, {last.get('val_bpb', float('nan')):.3f} bits/byte "

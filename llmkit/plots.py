@@ -4,10 +4,12 @@ per evaluation), written atomically next to it."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
+from llmkit.errors import CheckpointError
 from llmkit.io.checkpoint import atomic_write_bytes
+from llmkit.io.input_files import iter_lines
+from llmkit.io.safe_json import parse_json
 
 
 def pyplot():
@@ -21,7 +23,25 @@ def pyplot():
 
 
 def read_metrics(metrics_path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    """The rows of a run's metrics.jsonl, streamed through the bounded readers (docs/security.md).
+    A last line that does not parse is a write cut short by a crash and is left out; a bad line
+    anywhere else is a CheckpointError naming file:line."""
+    rows: list[dict] = []
+    pending: CheckpointError | None = None  # the previous line's error, raised once a line follows it
+    for number, raw in iter_lines(metrics_path, error=CheckpointError, what="metrics file"):
+        if pending is not None:
+            raise pending
+        if not raw.strip():
+            continue
+        try:
+            row = parse_json(raw, where=f"{metrics_path}:{number}", error=CheckpointError, one_line=True)
+        except CheckpointError as exc:
+            pending = exc
+            continue
+        if not isinstance(row, dict):
+            raise CheckpointError(f"{metrics_path}:{number}: expected a JSON object")
+        rows.append(row)
+    return rows
 
 
 def save_figure(fig, out_path: str | Path) -> Path:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmkit.errors import ConfigError, DatasetError
+from llmkit.io.input_files import read_regular_bytes
 
 if TYPE_CHECKING:
     from llmkit.tokenizer import Tokenizer
@@ -31,6 +32,10 @@ SKIP_KINDS = ("binary", "not UTF-8", "empty")
 # ASCII non-space characters always ends one pre-token and starts the next, whole or split.
 _SAFE_SPLIT = re.compile(r"(?<=[!-~])\n(?=[!-~])")
 _CHUNK_CHARS = 1 << 20
+# Bounds on one file (read whole, then cut into chunks) and one chunk (encoded at once); the
+# memory of tokenizing a file is a few times its size (docs/security.md).
+MAX_TEXT_FILE_BYTES = 1 << 30
+MAX_CHUNK_CHARS = 64 << 20
 
 
 def _problem(data: bytes) -> str | None:
@@ -74,13 +79,16 @@ def read_text_file(path: Path) -> str:
 
 
 def read_file_bytes(path: Path) -> bytes:
-    """A data file's bytes, or a one-line DatasetError naming it (missing, unreadable)."""
+    """A text file's bytes, or a one-line DatasetError naming it: missing, unreadable, not a regular
+    file (a FIFO would block, /dev/zero never ends) or over MAX_TEXT_FILE_BYTES."""
+    return read_regular_bytes(path, error=DatasetError, what="text file", limit=MAX_TEXT_FILE_BYTES)
+
+
+def _size(file: Path) -> int:
     try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file or directory") from None
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        return file.stat().st_size
+    except OSError:
+        return 0
 
 
 def _walk(root: Path, exclude: frozenset[str]) -> Iterator[Path]:
@@ -114,8 +122,10 @@ def find_text_files(
         if path.is_dir():
             for file in _walk(path, excluded):
                 try:
-                    data = file.read_bytes()
-                except OSError:
+                    data = read_file_bytes(file)
+                except DatasetError:
+                    if _size(file) > MAX_TEXT_FILE_BYTES:
+                        raise  # too big to read is not "unusable": say so rather than skip it
                     skipped["binary"] += 1  # unreadable: treated like any other unusable file
                     continue
                 problem = _problem(data)
@@ -156,12 +166,13 @@ def split_files(files: list[Path], val_fraction: float = 0.02) -> tuple[list[Pat
     return train, val
 
 
-def _chunks(text: str, size: int = _CHUNK_CHARS) -> list[str]:
-    """Cut a long document at safe newlines so one big file still encodes in parallel."""
+def _chunks(text: str, size: int = _CHUNK_CHARS, *, where: Path | str = "text") -> list[str]:
+    """Cut a long document at safe newlines so one big file still encodes in parallel. A piece
+    with no safe split in MAX_CHUNK_CHARS is an error: the encoder's memory grows with a piece."""
     pieces: list[str] = []
     start = 0
     while len(text) - start > size:
-        match = _SAFE_SPLIT.search(text, start + size)
+        match = _SAFE_SPLIT.search(text, start + size, start + MAX_CHUNK_CHARS + 1)
         if match is None:
             break
         pieces.append(text[start : match.end()])
@@ -170,6 +181,10 @@ def _chunks(text: str, size: int = _CHUNK_CHARS) -> list[str]:
     return pieces
 
 
+    if len(text) - start > MAX_CHUNK_CHARS:
+        line = text.count("\n", 0, start) + 1
+        raise DatasetError(f"{where}:{line}: the {MAX_CHUNK_CHARS:,} characters from this line on hold no line break "
+                           "between printable ASCII characters (where llmkit cuts text to encode it); add line breaks")
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     """The smallest unsigned integer type holding every id below `vocab_size`."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
@@ -208,7 +223,7 @@ def tokenize_files(
     group_chars = 0
     for file in files:
         text = read_text_file(file)
-        group.append(_chunks(text))
+        group.append(_chunks(text, where=file))
         group_chars += len(text)
         if group_chars >= batch_chars:
             arrays += _encode_group(tokenizer, group, eos_id, dtype)

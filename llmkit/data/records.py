@@ -3,6 +3,9 @@
 Every problem in a file is a DatasetError naming `file:line` (1-based physical lines), because a
 record that fails late — mid-training, as a KeyError — costs the whole run (RELIABILITY D1–D4).
 Rules:
+- A regular file, streamed line by line (a FIFO or device is refused; a line over 64 MiB is an error);
+  memory holds one line besides the records kept. Nesting past safe_json.MAX_DEPTH, integers of
+  more than 4,300 digits and lone surrogates (`"\\ud800"`) are errors naming the line (and field).
 - UTF-8 only; a UTF-8 BOM is stripped, CRLF is accepted, a UTF-16/32 BOM or an invalid byte is an
   error (with the byte offset in the line), and so is a NUL byte.
 - Whitespace-only lines are skipped. Every other line is one JSON object.
@@ -21,14 +24,14 @@ Rules:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llmkit.data.corpus import read_file_bytes
 from llmkit.errors import ConfigError, DatasetError
+from llmkit.io.input_files import iter_lines
+from llmkit.io.safe_json import parse_json
 
 ROLES = ("system", "user", "assistant")
 SFT_KEYS = {"instruction", "input", "output", "system", "messages"}
@@ -93,17 +96,19 @@ def _excerpt(text: str) -> str:
 
 def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ("file:line", object) for every non-blank line of a JSONL file; a bad line is an error,
-    or is dropped when `stats` allows (ReadStats.skip_bad_lines)."""
+    or is dropped when `stats` allows (ReadStats.skip_bad_lines).
+
+    The file is streamed: memory holds one line of at most MAX_LINE_BYTES (64 MiB; a longer line is
+    an error naming it, never skipped) besides what the caller keeps. It must be a regular file."""
     path = Path(path)
-    data = read_file_bytes(path)
-    for bom, name in _UTF16_32_BOMS:
-        if data.startswith(bom):
-            raise DatasetError(f"{path}: file is {name}; convert it to UTF-8")
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if stats is not None:
-        stats.lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    for number, raw in iter_lines(path, error=DatasetError, what="data file"):
+        if number == 1:
+            for bom, name in _UTF16_32_BOMS:
+                if raw.startswith(bom):
+                    raise DatasetError(f"{path}: file is {name}; convert it to UTF-8")
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        if stats is not None:
+            stats.lines = number
         where = f"{path}:{number}"
         try:
             obj = _parse_line(raw, where)
@@ -113,14 +118,15 @@ def iter_jsonl(path: str | Path, stats: ReadStats | None = None) -> Iterator[tup
             stats.drop_bad_line(exc)
             continue
         if obj is None:
-            if stats is not None and number <= stats.lines:
+            if stats is not None:
                 stats.blank += 1
             continue
         yield where, obj
 
 
 def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
-    """One physical line as a JSON object; None for a whitespace-only line."""
+    """One physical line as a JSON object; None for a whitespace-only line. Bounded by safe_json:
+    nesting depth, huge integers and lone surrogates (which would fail later, in tokenization)."""
     nul = raw.find(b"\0")
     if nul >= 0:
         raise DatasetError(f"{where}: NUL byte at offset {nul} (binary data, not JSONL)")
@@ -131,10 +137,7 @@ def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
                            f"{exc.start})") from None
     if not line.strip():
         return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{where}:{exc.colno}: invalid JSON ({exc.msg}): {_excerpt(line)}") from exc
+    obj = parse_json(line, where=where, error=DatasetError, one_line=True)
     if not isinstance(obj, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}: {_excerpt(line)}")
     return obj

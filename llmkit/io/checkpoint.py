@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmkit.errors import CheckpointError, NonFiniteError
+from llmkit.io import safe_json
 from llmkit.io.safetensors_header import check_unique_keys
 
 FORMAT_VERSION = 1
@@ -89,18 +90,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    """Parse a UTF-8 JSON file; every failure is a one-line CheckpointError naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:  # a directory, permissions, not UTF-8
-        raise CheckpointError(f"{path}: cannot read as UTF-8 text ({exc})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from exc
+    """Parse a UTF-8 JSON file (a manifest, config.json, tokenizer_config.json, ...); every failure,
+    hostile ones included (a FIFO, deep nesting, huge integers), is a one-line CheckpointError."""
+    return safe_json.read_json(path, what="JSON file", error=CheckpointError)
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

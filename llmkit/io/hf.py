@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from llmkit.errors import CheckpointError, ModelFormatError
 from llmkit.io.checkpoint import fsync_path, read_json, write_synced
+from llmkit.io.input_files import read_regular_bytes
 from llmkit.io.hf_config import SUPPORTED, config_from_hf, config_to_hf
 from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weights, refuse_pickles
 from llmkit.io.weights import load_model_tensors, model_tensors
@@ -36,9 +37,9 @@ __all__ = ["HFModel", "is_hf_dir", "load_hf", "refuse_pickles", "save_hf"]
 
 def is_hf_dir(path: str | Path) -> bool:
     """A directory whose config.json names a `model_type` and is not an llmkit checkpoint's."""
-    try:
-        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    try:  # read_json refuses a FIFO (which would block) and bounds hostile JSON
+        data = read_json(Path(path) / "config.json")
+    except CheckpointError:
         return False
     return isinstance(data, dict) and "model_type" in data and data.get("format") != "llmkit"
 
@@ -273,14 +274,22 @@ def export_chat_template(tokenizer: Tokenizer, template: str | None) -> str | No
     return DEFAULT_CHAT_TEMPLATE if all(tokenizer.token_to_id(t) is not None for t in roles) else None
 
 
+def _read_template(file: Path) -> str:
+    """A chat_template.jinja: a regular file of UTF-8 text (a FIFO would block; size is capped)."""
+    try:
+        return read_regular_bytes(file, error=ModelFormatError, what="chat template").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFormatError(f"{file}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
 def hf_chat_template(directory: str | Path) -> str | None:
     """The model's chat template: `chat_template.jinja` (current transformers) or the
     `chat_template` of tokenizer_config.json (a string, or a list of named templates: "default")."""
     directory = Path(directory)
     template = None
-    if (directory / "chat_template.jinja").is_file():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
-    elif (directory / "tokenizer_config.json").is_file():
+    if (directory / "chat_template.jinja").exists():
+        template = _read_template(directory / "chat_template.jinja")
+    elif (directory / "tokenizer_config.json").exists():
         data = read_json(directory / "tokenizer_config.json")
         template = data.get("chat_template") if isinstance(data, dict) else None
         if isinstance(template, list):

@@ -10,7 +10,6 @@ weight is allocated (L5).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, ModelFormatError
+from llmkit.io.safe_json import read_json
 from llmkit.io.safetensors_header import check_unique_keys
 from llmkit.io.weights import model_tensors
 from llmkit.models.causal_lm import CausalLM
@@ -153,16 +153,15 @@ def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not index.exists():
         refuse_pickles(directory)
         raise ModelFormatError(f"{directory}: no model.safetensors or {INDEX}")
-    try:
-        data = json.loads(_inside(directory, index).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelFormatError(f"{index}: invalid index ({' '.join(str(exc).split())})") from None
+    # safe_json: a regular file, bounded size and nesting; the hook keeps duplicate names an error
+    data = read_json(_inside(directory, index), what="shard index", error=ModelFormatError,
+                     object_pairs_hook=_no_duplicates)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelFormatError(f"{index}: 'weight_map' must map tensor names to shard file names")
     shards = sorted(set(weight_map.values()))
     for shard in shards:
-        if shard in ("", ".", "..") or "/" in shard or "\\" in shard or os.path.isabs(shard):
+        if shard in ("", ".", "..") or any(c in shard for c in "/\\\0") or os.path.isabs(shard):
             raise ModelFormatError(f"{index}: shard {shard!r} is not a plain file name in the model directory")
         _inside(directory, directory / shard)
     return [directory / s for s in shards], weight_map

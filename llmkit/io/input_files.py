@@ -43,7 +43,7 @@ def open_regular(path: str | Path, *, error: type[LlmkitError] = DatasetError, w
             raise error(f"{path}: is {kind}, not a regular {what}")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
+        raise error(f"{path}: no such file or directory") from None
     except OSError as exc:  # permissions, a name too long, a loop of links, ...
         raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
     kind = _not_regular(os.fstat(fd).st_mode)

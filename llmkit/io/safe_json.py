@@ -33,9 +33,7 @@ def nesting_depth(text: str) -> int:
     """The deepest nesting of arrays/objects in `text`, counting only brackets outside strings.
     Exact for valid JSON; for broken JSON it may count too deep, which is an error either way."""
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    if len(brackets) <= MAX_DEPTH:  # cannot be deeper than its number of brackets
-        return len(brackets)
-    return max(accumulate(1 if c in "[{" else -1 for c in brackets))
+    return max(accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
 
 
 def _excerpt(text: str, pos: int) -> str:

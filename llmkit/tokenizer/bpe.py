@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.io.checkpoint import atomic_write_bytes
+from llmkit.io.input_files import read_regular_bytes
 
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<|bos|>",
@@ -100,14 +101,14 @@ class Tokenizer:
         to llmkit's own; a Hugging Face directory names its own in tokenizer_config.json."""
         path = Path(path)
         file = path / FILE_NAME if path.is_dir() else path
-        if not file.is_file():
+        if not file.exists():
             raise CheckpointError(f"{path}: no {FILE_NAME} found")
+        # A regular file of bounded size only (a FIFO would block); the Rust parser bounds nesting.
+        data = read_regular_bytes(file, error=CheckpointError, what=FILE_NAME)
         try:
-            text = file.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
-        except OSError as exc:
-            raise CheckpointError(f"{file}: cannot read {FILE_NAME} ({_one_line(exc)})") from exc
         try:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception for every parse error

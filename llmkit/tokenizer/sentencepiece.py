@@ -25,6 +25,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from llmkit.errors import ModelFormatError
+from llmkit.io.input_files import read_regular_bytes
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 UNIGRAM, BPE = 1, 2
@@ -94,10 +95,7 @@ def read_sentencepiece(path: str | Path) -> SentencePieceModel:
     """Parse a `tokenizer.model` file; a malformed one is a ModelFormatError naming the file."""
     path = Path(path)
     where = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ModelFormatError(f"{where}: cannot read ({exc.strerror})") from None
+    data = read_regular_bytes(path, error=ModelFormatError, what="SentencePiece model")  # a FIFO would block
     model = SentencePieceModel(where)
     for number, wire, value in _Reader(data, where).fields():
         if number == 1 and wire == 2:

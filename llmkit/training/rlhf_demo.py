@@ -10,7 +10,6 @@ them. The library never prints: progress goes through `on_event`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,9 @@ def _cfg(stage: str, seed: int, threads: int | None) -> TrainConfig:
 
 
 def _last(metrics: Path, key: str) -> float:
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    from llmkit.plots import read_metrics
+
+    rows = read_metrics(metrics)
     values = [r[key] for r in rows if key in r]
     return values[-1] if values else float("nan")
 

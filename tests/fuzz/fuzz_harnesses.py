@@ -11,6 +11,7 @@ Run long: `.venv/bin/python tests/fuzz/run_fuzz.py --seconds 3600 [harness ...]`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import struct
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))  # gguf_tiny's writer
 
@@ -28,11 +29,17 @@ from llmkit.errors import LlmkitError  # noqa: E402
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
 
 
-def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
-    """One to four random edits of `data`."""
+def mutate(data: bytes, rng: random.Random, pool: list[bytes], tokens: list[bytes] = ()) -> bytes:
+    """One to four random edits of `data`; with `tokens` (a dictionary of format fragments, as AFL's
+    dictionaries are), some edits insert or overwrite with one of them."""
     buf = bytearray(data)
     for _ in range(rng.randint(1, 4)):
-        kind = rng.randrange(7)
+        kind = rng.randrange(9 if tokens else 7)
+        if kind >= 7:  # a dictionary token, inserted (7) or written over what is there (8)
+            token = rng.choice(tokens)
+            at = rng.randrange(len(buf) + 1)
+            buf[at:at + (len(token) if kind == 8 else 0)] = token
+            continue
         at = rng.randrange(len(buf) + 1)
         if kind == 0 and buf:  # flip bits of one byte
             buf[min(at, len(buf) - 1)] ^= 1 << rng.randrange(8)
@@ -70,6 +77,7 @@ class Harness:
     target: Callable[[bytes, Path], object]  # parse one input (written under the given scratch dir)
     allowed: tuple[type[BaseException], ...] = (LlmkitError,)
     time_limit: float = 1.0
+    tokens: list[bytes] = field(default_factory=list)  # dictionary for mutate()
 
 
 @dataclass
@@ -94,7 +102,7 @@ def fuzz(harness: Harness, *, seconds: float, seed: int = 0, max_findings: int =
             pass
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and len(report.findings) < max_findings:
-            data = queue.pop() if queue else mutate(rng.choice(seeds), rng, seeds)
+            data = queue.pop() if queue else mutate(rng.choice(seeds), rng, seeds, harness.tokens)
             start = time.monotonic()
             try:
                 harness.target(data, scratch)
@@ -212,6 +220,93 @@ def _sentencepiece_target(data: bytes, scratch: Path) -> object:
     return sentencepiece_backend(read_sentencepiece(path)).encode("héllo wörld 🙂").ids
 
 
+# ---- JSON and JSONL readers (safe_json, records, checkpoint/HF JSON files) -------------------------
+
+JSON_TOKENS = [b"[" * 200, b'{"a":' * 150, b"[" * 127, b"9" * 5000, b"-" + b"1" * 4301, b"1e999999", b"NaN",
+               b"-Infinity", b'"\\ud800"', b'"\\udc00\\ud800"', b"\\ud83d", b"\\udfff", b"\\u0000", b'"',
+               b"\\", b"\x00", b"\xff", b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\xff\xfe", b"\r\n", b"\n", b"\n\n",
+               b"\xe2\x80\xa8", b"{}", b"[]", b"null", b"true", b'""', b",", b":", b'{"messages": []}',
+               b'"role": "assistant"', b'"content": ', b'"\\n"', b" " * 70]
+
+
+def _records_seeds(_: Path) -> list[bytes]:
+    lines = [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+        {"instruction": "Name a colour", "output": "blue", "system": "be brief"},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "héllo 🙂"},
+                      {"role": "assistant", "content": "hi"}]},
+        {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+        {"prompt": "say hi"},
+        {"source": "one two", "target": "1 2"},
+    ]
+    jsonl = "\n".join(json.dumps(x, ensure_ascii=False) for x in lines).encode() + b"\n"
+    return [jsonl, b"\xef\xbb\xbf" + jsonl.replace(b"\n", b"\r\n"), json.dumps(lines[2]).encode(),
+            b'{"instruction": "\\ud83d\\ude00 ok", "output": "\\u00e9"}\n', b"\n  \n" + jsonl[:40]]
+
+
+def _records_target(data: bytes, scratch: Path) -> object:
+    from llmkit.data.records import read_preference_pairs, read_prompts, read_sft_records
+    from llmkit.data.seq2seq_records import read_seq2seq_records
+
+    path = scratch / "data.jsonl"
+    path.write_bytes(data)
+    kept = []
+    for read in (read_sft_records, read_preference_pairs, read_prompts, read_seq2seq_records):
+        try:
+            kept.append(read(path) if read is read_seq2seq_records else read(path, skip_bad_lines=2)[0])
+        except LlmkitError:
+            pass
+    for text in _strings(kept):  # what tokenization will do with every accepted string
+        text.encode("utf-8")  # a lone surrogate let through raises UnicodeEncodeError: a finding
+    if not kept:
+        raise LlmkitError("refused by every reader")  # counted as rejected
+    return kept
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string inside records (dataclasses), lists, tuples and dicts (keys too)."""
+    if isinstance(value, str):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        yield from _strings(list(vars(value).values()))
+    elif isinstance(value, dict):
+        yield from _strings([*value.keys(), *value.values()])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _json_file_seeds(_: Path) -> list[bytes]:
+    config = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+              "tie_word_embeddings": True, "eos_token_id": [1, 2], "torch_dtype": "float32"}
+    index = {"metadata": {"total_size": 1024}, "weight_map": {"model.embed_tokens.weight": "a.safetensors",
+                                                              "lm_head.weight": "b.safetensors"}}
+    return [json.dumps(config, indent=2).encode(), json.dumps(index).encode(),
+            json.dumps({**config, "model_type": "gpt2", "n_embd": 32, "n_head": 2, "n_layer": 2}).encode(),
+            b'{"bos_token": {"content": "<s>"}, "chat_template": "{{ messages }}"}']
+
+
+def _json_file_target(data: bytes, scratch: Path) -> object:
+    from llmkit.io.checkpoint import read_json
+    from llmkit.io.hf_config import config_from_hf
+    from llmkit.io.hf_weights import INDEX, weight_files
+
+    (scratch / "config.json").write_bytes(data)
+    (scratch / INDEX).write_bytes(data)
+    results = []
+    for step in (lambda: config_from_hf(read_json(scratch / "config.json"), "config.json"),
+                 lambda: weight_files(scratch)):
+        try:
+            results.append(step())
+        except LlmkitError:
+            pass
+    if not results:
+        raise LlmkitError("refused by both readers")  # counted as rejected
+    return results
+
+
 HARNESSES = {h.name: h for h in (
     Harness("safetensors", _safetensors_seeds, _safetensors_target),
     Harness("gguf", _gguf_seeds, _gguf_target),
@@ -219,4 +314,6 @@ HARNESSES = {h.name: h for h in (
     Harness("sentencepiece", _sentencepiece_seeds, _sentencepiece_target),
     # the template sandbox has its own 2 s wall-clock budget; a render may use all of it
     Harness("chat_template", _template_seeds, _template_target, time_limit=2.5),
+    Harness("jsonl_records", _records_seeds, _records_target, tokens=JSON_TOKENS),
+    Harness("json_files", _json_file_seeds, _json_file_target, tokens=JSON_TOKENS),
 )}
