@@ -32,6 +32,9 @@ def add_speed_flags(p: argparse.ArgumentParser, *, quantize: bool = True) -> Non
                        help="int4: keep the layers' weights in 4 bits and the LM head's in 8 (groups of 32, bf16 "
                             "scales), the fastest decoding; a Q4_0/Q4_1 GGUF with a Q8_0 head keeps its own codes "
                             "(default: none)")
+        p.add_argument("--kv-cache", choices=("full", "int8"), default="full",
+                       help="int8: keep past keys and values as int8 with a scale per head and position, a "
+                            "quarter of fp32's memory, for long prompts (default: full, the model's dtype)")
 
 
 def announce(runtime, extra: str = "") -> None:
@@ -70,5 +73,23 @@ def load_for_generation(path: str | Path, args: argparse.Namespace):
     lm = load_with_flags(path, args)
     report = prepare_for_decoding(lm.model, quantize=getattr(args, "quantize", "none"),
                                   dtype=lm.runtime.torch_dtype)
-    announce(lm.runtime, report.describe())
+    lm.model.kv_cache = getattr(args, "kv_cache", "full")  # read by CausalLM.new_cache
+    extra = ", ".join(x for x in (report.describe(), "int8 KV cache" if lm.model.kv_cache == "int8" else "") if x)
+    announce(lm.runtime, extra)
     return lm
+
+
+def check_text_flags(args: argparse.Namespace) -> None:
+    """The prompt, question, --system and --stop texts are Unicode: bytes of invalid UTF-8 in an argument
+    reach Python as lone surrogates (surrogateescape), which no tokenizer encodes. Checked before loading."""
+    from llmkit.errors import GenerationError
+    from llmkit.tokenizer.bpe import lone_surrogate
+
+    texts = [(getattr(args, name, None), flag) for name, flag in
+             (("prompt", "--prompt"), ("question", "the question"), ("system", "--system"))]
+    texts += [(stop, "--stop") for stop in getattr(args, "stop", None) or ()]
+    for text, flag in texts:
+        problem = lone_surrogate(text, flag) if isinstance(text, str) else None
+        if problem:
+            raise GenerationError(problem)
+

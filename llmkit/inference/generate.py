@@ -46,8 +46,9 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
     if longest >= cfg.max_seq_len:
         raise GenerationError(f"prompt has {longest} tokens but the model's context is {cfg.max_seq_len} "
                               f"(at most {cfg.max_seq_len - 1} leave room for one new token)")
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer ≥ 0, got {max_new_tokens!r}")
+    check_seed(seed)
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id)
@@ -80,6 +81,12 @@ def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
             logits = model(token, attention_mask=mask, cache=cache)[:, -1]
         else:
             logits = model(ids, attention_mask=mask)[:, -1]
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed torch.Generator.manual_seed accepts: an integer in [-2**63, 2**64)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64):
+        raise GenerationError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
 
 
 def new_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.dtype, device) -> object:

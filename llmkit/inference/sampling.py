@@ -3,7 +3,8 @@
 The chain, applied in this documented order (Hugging Face's: temperature before truncation):
   1. repetition penalty (CTRL, Keskar et al. 2019) over prompt + generated tokens;
      presence / frequency penalties (OpenAI) over generated tokens only;
-  2. temperature (0 → greedy argmax, nothing else below applies);
+  2. temperature (below GREEDY_BELOW → greedy argmax, nothing else below applies); the logits are
+     shifted so their maximum is 0 before dividing, so no temperature can overflow them;
   3. top-k: keep the k most likely;
   4. top-p (nucleus, Holtzman et al. 2019): keep the smallest set whose probability reaches p;
   5. min-p: drop tokens whose probability is below min_p × the top probability;
@@ -20,6 +21,14 @@ from torch import Tensor
 
 from llmkit.errors import GenerationError
 
+MAX_TEMPERATURE = 100.0  # past it every distribution is uniform to float32 precision
+# Below it sampling is argmax: logits a hundredth apart differ by e^-10000 in probability, and a smaller
+# t (5e-324 is a valid Python float) is 0 in float32, where x / t is NaN.
+GREEDY_BELOW = 1e-6
+# A repetition penalty divides or multiplies logits: beyond this factor either way it only overflows.
+PENALTY_RANGE = (1e-3, 1e3)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -32,25 +41,26 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        low, high = PENALTY_RANGE
         checks = [
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a number ≥ 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer ≥ 0"),
-            ("top_p", math.isfinite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", math.isfinite(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             "a number > 0"),
-            ("presence_penalty", math.isfinite(self.presence_penalty) and abs(self.presence_penalty) <= 2,
-             "in [-2, 2]"),
-            ("frequency_penalty", math.isfinite(self.frequency_penalty) and abs(self.frequency_penalty) <= 2,
-             "in [-2, 2]"),
+            ("temperature", lambda t: 0 <= t <= MAX_TEMPERATURE, f"in [0, {MAX_TEMPERATURE:g}]"),
+            ("top_p", lambda p: 0 < p <= 1, "in (0, 1]"),
+            ("min_p", lambda p: 0 <= p <= 1, "in [0, 1]"),
+            ("repetition_penalty", lambda r: low <= r <= high, f"in [{low:g}, {high:g}]"),
+            ("presence_penalty", lambda p: abs(p) <= 2, "in [-2, 2]"),
+            ("frequency_penalty", lambda p: abs(p) <= 2, "in [-2, 2]"),
         ]
         for name, ok, expected in checks:
-            if not ok:
-                raise GenerationError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise GenerationError(f"{name} must be a number {expected}, got {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer ≥ 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def apply_penalties(logits: Tensor, params: SamplingParams, seen: Tensor, generated_counts: Tensor) -> Tensor:
@@ -85,8 +95,12 @@ class PenaltyState:
 
 
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf."""
-    logits = logits.float() / params.temperature
+    """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf, and each row's
+    most likely token always stays, so the result is a distribution for any valid params."""
+    logits = logits.float()
+    # Shift each row's maximum to 0 first (softmax is unchanged): then x / t ≤ 0 for every t > 0, and
+    # the top token stays at 0 however small t is, where plain x / 1e-45 overflows to inf and then NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -95,6 +109,7 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token when the tokens ranked above it already reach p (the top token always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
+        drop_sorted[..., 0] = False  # a p below float32's smallest number would otherwise drop them all
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if params.min_p > 0:
@@ -106,8 +121,13 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
 def sample(logits: Tensor, params: SamplingParams, *, generator: torch.Generator | None = None,
            seen: Tensor | None = None, generated_counts: Tensor | None = None) -> Tensor:
     """Pick the next token for each row of (B, V) logits → (B,) LongTensor."""
+    if bool(torch.isnan(logits).any()):  # weights are checked at load, but activations can still overflow
+        raise GenerationError("the model computed NaN logits (its activations overflow in this precision; "
+                              "try --dtype fp32)")
+    logits = logits.float()
     if seen is not None:
         logits = apply_penalties(logits, params, seen, generated_counts)
+    logits = logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an inf (from overflow) would make the shift NaN
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, params).softmax(dim=-1)

@@ -25,7 +25,7 @@ from llmkit.errors import ConfigError, ModelFormatError
 from llmkit.io.gguf_reader import Header, TensorInfo, is_gguf_file, read_header, read_tensor
 from llmkit.io.gguf_tokenizer import tokenizer_from_gguf
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH
-from llmkit.io.weights import model_tensors
+from llmkit.io.weights import check_finite, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.causal_lm import CausalLM
 from llmkit.tokenizer import Tokenizer
@@ -211,6 +211,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     with torch.no_grad():
         for name, info in plan.items():
             t = read_tensor(data, info)
+            check_finite(name, t, where)  # a NaN scale or weight would load silently
             if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
                 t = unpermute_rope(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
             state[name].copy_(t)

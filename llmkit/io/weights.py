@@ -5,9 +5,10 @@ Tied embeddings are stored once (the LM head shares the token embedding), as Hug
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from llmkit.errors import CheckpointError
+from llmkit.errors import CheckpointError, ModelFormatError
 
 
 def model_tensors(model: nn.Module) -> dict[str, Tensor]:
@@ -31,4 +32,16 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], *, where: s
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"the config needs {tuple(expected[name].shape)}")
+        check_finite(name, tensor, where)
     model.load_state_dict(tensors, strict=False)
+
+
+def check_finite(name: str, tensor: Tensor, where: str) -> None:
+    """Refuse a NaN or infinite weight: it loads silently, then every logit is NaN and greedy decoding
+    prints token 0 for ever. One pass over the tensor: its min and max are finite only if all of it is
+    (both propagate NaN), and nothing as large as the tensor is allocated."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+        raise ModelFormatError(f"{where}: tensor {name} holds NaN or infinite values; the file is corrupt")
