@@ -38,7 +38,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     progress = Progress()
     started = time.perf_counter()
-    lm = llmkit.load(args.model)  # fp32 on the CPU: the codes are chosen from the full-precision weights
+    lm = llmkit.load(args.model, dtype="fp32")  # on the CPU: codes are chosen from full-precision weights
     check_quantizable(lm.model)
     _refuse_heads(lm)
     calibration = None

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from llmkit.errors import ConfigError
 from llmkit.inference.optimize import prepare_for_decoding
-from llmkit.layers.quantized import Int4Linear, Int8Linear, QuantizedWeight, WeightFormat, quantized_layer
+from llmkit.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, WeightFormat, is_quantized,
+                                     quantized_layer)
 from llmkit.quant.awq import InputSample, awq_quantize
 from llmkit.quant.gptq import Hessian, gptq_quantize
 from llmkit.quant.scheme import QuantScheme
@@ -43,6 +44,8 @@ def check_quantizable(model: nn.Module) -> None:
     if cfg is None or cfg.arch != "decoder" or cfg.body != "transformer":
         what = "this model" if cfg is None else f"a {cfg.arch} {cfg.body} model"
         raise ConfigError(f"llmkit quantize takes decoder-only transformers; {what} is not one")
+    if any(is_quantized(m) for m in model.modules()):
+        raise ConfigError("the model is already quantised; quantise the full-precision model it came from")
 
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, *, calibration: Tensor | None = None,

@@ -86,11 +86,14 @@ def test_layers_the_group_does_not_divide_stay_in_full_precision(tokenizer, tmp_
         assert torch.equal(loaded.model(x), lm.model(x))
 
 
-def test_a_quantised_model_is_not_exported(tokenizer, tmp_path):
+def test_a_quantised_model_is_neither_exported_nor_quantised_again(tokenizer, tmp_path):
     lm = language_model(tokenizer, tmp_path)
     quantize_model(lm.model, QuantScheme.create("rtn", 8, None, None))
     with pytest.raises(ModelFormatError, match="int8 rtn per channel"):
         refuse_export(lm.model, "q")
+    loaded = llmkit.load(save_quantized(lm, tmp_path / "q"))
+    with pytest.raises(ConfigError, match="already quantised"):
+        quantize_model(loaded.model, QuantScheme.create("rtn", 4, 32, False))
 
 
 @pytest.fixture
