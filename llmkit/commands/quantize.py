@@ -62,7 +62,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     with torch.no_grad():
         report = quantize_model(lm.model, scheme, calibration=calibration, on_event=on_event)
     save_quantized(lm, out)
-    kept = f"; kept in full precision: {', '.join(report.kept)}" if report.kept else ""
+    names = ", ".join(report.kept[:3]) + (f" and {len(report.kept) - 3} more" if len(report.kept) > 3 else "")
+    kept = (f"; {len(report.kept)} kept in full precision (in_features not a multiple of the group): {names}"
+            if report.kept else "")
     size = (out / "model.safetensors").stat().st_size / 1e6
     print(f"wrote {out}: {scheme.describe()}, {report.quantized} linear layers quantised{kept}; "
           f"model.safetensors {size:.1f} MB [{time.perf_counter() - started:.0f} s]", file=sys.stderr)

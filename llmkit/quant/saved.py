@@ -125,15 +125,18 @@ def _weight(tensors: dict[str, Tensor], name: str, bits: int, linear: nn.Linear,
             (offset is not None and tuple(offset.shape) != tuple(scale.shape)):
         raise CheckpointError(f"{where}: {name}.scale has shape {tuple(scale.shape)}; needs ({N}, groups) "
                               f"with groups dividing {K} into even sizes" + (", and offset the same" if bits == 4 else ""))
-    for leaf, t in (("scale", scale), ("offset", offset)):
-        if t is not None and not t.is_floating_point():
-            raise ModelFormatError(f"{where}: {name}.{leaf} must be a floating-point tensor")
-    act_scale = get("act_scale")
-    if act_scale is not None and (tuple(act_scale.shape) != (K,) or not act_scale.is_floating_point()):
-        raise CheckpointError(f"{where}: {name}.act_scale must be a float vector of {K}")
+    act_scale, bias = get("act_scale"), get("bias")
+    for leaf, t, shape in (("scale", scale, scale.shape), ("offset", offset, scale.shape), ("bias", bias, (N,)),
+                           ("act_scale", act_scale, (K,))):
+        if t is None:
+            continue
+        if not t.is_floating_point() or tuple(t.shape) != tuple(shape):
+            raise ModelFormatError(f"{where}: {name}.{leaf} must be a floating-point tensor of shape {tuple(shape)}")
+        if not bool(torch.isfinite(t.float()).all()):  # one NaN scale would make every logit NaN
+            raise ModelFormatError(f"{where}: {name}.{leaf} holds NaN or infinite values")
     if offset is None:
         offset = scale.new_zeros(scale.shape)
-    return QuantizedWeight(codes.view(torch.int8) if bits == 8 else codes, scale, offset, get("bias"), act_scale)
+    return QuantizedWeight(codes.view(torch.int8) if bits == 8 else codes, scale, offset, bias, act_scale)
 
 
 def refuse_export(model: nn.Module, what: str) -> None:

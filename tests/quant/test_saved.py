@@ -119,6 +119,8 @@ DAMAGE = {
     "codes for a module that is not a linear layer": lambda t: t.update(
         {"stack.blocks.0.norm1.packed_codes": torch.zeros(4, 4, dtype=torch.uint8)}),
     "an unexpected tensor": lambda t: t.update({"extra.weight": torch.zeros(2)}),
+    "a NaN scale": lambda t: t["lm_head.scale"].view(-1).__setitem__(0, float("nan")),
+    "a bias of the wrong length": lambda t: t.update({"stack.blocks.0.attn.o_proj.bias": torch.zeros(3)}),
 }
 
 
