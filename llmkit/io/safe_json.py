@@ -85,7 +85,8 @@ def parse_json(text: str | bytes, *, where: str, error: type[LlmkitError] = Data
         except UnicodeDecodeError as exc:
             raise error(f"{where}: not UTF-8 text (invalid byte 0x{text[exc.start]:02x} at offset "
                         f"{exc.start})") from None
-    if nesting_depth(text) > MAX_DEPTH:
+    # Nesting cannot exceed the number of opening brackets, which C counts fast: scan only beyond that.
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting_depth(text) > MAX_DEPTH:
         raise error(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(text, object_pairs_hook=object_pairs_hook)
