@@ -59,10 +59,18 @@ def read_regular_bytes(path: str | Path, *, error: type[LlmkitError] = DatasetEr
     """The bytes of a regular file of at most `limit` bytes (a bigger one is an error, read or not)."""
     with open_regular(path, error=error, what=what) as f:
         size = os.fstat(f.fileno()).st_size
-        data = f.read(limit + 1) if size <= limit else b""
-        if size > limit or len(data) > limit:  # the second: the file grew while being read
-            raise error(f"{path}: {max(size, len(data)):,} bytes, over the {limit:,}-byte limit for a {what}")
-        return data
+        if size > limit:
+            raise error(f"{path}: {size:,} bytes, over the {limit:,}-byte limit for a {what}")
+        # read(n) allocates n bytes up front, so ask for the size the file has, not for the limit;
+        # then read on in small pieces, in case it grew (or, like /proc files, claims size 0).
+        chunks = [f.read(size)]
+        total = len(chunks[0])
+        while chunk := f.read(min(1 << 20, limit + 1 - total)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise error(f"{path}: over the {limit:,}-byte limit for a {what} (it grew while being read)")
+        return b"".join(chunks)
 
 
 def iter_lines(path: str | Path, *, error: type[LlmkitError] = DatasetError, what: str = "file",

@@ -157,6 +157,8 @@ CASES: dict[str, Callable] = {
     "hf_tokenizer_json_fifo": hf_file("tokenizer.json", None),
     "hf_weights_fifo": hf_file("model.safetensors", None),
     "checkpoint_manifest_fifo": generate("manifest.json", lambda m, c: checkpoint_with_manifest(m, c, None)),
+    "gguf_fifo": generate("m.gguf", lambda m, c: fifo(c / "m.gguf")),
+    "model_dev_zero": generate("/dev/zero", lambda m, c: "/dev/zero"),
     # 4, 5: deep nesting and huge integers, in every JSON reader
     "sft_deep_nesting": post_training("sft", jsonl(SFT, DEEP)),
     "sft_deep_objects": post_training("sft", jsonl('{"a":' * 50_000)),

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -120,6 +122,18 @@ def test_whole_file_reads_stop_at_the_limit(tmp_path):
     assert read_regular_bytes(path, limit=path.stat().st_size) == path.read_bytes()
     with pytest.raises(DatasetError, match=f"{path.stat().st_size:,} bytes, over the 100-byte limit"):
         read_json(path, limit=100)
+
+
+def test_whole_file_reads_allocate_what_the_file_holds_not_the_cap(tmp_path):
+    """read(n) allocates n bytes up front: asking for the 1 GiB cap to read a small file failed
+    with MemoryError under a 256 MiB address-space limit (a container, a shell's ulimit)."""
+    path = tmp_path / "small.txt"
+    path.write_text("hello\n" * 1000)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20)); "
+            "from llmkit.io.input_files import read_regular_bytes; "
+            "print(len(read_regular_bytes(sys.argv[1], limit=1 << 30)))")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "6000", run.stderr[-500:]
 
 
 def test_lines_stream_with_a_per_line_cap(tmp_path):
