@@ -33,6 +33,30 @@ BODIES = ("transformer", "rwkv", "mamba")
 ATTENTION_PATTERNS = ("full", "sliding_window", "longformer", "bigbird")
 
 
+# Upper bounds on sizes and counts, far past every published model (vocabularies reach 262k, widths
+# 25,600, depths 126, contexts 10M): a larger value is a typo or an attack, and refused before any
+# tensor is sized from it (`{"d_model": 1000000}` used to reach the allocator, `n_layers: 100000`
+# to build modules for minutes). What fits under them is then checked against memory (llmkit.memory).
+LIMITS = {"vocab_size": 1 << 22, "max_seq_len": 1 << 24, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024,
+          "n_kv_heads": 1024, "head_dim": 1 << 13, "d_ff": 1 << 19, "rope_original_max_seq_len": 1 << 24,
+          "type_vocab_size": 1 << 16, "position_offset": 1 << 16, "embed_dim": 1 << 16, "num_labels": 1 << 20,
+          "n_decoder_layers": 1024, "relative_buckets": 1 << 12, "relative_max_distance": 1 << 24,
+          "decoder_start_token_id": 1 << 22, "attention_window": 1 << 24, "attention_global_tokens": 1 << 24,
+          "attention_block_size": 1 << 16, "attention_random_blocks": 1 << 16, "attention_seed": (1 << 63) - 1,
+          "ssm_state": 1 << 12, "ssm_conv": 1 << 10, "ssm_expand": 64, "ssm_dt_rank": 1 << 16,
+          "rwkv_attention_dim": 1 << 16}
+
+
+def check_limits(obj: Any, where: str) -> None:
+    """Every numeric field finite, and at most its LIMITS entry (lower bounds are checked per field)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and f.name in LIMITS and value > LIMITS[f.name]:
+            raise ConfigError(f"{where}.{f.name}={value} is larger than llmkit allows ({LIMITS[f.name]:,})")
+
+
 def check_field_types(obj: Any, where: str) -> None:
     """Reject values whose type does not match the dataclass annotation (JSON gives "3" for 3)."""
     for f in dataclasses.fields(obj):
@@ -143,6 +167,7 @@ class ModelConfig:
             object.__setattr__(self, name, value)
 
         check_field_types(self, "ModelConfig")
+        check_limits(self, "ModelConfig")
 
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)

@@ -74,6 +74,8 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     def on_start(info: dict[str, Any]) -> None:
         nonlocal bar
         print_skipped(info["skipped"], lambda line: print(line, file=sys.stderr))
+        for note in info.get("warnings", ()):  # what a resume passed over (llmkit.io.run_dir)
+            print(f"warning: {note}", file=sys.stderr)
         print(f"ppo: {info['prompts']} prompts; steps {info['step']} → {info['steps']}", file=sys.stderr)
         bar = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=None)

@@ -8,10 +8,12 @@ from typing import Iterator
 from torch import nn
 
 from llmkit.config import ModelConfig
+from llmkit.memory import LOAD_BYTES_PER_PARAM, require_model_memory
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model for `cfg` (decoder-only, encoder-only or encoder-decoder)."""
+    require_model_memory(cfg, bytes_per_param=LOAD_BYTES_PER_PARAM)  # one line, not an allocator abort
     if cfg.arch == "encoder":
         from llmkit.models.masked_lm import MaskedLM
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 import llmkit
 from llmkit.errors import CheckpointError, ConfigError, DatasetError
 from llmkit.inference.embed import encoder_batch
+from llmkit.io.run_dir import hold_run_dir
 from llmkit.io.checkpoint import read_json
 from llmkit.io.weights import model_tensors
 from llmkit.models.masked_lm import MaskedLM
@@ -168,20 +169,20 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
     emit("data", {"train": len(train), "val": len(val), "labels": label_names,
                   "truncated": train_data.truncated + val_data.truncated, "max_len": max_len})
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        lm.tokenizer.save(out)
-        trainer = Trainer(model, cfg, loss_fn=classification_loss, get_batch=train_data.batch, out_dir=out,
-                          evaluate=lambda m: evaluate_classifier(m, val_data),
-                          checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                                           "model": model.cfg.to_dict(), "labels": label_names}},
-                          checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
-        trainer.announce(emit)
-        state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row), on_event=emit)
-    except Exception:
-        if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
+        try:
+            lm.tokenizer.save(out)
+            trainer = Trainer(model, cfg, loss_fn=classification_loss, get_batch=train_data.batch, out_dir=out,
+                              evaluate=lambda m: evaluate_classifier(m, val_data),
+                              checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                                               "model": model.cfg.to_dict(), "labels": label_names}},
+                              checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
+            trainer.announce(emit)
+            state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row), on_event=emit)
+        except Exception:
+            if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     final = evaluate_classifier(model.eval(), val_data)
     return {"labels": label_names, "train_examples": len(train), "val_examples": len(val),
             "truncated": train_data.truncated + val_data.truncated, "steps": state.step, **final}

@@ -28,6 +28,7 @@ from llmkit.io.finetuned import chat_info_json
 from llmkit.layers.lora import LoraConfig, apply_lora
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.io.run_dir import hold_run_dir
 from llmkit.training.pretrain import run_trainer
 from llmkit.runtime import set_threads
 
@@ -113,15 +114,15 @@ def train(run: FinetuneRun, *, loss_fn: Callable, get_batch: Callable[[int], Any
     """Create the output directory and run the training loop (resuming when asked)."""
     emit = on_event or (lambda kind, info: None)
     out = run.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    run.lm.tokenizer.save(out)
-    torch.manual_seed(run.cfg.seed)
-    trainer = Trainer(
-        run.model, run.cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
-        checkpoint_json={"config.json": checkpoint_meta(run)},
-        checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
-        fingerprint={"kind": run.kind, "model_config": run.lm.model.cfg.non_default_fields(),
-                     "data": run.data_fingerprint, "tokenizer": run.lm.tokenizer.fingerprint(),
-                     "batch_size": run.cfg.batch_size, "grad_accum": run.cfg.grad_accum,
-                     "lora": run.lora.to_dict() if run.lora else None})
-    return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)
+    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
+        run.lm.tokenizer.save(out)
+        torch.manual_seed(run.cfg.seed)
+        trainer = Trainer(
+            run.model, run.cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
+            checkpoint_json={"config.json": checkpoint_meta(run)},
+            checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
+            fingerprint={"kind": run.kind, "model_config": run.lm.model.cfg.non_default_fields(),
+                         "data": run.data_fingerprint, "tokenizer": run.lm.tokenizer.fingerprint(),
+                         "batch_size": run.cfg.batch_size, "grad_accum": run.cfg.grad_accum,
+                         "lora": run.lora.to_dict() if run.lora else None})
+        return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)

@@ -16,7 +16,6 @@ speeds and time used are checkpointed, so a resumed run plans as the uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import CheckpointError, NonFiniteError
-from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, require_checkpoint, save_checkpoint
+from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
+from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.runtime import Runtime, make_runtime, to_device
 from llmkit.training.budget import Speeds, plan_steps, warmup_for
@@ -109,13 +109,25 @@ class Trainer:
             json_files={**self.checkpoint_json, "train_state.json": train_state},
             copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
 
-    def resume(self) -> Path | None:
-        """Load the newest complete checkpoint under out_dir; None when there has never been one.
+    def resume(self, notify: Notify | None = None) -> Path | None:
+        """Load the newest complete checkpoint under out_dir; None when there is none yet.
 
-        Checkpoints that exist but all fail verification are an error, not a fresh start."""
-        if not list_checkpoints(self.checkpoint_root):
-            return None
-        path = require_checkpoint(self.checkpoint_root)
+        Damaged checkpoints with no complete one beside them are an error, not a fresh start; what
+        a resume passes over (a corrupt newer checkpoint, an interrupted save, metrics rows past
+        the checkpoint or cut by a crash) is told through `notify` as "warning" events."""
+        say = notify or (lambda kind, info: None)
+        with hold_run_dir(self.out_dir):
+            path, notes = find_resume_checkpoint(self.checkpoint_root)
+            for note in notes:
+                say("warning", {"message": note})
+            if path is None:
+                self._repair_metrics(0, say)
+                return None
+            self._load(path)
+            self._repair_metrics(self.state.step, say)
+        return path
+
+    def _load(self, path: Path) -> None:
         saved = read_json(path / "train_state.json")
         mismatched = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
         if mismatched:
@@ -133,20 +145,20 @@ class Trainer:
             # `auto` keeps the precision the run started with, so resuming repeats its numbers
             self.runtime = dataclasses.replace(self.runtime, dtype=previous["dtype"],
                                                reason="as chosen when the run started")
-        self._truncate_metrics(self.state.step)
-        return path
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log rows past the resumed step so metrics.jsonl reads as one uninterrupted run."""
-        if self.metrics_path.exists():
-            rows = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            self.metrics_path.write_text("".join(row + "\n" for row in rows))
+    def _repair_metrics(self, step: int, say: Notify) -> None:
+        """Cut metrics.jsonl to whole rows up to `step`: the log then reads as one uninterrupted run."""
+        counts = repair_metrics(self.metrics_path, step)
+        if counts["after_step"]:
+            why = ("of an attempt that stopped before its first checkpoint" if step == 0 else
+                   f"logged after step {step}, the checkpoint resumed from")
+            say("warning", {"message": f"{self.metrics_path}: dropped {counts['after_step']} row(s) {why}"})
+        if counts["unreadable"]:
+            say("warning", {"message": f"{self.metrics_path}: dropped {counts['unreadable']} unreadable line(s) "
+                                       "(a write cut short by a crash)"})
 
     def log(self, row: dict[str, Any]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.metrics_path, row)
 
     # -- the loop -------------------------------------------------------------------------------
     def _micro_batches(self, step: int) -> tuple[float, int, dict[str, float]]:
@@ -255,8 +267,15 @@ class Trainer:
 
     def run(self, *, on_step: Event | None = None, on_eval: Event | None = None,
             on_event: Notify | None = None) -> TrainState:
-        cfg = self.cfg
+        """Train to the end of the schedule, holding the run directory's lock (llmkit.io.run_dir)."""
         notify = on_event or (lambda kind, info: None)
+        with hold_run_dir(self.out_dir):
+            if self.state.step == 0:  # rows of an attempt that died before its first checkpoint
+                self._repair_metrics(0, notify)
+            return self._run(on_step, on_eval, notify)
+
+    def _run(self, on_step: Event | None, on_eval: Event | None, notify: Notify) -> TrainState:
+        cfg = self.cfg
         self.model.train()
         started = self.clock()
         # A fresh run's budget counts from when its work began (data preparation included); a

@@ -12,9 +12,9 @@ to it for resume. The frozen reference is the --policy model, loaded again.
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +25,11 @@ from torch import nn
 
 import llmkit
 from llmkit.errors import CheckpointError, ConfigError, NonFiniteError
-from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, require_checkpoint, save_checkpoint
+from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, save_checkpoint
+from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
 from llmkit.io.finetuned import chat_info_json
 from llmkit.io.weights import load_model_tensors, model_tensors
-from llmkit.training.config import TrainConfig, knob
+from llmkit.training.config import TrainConfig, check_ranges, knob
 from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
 from llmkit.training.ppo_math import AdaptiveKLController
 from llmkit.training.ppo_rollout import Experience, PolicyWithValue, RewardFn, make_experience, ppo_minibatch_loss
@@ -41,14 +42,14 @@ Event = Callable[[dict[str, Any]], None]
 class PPOConfig:
     """PPO's own knobs (TrainConfig has the shared ones: --steps counts rollout batches, --lr, …).
     Defaults follow the N+ implementation details paper and TRL's last PPO trainer."""
-    rollout_batch: int = knob(16, "prompts sampled per PPO step")
-    minibatch_size: int = knob(8, "sequences per PPO minibatch (one optimizer step each)")
-    ppo_epochs: int = knob(2, "passes over each rollout batch")
-    max_new_tokens: int = knob(32, "response length budget")
+    rollout_batch: int = knob(16, "prompts sampled per PPO step", range=(1, 1 << 16))
+    minibatch_size: int = knob(8, "sequences per PPO minibatch (one optimizer step each)", range=(1, 1 << 16))
+    ppo_epochs: int = knob(2, "passes over each rollout batch", range=(1, 1000))
+    max_new_tokens: int = knob(32, "response length budget", range=(1, 1 << 20))
     temperature: float = knob(1.0, "rollout sampling temperature (no top-k/top-p: rollouts sample the policy itself)")
     kl_coef: float = knob(0.05, "β of the per-token KL penalty (the starting value when --kl-target is set)")
     kl_target: float | None = knob(None, "adapt β towards this KL per response (Ziegler et al.; default: fixed β)")
-    kl_horizon: int = knob(10000, "adaptive β horizon, in responses")
+    kl_horizon: int = knob(10000, "adaptive β horizon, in responses", range=(1, 10**12))
     kl_estimator: str = knob("k1", "per-token KL estimator: k1 (log ratio) or k3 (never negative)",
                              choices=("k1", "k3"))
     gamma: float = knob(1.0, "GAE discount γ")
@@ -59,6 +60,7 @@ class PPOConfig:
     no_eos_penalty: float = knob(1.0, "subtracted from the score of a response that never ends")
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         for name in ("rollout_batch", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -101,6 +103,7 @@ class PPOTrainer:
         self.fingerprint = fingerprint or {}
         self.evaluate = evaluate
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.resume_notes: list[str] = []
 
     # -- checkpoints (the shared format; see the module docstring) -------------------------------
     def save(self) -> Path:
@@ -122,9 +125,19 @@ class PPOTrainer:
             copy_files={"tokenizer.json": tok_file}, keep=self.cfg.keep_checkpoints)
 
     def resume(self) -> Path | None:
-        if not list_checkpoints(self.out_dir / "checkpoints"):
-            return None
-        path = require_checkpoint(self.out_dir / "checkpoints")
+        """Load the newest complete checkpoint (None: there is none yet); what the resume passes
+        over is kept in `resume_notes` (see llmkit.io.run_dir.find_resume_checkpoint)."""
+        with hold_run_dir(self.out_dir):
+            path, self.resume_notes = find_resume_checkpoint(self.out_dir / "checkpoints")
+            if path is not None:
+                self._load(path)
+            counts = repair_metrics(self.metrics_path, self.step)  # the log reads as one run
+            if counts["after_step"] or counts["unreadable"]:
+                self.resume_notes.append(f"{self.metrics_path}: dropped {counts['after_step']} row(s) past step "
+                                         f"{self.step} and {counts['unreadable']} unreadable line(s)")
+        return path
+
+    def _load(self, path: Path) -> None:
         saved = read_json(path / "train_state.json")
         changed = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
         if changed:
@@ -135,15 +148,9 @@ class PPOTrainer:
         load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
         torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
         self.step, self.kl.value, self.skipped = saved["step"], saved["kl_coef"], saved["skipped_steps"]
-        if self.metrics_path.exists():  # drop rows past the checkpoint: the log reads as one run
-            rows = [r for r in self.metrics_path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
-        return path
 
     def log(self, row: dict[str, Any]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_metrics(self.metrics_path, row)
 
     # -- one PPO step ------------------------------------------------------------------------------
     def rollout(self) -> Experience:
@@ -200,6 +207,12 @@ class PPOTrainer:
         return row
 
     def run(self, *, on_step: Event | None = None, on_eval: Event | None = None) -> int:
+        with hold_run_dir(self.out_dir):  # one writer per run directory
+            if self.step == 0:  # rows of an attempt that died before its first checkpoint
+                repair_metrics(self.metrics_path, 0)
+            return self._run(on_step, on_eval)
+
+    def _run(self, on_step: Event | None, on_eval: Event | None) -> int:
         started = time.perf_counter()
         try:
             while self.step < self.cfg.steps:
@@ -287,11 +300,19 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
                    "prompts": [len(texts), hash_texts(texts)], "ppo": asdict(ppo), "chat": chat}
     trainer = PPOTrainer(lm, ref, reward_fn, prompt_set, out_dir, cfg, ppo, stop_id=stop_token(lm, chat=chat),
                          fingerprint=fingerprint, evaluate=evaluate)
-    if resume:
-        trainer.resume()
-    if on_start is not None:
-        on_start({"step": trainer.step, "steps": cfg.steps, "prompts": len(texts), "skipped": skipped})
-    trainer.run(on_step=on_step, on_eval=on_eval)
+    created = not out_dir.exists()
+    with hold_run_dir(out_dir):
+        try:
+            if resume:
+                trainer.resume()
+            if on_start is not None:
+                on_start({"step": trainer.step, "steps": cfg.steps, "prompts": len(texts), "skipped": skipped,
+                          "warnings": trainer.resume_notes})
+            trainer.run(on_step=on_step, on_eval=on_eval)
+        except Exception:
+            if created and not list_checkpoints(out_dir / "checkpoints"):
+                shutil.rmtree(out_dir, ignore_errors=True)  # failed before its first checkpoint: leave nothing
+            raise
     return trainer
 
 

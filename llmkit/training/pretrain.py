@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -23,9 +24,13 @@ import torch
 import llmkit
 from llmkit.config import ModelConfig, preset
 from llmkit.data.batches import TokenBatches, eval_batches
-from llmkit.data.corpus import find_text_files, read_text_file, split_files, token_dtype, tokenize_files
-from llmkit.errors import ConfigError, DatasetError
+from llmkit.data.corpus import (find_text_files, read_file_bytes, read_text_file, split_files, token_dtype,
+                                tokenize_files)
+from llmkit.errors import CheckpointError, ConfigError, DatasetError
 from llmkit.io.checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints
+from llmkit.io.run_dir import hold_run_dir
+from llmkit.io.safe_json import read_json
+from llmkit.memory import BPE_BYTES_PER_VOCAB_ENTRY, TRAIN_BYTES_PER_PARAM, require_memory, require_model_memory
 from llmkit.io.weights import load_model_tensors
 from llmkit.models.build import build_model
 from llmkit.plots import plot_loss_curve
@@ -33,7 +38,8 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.objectives import evaluate_lm, next_token_loss
-from llmkit.runtime import set_threads
+from llmkit.training.sizing import at_depth, choose_depth, measure_tokens_per_s, parse_depth
+from llmkit.runtime import make_runtime, resolve_device, set_threads, to_device
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -48,10 +54,14 @@ class Corpus:
 
 
 def _files_fingerprint(files: list[Path], extra: str) -> str:
+    """A digest of the corpus's content and of each file's path relative to the files' common
+    folder (how split_files sees them): `corpus`, `/abs/corpus` and a copy elsewhere all match,
+    while an edited, added or renamed file does not."""
+    root = os.path.commonpath([os.path.abspath(f) for f in files]) if len(files) > 1 else None
     h = hashlib.sha256(extra.encode())
     for f in files:
-        st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        relative = Path(os.path.relpath(os.path.abspath(f), root)).as_posix() if root else f.name
+        h.update(f"{relative}\0{hashlib.blake2b(read_file_bytes(f)).hexdigest()}\n".encode())
     return h.hexdigest()
 
 
@@ -69,20 +79,28 @@ def _tokenizer_sample(files: list[Path], budget: int, seed: int) -> list[str]:
     return texts
 
 
-def _cached_tokens(tokenizer: Tokenizer, files: list[Path], cache: Path, key: str) -> np.ndarray:
+def _cached_tokens(tokenizer: Tokenizer, files: list[Path], cache: Path, key: str, emit: Event) -> np.ndarray:
+    """The token stream of `files`, from out/data/ when its key (corpus and tokenizer) and the
+    checksum of its bytes match, else encoded again and cached; a cache that fails its checksum
+    is rebuilt with one warning, never trusted (damaged bytes would be wrong or out-of-range ids)."""
     meta_path, bin_path = cache.with_suffix(".json"), cache.with_suffix(".bin")
     dtype = token_dtype(tokenizer.vocab_size)
     if meta_path.exists() and bin_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") == key and bin_path.stat().st_size == meta["count"] * np.dtype(dtype).itemsize:
-                return np.fromfile(bin_path, dtype=dtype)
-        except (ValueError, KeyError, OSError):
-            pass  # a broken cache is rebuilt, never trusted
+            meta = read_json(meta_path, what="token cache metadata", error=CheckpointError)
+            data = bin_path.read_bytes() if meta.get("key") == key and meta.get("blake2b") else None
+        except (CheckpointError, OSError, AttributeError):
+            data = None  # unreadable metadata: rebuilt like a stale cache
+        if data is not None:
+            if hashlib.blake2b(data).hexdigest() == meta.get("blake2b") and meta.get("dtype") == np.dtype(dtype).name:
+                return np.frombuffer(data, dtype=dtype).copy()
+            emit("warning", {"message": f"{bin_path}: token cache fails its checksum; rebuilding it"})
     tokens = tokenize_files(tokenizer, files, eos_id=tokenizer.eos_id)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(bin_path, tokens.tobytes())
-    atomic_write_text(meta_path, json.dumps({"key": key, "count": int(tokens.size), "dtype": str(tokens.dtype)}))
+    data = tokens.tobytes()
+    atomic_write_bytes(bin_path, data)
+    atomic_write_text(meta_path, json.dumps({"key": key, "count": int(tokens.size), "dtype": tokens.dtype.name,
+                                             "blake2b": hashlib.blake2b(data).hexdigest()}))
     return tokens
 
 
@@ -100,6 +118,8 @@ def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig,
     elif own_tokenizer.exists():
         tokenizer = Tokenizer.load(own_tokenizer)  # a resumed or repeated run keeps its tokenizer
     else:
+        require_memory(f"training a BPE tokenizer (vocab {cfg.vocab_size:,})",
+                       cfg.vocab_size * BPE_BYTES_PER_VOCAB_ENTRY + cfg.tokenizer_sample_bytes)
         emit("tokenizer", {"vocab_size": cfg.vocab_size, "sample_bytes": cfg.tokenizer_sample_bytes})
         tokenizer = Tokenizer.train(_tokenizer_sample(train_files, cfg.tokenizer_sample_bytes, cfg.seed),
                                     cfg.vocab_size)
@@ -114,8 +134,8 @@ def prepare_corpus(paths: Sequence[str | Path], out_dir: Path, cfg: TrainConfig,
     tokenizer.save(out_dir)
     key = _files_fingerprint(files, tokenizer.fingerprint())
     emit("tokenize", {"train_files": len(train_files), "val_files": len(val_files)})
-    train = _cached_tokens(tokenizer, train_files, out_dir / "data" / "train", key)
-    val = _cached_tokens(tokenizer, val_files, out_dir / "data" / "val", key) if val_files else train[:0]
+    train = _cached_tokens(tokenizer, train_files, out_dir / "data" / "train", key, emit)
+    val = _cached_tokens(tokenizer, val_files, out_dir / "data" / "val", key, emit) if val_files else train[:0]
     val_bytes = sum(len(read_text_file(f).encode()) for f in val_files)
     if val.size < seq_len + 1:
         # Too little held-out text (one file, or tiny files): hold out the stream's tail instead.
@@ -177,6 +197,33 @@ def objective(model_cfg: ModelConfig, corpus: Corpus, seq_len: int, cfg: TrainCo
     return next_token_loss, batches.batch, evaluate
 
 
+def sized_config(model_cfg: ModelConfig, cfg: TrainConfig, corpus: Corpus, seq_len: int, out_dir: Path, *,
+                 resume: bool, started_at: float, emit: Event) -> ModelConfig:
+    """--depth N: the preset's model at that depth. --depth auto: the depth for the time left, from one
+    measured training pass of the preset's own model (a resumed run keeps the depth it started with)."""
+    depth = parse_depth(cfg.depth)
+    if depth is None:
+        return model_cfg
+    if depth == "auto":
+        saved = list_checkpoints(out_dir / "checkpoints") if resume else []
+        if saved:
+            depth = read_json(saved[-1] / "config.json", what="checkpoint config")["model"]["n_layers"]
+        else:
+            torch.manual_seed(cfg.seed)
+            model = build_model(model_cfg)
+            runtime = make_runtime(cfg.device, cfg.dtype, cfg.threads, model=model, rows=cfg.batch_size * seq_len,
+                                   training=True)
+            model.to(runtime.device)
+            loss_fn, get_batch, _ = objective(model_cfg, corpus, seq_len, cfg)
+            rate = measure_tokens_per_s(model, loss_fn, to_device(get_batch(0), runtime.device), runtime.autocast,
+                                        cfg.batch_size * seq_len)
+            left = cfg.time_budget * 60 - (time.perf_counter() - started_at)
+            choice = choose_depth(model_cfg, rate, left, seq_len)
+            emit("depth", {"line": choice.line, "depth": choice.depth, "tokens_per_s": rate})
+            depth = choice.depth
+    return at_depth(model_cfg, depth)
+
+
 def build_model_config(cfg: TrainConfig, vocab_size: int, overrides: dict[str, Any] | None = None) -> ModelConfig:
     return preset(cfg.preset, **{"vocab_size": vocab_size, **(overrides or {})})
 
@@ -196,37 +243,46 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     seq_len = cfg.seq_len or probe.max_seq_len
     if seq_len > probe.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({probe.max_seq_len})")
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
-                          f"another --out")
+    # Will the model fit? Checked before any file is written, with the vocabulary the run will
+    # train (or the preset's, for a given tokenizer), then again with the real one.
+    device = resolve_device(cfg.device)
+    planned = probe.replace(vocab_size=cfg.vocab_size) if tokenizer_path is None else probe
+    require_model_memory(planned, bytes_per_param=TRAIN_BYTES_PER_PARAM, device=device, what="training the model")
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
-                                exclude=exclude, on_event=on_event, mask_token=probe.arch == "encoder",
-                                extra_tokens=seq2seq_tokens(probe))
-    except Exception:
-        if created:  # bad input leaves nothing behind
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    model_cfg = build_model_config(cfg, corpus.tokenizer.vocab_size, model_overrides)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    if init_tensors is not None:
-        load_model_tensors(model, init_tensors, where="initial weights")
-        model.tie_weights()
-    emit("model", {"params": model_cfg.num_params(), "config": model_cfg.to_dict()})
-    loss_fn, get_batch, evaluate = objective(model_cfg, corpus, seq_len, cfg)
-    trainer = Trainer(
-        model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out_dir, evaluate=evaluate,
-        checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                         "model": model_cfg.to_dict()}},
-        checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
-        fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
-                     "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
-                     "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
-        started_at=started_at)
-    return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
+    with hold_run_dir(out_dir):  # one writer: a second run on this --out is refused in one line
+        if not resume and list_checkpoints(out_dir / "checkpoints"):
+            raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
+                              f"another --out")
+        try:
+            corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
+                                    exclude=exclude, on_event=on_event, mask_token=probe.arch == "encoder",
+                                    extra_tokens=seq2seq_tokens(probe))
+            model_cfg = build_model_config(cfg, corpus.tokenizer.vocab_size, model_overrides)
+            model_cfg = sized_config(model_cfg, cfg, corpus, seq_len, out_dir, resume=resume, started_at=started_at,
+                                     emit=emit)
+            require_model_memory(model_cfg, bytes_per_param=TRAIN_BYTES_PER_PARAM, device=device,
+                                 what="training the model")
+            torch.manual_seed(cfg.seed)
+            model = build_model(model_cfg)
+        except Exception:
+            if created:  # bad input leaves nothing behind
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        if init_tensors is not None:
+            load_model_tensors(model, init_tensors, where="initial weights")
+            model.tie_weights()
+        emit("model", {"params": model_cfg.num_params(), "config": model_cfg.to_dict()})
+        loss_fn, get_batch, evaluate = objective(model_cfg, corpus, seq_len, cfg)
+        trainer = Trainer(
+            model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out_dir, evaluate=evaluate,
+            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                             "model": model_cfg.to_dict()}},
+            checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
+            fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
+                         "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
+                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
+            started_at=started_at)
+        return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
 
 
 def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
@@ -234,7 +290,7 @@ def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
     """Resume when asked, then train, reporting resume/start/eval events and redrawing loss.png at
     each evaluation: every training command (pretrain, fine-tunes) ends with this."""
     if resume:
-        path = trainer.resume()
+        path = trainer.resume(emit)
         emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
     trainer.announce(emit)
 

@@ -25,11 +25,11 @@ from llmkit.data.seq2seq_records import Seq2SeqExample, tokenize_examples
 from llmkit.errors import ConfigError
 from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.seq2seq_generate import seq2seq_generate, source_ids
-from llmkit.io.checkpoint import list_checkpoints
 from llmkit.models.build import build_model
 from llmkit.plots import plot_loss_curve
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
+from llmkit.io.run_dir import hold_run_dir
 from llmkit.training.loop import Trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
 from llmkit.runtime import set_threads
@@ -106,35 +106,35 @@ def run_demo(out_dir: str | Path, cfg: TrainConfig, *, n_train: int, n_test: int
     if model_cfg.arch != "encoder-decoder":
         raise ConfigError(f"--preset {cfg.preset} is a {model_cfg.arch} model; the seq2seq demo needs an "
                           "encoder-decoder preset (t5v11-tiny, bart-tiny, …)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out_dir)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    emit("model", {"params": sum(p.numel() for p in model.parameters()), "preset": cfg.preset})
-    options = dict(batch_size=cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id,
-                   start_id=model_cfg.decoder_start_token_id)
-    batches = PairBatches(_encode(tokenizer, train, model_cfg.max_seq_len), **options)
-    held_out = PairBatches(_encode(tokenizer, test, model_cfg.max_seq_len), **options)
-    trainer = Trainer(
-        model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
-        evaluate=lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches),
-                                            ),
-        checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                         "model": model_cfg.to_dict()}},
-        checkpoint_files={"tokenizer.json": own},
-        fingerprint={"model_config": model_cfg.non_default_fields(), "tokenizer": tokenizer.fingerprint(),
-                     "task": [n_train, n_test], "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
-    if list_checkpoints(out_dir / "checkpoints"):
-        path = trainer.resume()
-        emit("resume", {"path": str(path), "step": trainer.state.step})
-    trainer.announce(emit)
+    with hold_run_dir(out_dir):  # one writer per run directory (llmkit.io.run_dir)
+        tokenizer.save(out_dir)
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg)
+        emit("model", {"params": sum(p.numel() for p in model.parameters()), "preset": cfg.preset})
+        options = dict(batch_size=cfg.batch_size, seed=cfg.seed, pad_id=tokenizer.pad_id,
+                       start_id=model_cfg.decoder_start_token_id)
+        batches = PairBatches(_encode(tokenizer, train, model_cfg.max_seq_len), **options)
+        held_out = PairBatches(_encode(tokenizer, test, model_cfg.max_seq_len), **options)
+        trainer = Trainer(
+            model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
+            evaluate=lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches),
+                                                ),
+            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                             "model": model_cfg.to_dict()}},
+            checkpoint_files={"tokenizer.json": own},
+            fingerprint={"model_config": model_cfg.non_default_fields(), "tokenizer": tokenizer.fingerprint(),
+                         "task": [n_train, n_test], "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+        path = trainer.resume(emit)  # the demo always continues its run; None: there is none yet
+        if path is not None:
+            emit("resume", {"path": str(path), "step": trainer.state.step})
+        trainer.announce(emit)
 
-    def on_eval(row: dict) -> None:
-        emit("eval", row)
+        def on_eval(row: dict) -> None:
+            emit("eval", row)
+            plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
+
+        trainer.run(on_step=on_step, on_eval=on_eval)
         plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
-
-    trainer.run(on_step=on_step, on_eval=on_eval)
-    plot_loss_curve(trainer.metrics_path, out_dir / "loss.png")
     result = score_exact_match(model.eval(), tokenizer, test, batch_size=max(cfg.batch_size, 64))
     result.seconds = time.perf_counter() - started
     return result

@@ -23,6 +23,7 @@ from llmkit.io.finetuned import chat_info_json
 from llmkit.io.checkpoint import list_checkpoints
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.io.run_dir import hold_run_dir
 from llmkit.training.pretrain import run_trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
 from llmkit.runtime import set_threads
@@ -70,32 +71,32 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
                   "truncated_sources": train.truncated_sources + val.truncated_sources,
                   "truncated_targets": train.truncated_targets + val.truncated_targets})
     created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        tokenizer.save(out_dir)
-    except Exception:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    start_id = model_cfg.decoder_start_token_id
-    batches = PairBatches(train.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id, start_id=start_id)
-    held_out = PairBatches(val.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id,
-                           start_id=start_id) if val.pairs else None
-    model = lm.model.train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    emit("model", {"params": sum(p.numel() for p in model.parameters()), "path": str(lm.path)})
-    trainer = Trainer(
-        model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
-        evaluate=None if held_out is None else
-        (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches))),
-        # "chat" keeps the base model's special-token names and EOS ids (a Hugging Face T5's </s>)
-        checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                         "model": model_cfg.to_dict(), "chat": chat_info_json(lm)}},
-        checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
-        fingerprint={"model_config": model_cfg.non_default_fields(), "base_model": str(lm.path.resolve()),
-                     "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
-                     "tokenizer": tokenizer.fingerprint(), "seq_len": context, "batch_size": cfg.batch_size,
-                     "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction})
-    return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
+    with hold_run_dir(out_dir):  # one writer per run directory (llmkit.io.run_dir)
+        try:
+            tokenizer.save(out_dir)
+        except Exception:
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        start_id = model_cfg.decoder_start_token_id
+        batches = PairBatches(train.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id, start_id=start_id)
+        held_out = PairBatches(val.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id,
+                               start_id=start_id) if val.pairs else None
+        model = lm.model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        emit("model", {"params": sum(p.numel() for p in model.parameters()), "path": str(lm.path)})
+        trainer = Trainer(
+            model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
+            evaluate=None if held_out is None else
+            (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches))),
+            # "chat" keeps the base model's special-token names and EOS ids (a Hugging Face T5's </s>)
+            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                             "model": model_cfg.to_dict(), "chat": chat_info_json(lm)}},
+            checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
+            fingerprint={"model_config": model_cfg.non_default_fields(), "base_model": str(lm.path.resolve()),
+                         "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
+                         "tokenizer": tokenizer.fingerprint(), "seq_len": context, "batch_size": cfg.batch_size,
+                         "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction})
+        return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
