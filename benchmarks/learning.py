@@ -23,6 +23,8 @@ print; they never assert.
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 import llmkit
 from llmkit.cli import DEMO_DEFAULTS
 from llmkit.data.corpus import find_text_files, read_text_file
+from llmkit.config import ModelConfig
 from llmkit.runtime import cpu_capability, cpu_flags, native_bf16
 from llmkit.training.config import TrainConfig
 from llmkit.training.pretrain import pretrain
@@ -59,7 +62,27 @@ VARIANTS = {
     "seq128": ({"seq_len": 128, "batch_size": 32}, {}),
     "lr2e-3": ({"lr": 2e-3}, {}),
 }
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 HELD_OUT_PACKAGE = "jinja2"  # pure-Python source installed beside llmkit, not part of the stdlib corpus
+
+
+def recipe(spec: str, recipes: dict[str, tuple[dict, dict]]) -> tuple[dict, dict]:
+    """A named recipe, or one with changes: `demo+lr=2e-3+n_layers=3` (TrainConfig or ModelConfig fields)."""
+    name, *changes = spec.split("+")
+    if name not in recipes:
+        sys.exit(f"error: unknown recipe {name!r}; choose from {', '.join(recipes)}")
+    settings, model = dict(recipes[name][0]), dict(recipes[name][1])
+    for change in changes:
+        key, sep, raw = change.partition("=")
+        if not sep or key not in TRAIN_FIELDS | MODEL_FIELDS:
+            sys.exit(f"error: {change!r} in recipe {spec!r} is not FIELD=VALUE of TrainConfig or ModelConfig")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        (settings if key in TRAIN_FIELDS else model)[key] = value
+    return settings, model
 
 
 def held_out_text(package: str) -> tuple[str, str]:
@@ -101,10 +124,11 @@ def train(name: str, settings: dict, budget_min: float, out: Path, data: list[st
     started = time.perf_counter()
     events: dict[str, dict] = {}
     state = pretrain(data, out / name, cfg, exclude=("site-packages", "__pycache__"), model_overrides=model,
-                     on_event=lambda kind, info: events.__setitem__(kind, info))
+                     on_event=lambda kind, info: events.setdefault(kind, info))
     seconds = time.perf_counter() - started
     return {"name": name, "steps": state.step, "tokens": state.tokens_seen, "seconds": seconds,
-            "params": events["model"]["params"], "runtime": events["runtime"]["line"]}
+            "params": events["model"]["params"], "runtime": events["runtime"]["line"],
+            "prep_s": events["plan"]["elapsed_s"] if "plan" in events else float("nan")}
 
 
 def main() -> None:
@@ -113,8 +137,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/learning-benchmark", help="where the runs go (replaced)")
     parser.add_argument("--held-out", default=HELD_OUT_PACKAGE, help="installed package whose source is scored")
     parser.add_argument("--recipes", default="nanogpt,demo",
-                        help=f"comma-separated, the first is the baseline: nanogpt, {', '.join(VARIANTS)} "
-                             "(default: nanogpt,demo)")
+                        help=f"comma-separated, the first is the baseline: nanogpt, {', '.join(VARIANTS)}, "
+                             "each optionally with changes, e.g. demo+lr=2e-3+n_layers=3 (default: nanogpt,demo)")
     args = parser.parse_args()
     import shutil
 
@@ -132,9 +156,7 @@ def main() -> None:
     recipes.update({name: ({**demo, **changes}, model) for name, (changes, model) in VARIANTS.items()})
     results = []
     for name in args.recipes.split(","):
-        if name not in recipes:
-            sys.exit(f"error: unknown recipe {name!r}; choose from {', '.join(recipes)}")
-        settings, model = recipes[name]
+        settings, model = recipe(name, recipes)
         print(f"training {name} for {args.budget:g} minutes …", flush=True)
         row = train(name, settings, args.budget, out, [stdlib], model)
         row["bpb"] = bits_per_byte(out / name, text)
@@ -142,11 +164,12 @@ def main() -> None:
         print(f"  {row['runtime']}; {row['steps']} steps, {row['tokens']:,} tokens in {row['seconds']:.0f} s; "
               f"held-out {row['bpb']:.3f} bits/byte", flush=True)
     base = results[0]["bpb"]
-    print(f"\n| recipe | params | steps | tokens | wall s | held-out bits/byte | vs {results[0]['name']} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| recipe | params | steps | tokens | wall s | of which data s | held-out bits/byte | "
+          f"vs {results[0]['name']} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         print(f"| {row['name']} | {row['params'] / 1e6:.2f}M | {row['steps']} | {row['tokens']:,} | "
-              f"{row['seconds']:.0f} | {row['bpb']:.3f} | {row['bpb'] / base:.2f}× |")
+              f"{row['seconds']:.0f} | {row['prep_s']:.0f} | {row['bpb']:.3f} | {row['bpb'] / base:.2f}× |")
 
 
 if __name__ == "__main__":

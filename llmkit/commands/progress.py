@@ -63,6 +63,8 @@ class Progress:
                 self.say(info["warning"])
         elif kind == "model":
             self.say(f"model: {info['params'] / 1e6:.2f}M parameters")
+        elif kind == "depth":
+            self.say(f"model size: {info['line']}")
         elif kind == "resume":
             if info["path"]:
                 self.say(f"resuming from {info['path']} (step {info['step']})")

@@ -58,3 +58,43 @@ def test_measuring_speed_runs_real_passes_and_leaves_no_gradients():
     rate = measure_tokens_per_s(model, next_token_loss, batch, torch.enable_grad, tokens=64)
     assert rate > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+# -- through pretrain ----------------------------------------------------------------------------
+
+from llmkit.io.checkpoint import list_checkpoints, read_json  # noqa: E402
+from llmkit.training.config import TrainConfig  # noqa: E402
+from llmkit.training.pretrain import pretrain  # noqa: E402
+from train_helpers import _one_thread, corpus  # noqa: E402,F401 (fixtures)
+
+SMALL = dict(preset="llama-tiny", vocab_size=300, tokenizer_sample_bytes=50_000, seq_len=32, batch_size=4,
+             eval_interval=5, eval_batches=2, log_interval=5, dtype="fp32", threads=1)
+
+
+def saved_layers(run):
+    return read_json(list_checkpoints(run / "checkpoints")[-1] / "config.json")["model"]["n_layers"]
+
+
+def test_a_fixed_depth_trains_that_model(tmp_path, corpus):
+    pretrain([corpus], tmp_path / "run", TrainConfig(steps=5, depth="2", **SMALL))
+    model = read_json(list_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "config.json")["model"]
+    assert (model["n_layers"], model["d_model"], model["n_heads"]) == (2, 128, 2)
+
+
+def test_auto_depth_is_chosen_from_the_budget_announced_and_kept_on_resume(tmp_path, corpus):
+    events = []
+    cfg = TrainConfig(steps=8, depth="auto", time_budget=0.2, **SMALL)
+    pretrain([corpus], tmp_path / "run", cfg, on_event=lambda kind, info: events.append((kind, info)))
+    chosen = [info for kind, info in events if kind == "depth"]
+    assert len(chosen) == 1 and chosen[0]["tokens_per_s"] > 0
+    assert saved_layers(tmp_path / "run") == chosen[0]["depth"]
+    events.clear()
+    pretrain([corpus], tmp_path / "run", TrainConfig(**{**cfg.__dict__, "steps": 10}), resume=True,
+             on_event=lambda kind, info: events.append((kind, info)))
+    assert not [info for kind, info in events if kind == "depth"]  # not re-measured: the saved depth
+    assert saved_layers(tmp_path / "run") == chosen[0]["depth"]
+
+
+def test_auto_depth_needs_a_budget():
+    with pytest.raises(ConfigError, match="--time-budget"):
+        TrainConfig(depth="auto")
