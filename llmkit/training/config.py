@@ -47,7 +47,7 @@ class TrainConfig:
     preset: str = knob("gpt2-demo", "model preset (see `llmkit presets`)")
     depth: str | None = knob(None, "the size dial: N layers of width 64·N with 64-wide heads, in the preset's family; "
                                    "auto = the deepest model that sees enough tokens in --time-budget at this "
-                                   "machine's measured speed (default: the preset's own size)")
+                                   "machine's measured speed (default: the preset's own size)", metavar="N|auto")
     steps: int = knob(1000, "optimizer steps to train for (total, counting resumed ones)", range=(1, 10**9))
     batch_size: int = knob(16, "sequences per micro-batch", range=(1, 1 << 16))
     seq_len: int | None = knob(None, "tokens per sequence (default: the model's context length)", range=(1, 1 << 24))
