@@ -109,6 +109,15 @@ def test_non_regular_files_are_refused_without_blocking(tmp_path, watchdog):
         open_regular(tmp_path / "file" / "below")
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its permissions")
+def test_an_unreadable_file_is_one_line(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text("{}")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read config file \\(Permission denied\\)$"):
+        read_json(path, what="config file", error=ConfigError)
+
+
 def test_a_link_to_a_fifo_is_refused_too(tmp_path, watchdog):
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "config.json").symlink_to(tmp_path / "fifo")
