@@ -15,9 +15,11 @@ import os
 import sys
 import sysconfig
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+from llmkit.commands.flag_ranges import check_flag_ranges
 from llmkit.errors import LlmkitError
 
 DEFAULT_OUT = "runs/demo"
@@ -349,17 +351,43 @@ HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "pre
             "tokenizer": cmd_tokenizer_train, "convert": cmd_convert, "chat": cmd_chat}
 
 
+DEBUG_ENV = "LLMKIT_DEBUG"  # set to 1: an internal error prints its traceback too
+
+
+def printable(message: str) -> str:
+    """One line of text that stderr can always encode (a lone surrogate in a name would not)."""
+    line = " ".join(str(message).split())
+    return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "llmkit"
     try:
+        args = build_parser().parse_args(argv)
+        command = " ".join(["llmkit", args.command, *([args.tokenizer_command] if args.command == "tokenizer" else [])])
+        check_flag_ranges(args)  # every number finite and in range, before any command runs
         handler = getattr(args, "handler", None) or HANDLERS[args.command]
         handler(args)
     except LlmkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`llmkit generate ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail
+        return 141
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the last line of defence; BaseException: a Rust panic (pyo3) is one
+        # Bad input is an LlmkitError (exit 2) at the boundary where it enters; reaching here is a
+        # bug in llmkit, so say so in one line and ask for a report instead of a traceback.
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        detail = printable(f"{type(exc).__name__}: {exc}")
+        print(f"error: internal error in '{command}': {detail[:400]} — please report this "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

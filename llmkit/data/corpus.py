@@ -149,15 +149,19 @@ def find_text_files(
 
 
 def split_files(files: list[Path], val_fraction: float = 0.02) -> tuple[list[Path], list[Path]]:
-    """(train, val) chosen by a stable hash of each path; at least one of each from 2 files."""
+    """(train, val) chosen by a stable hash of each path relative to the files' common folder, so
+    `corpus`, `/abs/corpus` and a copy elsewhere split alike; at least one of each from 2 files."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction: {val_fraction} must be in [0, 1)")
     if len(files) < 2:
         return list(files), []  # the caller splits the single token stream instead
     n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
 
+    root = os.path.commonpath([os.path.abspath(f) for f in files])
+
     def rank(path: Path) -> tuple[str, str]:
-        return hashlib.sha1(str(path).encode("utf-8")).hexdigest(), str(path)
+        relative = Path(os.path.relpath(os.path.abspath(path), root)).as_posix()
+        return hashlib.sha1(relative.encode("utf-8")).hexdigest(), relative
 
     val_set = set(sorted(files, key=rank)[:n_val])
     # Both lists keep the caller's order so the token stream is reproducible.
