@@ -211,7 +211,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     with torch.no_grad():
         for name, info in plan.items():
             t = read_tensor(data, info)
-            check_finite(name, t, where)  # a NaN scale or weight would load silently
+            check_finite(info.name, t, where)  # a NaN scale or weight would load silently
             if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
                 t = unpermute_rope(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
             state[name].copy_(t)

@@ -9,15 +9,17 @@ encodes to those ids. The file format is the library's own `tokenizer.json`.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from llmkit.errors import CheckpointError, ConfigError
+from llmkit.errors import CheckpointError, ConfigError, LlmkitError, ModelFormatError
 from llmkit.io.checkpoint import atomic_write_bytes
 from llmkit.io.input_files import read_regular_bytes
+from llmkit.tokenizer.regex_check import check_tokenizer_regexes, is_rust_panic
 
 SPECIAL_TOKENS: dict[str, str] = {
     "bos": "<|bos|>",
@@ -34,12 +36,38 @@ SPECIAL_TOKENS: dict[str, str] = {
 MASK_TOKEN = "<|mask|>"
 
 FILE_NAME = "tokenizer.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _NUM_BYTES = 256
 
 
 def _one_line(text: str) -> str:
     """Collapse a (possibly multi-line) library message into one line for an error."""
     return " ".join(str(text).split()) or "unknown error"
+
+
+def lone_surrogate(text: str, what: str) -> str | None:
+    """A one-line message naming the first lone surrogate in `text`, or None. Surrogates are not Unicode text: they
+    come from invalid UTF-8 bytes (Python's surrogateescape, e.g. in command-line arguments) or from a
+    JSON "\\ud800" escape, and no tokenizer can encode them."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    char = ord(found.group())
+    detail = (f"byte 0x{char - 0xDC00:02x} is not valid UTF-8" if 0xDC80 <= char <= 0xDCFF
+              else f"lone surrogate U+{char:04X}")
+    return f"{what}: {detail} (at character {found.start()}); the text must be valid Unicode"
+
+
+def _encode_failure(exc: BaseException, texts: list) -> BaseException:
+    """What to raise when the backend fails: a one-line error for the failures input can cause (a lone
+    surrogate; a Rust panic, which a hostile regex causes), else `exc` itself."""
+    if isinstance(exc, TypeError):
+        bad = next((e for e in (lone_surrogate(t, "text") for t in texts if isinstance(t, str)) if e), None)
+        return LlmkitError(bad) if bad else exc
+    if is_rust_panic(exc):
+        return ModelFormatError(f"the tokenizer failed on this text ({_one_line(exc)[:160]}); its regular "
+                                "expression backtracks too much, so the tokenizer file is unusable")
+    return exc
 
 
 class Tokenizer:
@@ -113,6 +141,7 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception for every parse error
             raise CheckpointError(f"{file}: corrupt {FILE_NAME} ({_one_line(exc)})") from exc
+        check_tokenizer_regexes(text, backend, str(file))
         # A Hugging Face file may pad or truncate every encoding to a fixed length (BERT's: 128);
         # `encode` returns exactly the text's tokens, and batching pads explicitly.
         backend.no_padding()
@@ -140,18 +169,27 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token text inside it maps to the special ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except BaseException as exc:  # BaseException: a Rust panic (pyo3's PanicException) is one
+            raise _encode_failure(exc, [text]) from None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of many texts, encoded in parallel by the Rust backend."""
         texts = list(texts)
         # encode_batch_fast skips offset tracking, which we never use.
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        return [enc.ids for enc in encode(texts, add_special_tokens=False)]
+        try:
+            return [enc.ids for enc in encode(texts, add_special_tokens=False)]
+        except BaseException as exc:
+            raise _encode_failure(exc, texts) from None
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, special tokens included."""
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        try:
+            return self.backend.decode(list(ids), skip_special_tokens=False)
+        except BaseException as exc:  # a decoder's Replace regex can panic too
+            raise _encode_failure(exc, []) from None
 
     # ---- vocabulary ---------------------------------------------------------------------------
 

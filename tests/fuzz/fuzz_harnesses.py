@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))  # gguf_tiny's writer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fuzz_models, when imported from elsewhere
 
+import fuzz_models  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
 
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**63 - 1, 2**64 - 1]
@@ -316,4 +318,12 @@ HARNESSES = {h.name: h for h in (
     Harness("chat_template", _template_seeds, _template_target, time_limit=2.5),
     Harness("jsonl_records", _records_seeds, _records_target, tokens=JSON_TOKENS),
     Harness("json_files", _json_file_seeds, _json_file_target, tokens=JSON_TOKENS),
+    # generated templates that build large values in every way Jinja allows (fuzz_models.py); the render's
+    # own deadline is 2 s of wall clock, the rest is margin for a loaded machine
+    Harness("template_bombs", fuzz_models.template_seeds, fuzz_models.template_target, time_limit=3.0,
+            tokens=fuzz_models.TEMPLATE_TOKENS),
+    # tokenizer.json regexes: probes at load, then encoding (a panic must not escape as a BaseException);
+    # Oniguruma gives up on a backtracking match after its retry limit, about 0.5 s of CPU
+    Harness("tokenizer_regex", fuzz_models.tokenizer_seeds, fuzz_models.tokenizer_target, time_limit=5.0,
+            tokens=fuzz_models.REGEX_TOKENS),
 )}
