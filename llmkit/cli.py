@@ -102,11 +102,12 @@ def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from llmkit.commands.speed import load_for_generation
+    from llmkit.commands.speed import check_text_flags, load_for_generation
     from llmkit.inference.sampling import SamplingParams
 
     sampling = sampling_from(args)
     SamplingParams(**sampling)  # reject bad values before loading anything
+    check_text_flags(args)
     lm = load_for_generation(args.model, args)
     if args.num_beams != 1:  # the whole output at once: a beam's text is known only when the search ends
         print(lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
@@ -150,12 +151,14 @@ def default_chat_model() -> Path:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from llmkit.commands.speed import load_for_generation
+    from llmkit.commands.speed import check_text_flags, load_for_generation
     from llmkit.errors import GenerationError
     from llmkit.inference.sampling import SamplingParams
+    from llmkit.tokenizer.bpe import lone_surrogate
 
     sampling = sampling_from(args)
     SamplingParams(**sampling)
+    check_text_flags(args)
     lm = load_for_generation(args.model or default_chat_model(), args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -185,6 +188,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         answer(args.question)
         return
     print(f"chatting with {lm.path.name} — /reset clears the history, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    if hasattr(sys.stdin, "reconfigure"):  # a line of invalid UTF-8 is then reported, not fatal
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("> ").strip()
@@ -193,6 +198,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             return
         if line in ("/exit", "/quit"):
             return
+        if lone_surrogate(line, "input"):
+            print(f"error: {lone_surrogate(line, 'input')}", file=sys.stderr)
+            continue
         if line == "/reset":
             history[:] = start
             print("(history cleared)", file=sys.stderr)
