@@ -124,12 +124,16 @@ def refuse_pickles(directory: Path) -> None:
 def _inside(directory: Path, file: Path) -> Path:
     """`file` if it is a regular file whose real path stays in `directory` (or in the blob store of a
     Hugging Face hub cache, whose snapshot files are symlinks into ../../blobs)."""
-    real, roots = file.resolve(), [directory.resolve()]
-    if directory.parent.name == "snapshots":
-        roots.append((directory.parent.parent / "blobs").resolve())
+    try:  # a name from an index may be too long for the file system, or loop through links
+        real, roots = file.resolve(), [directory.resolve()]
+        if directory.parent.name == "snapshots":
+            roots.append((directory.parent.parent / "blobs").resolve())
+        regular = real.is_file()
+    except OSError as exc:
+        raise ModelFormatError(f"{str(file)[:300]}: cannot be opened ({exc.strerror or exc})") from None
     if not any(real.is_relative_to(root) for root in roots):
         raise ModelFormatError(f"{file}: resolves to {real}, outside the model directory")
-    if not real.is_file():
+    if not regular:
         raise ModelFormatError(f"{file}: no such file")
     return file
 

@@ -173,6 +173,18 @@ def test_jsonl_records_refuse_each_hostile_class_naming_line_and_field(tmp_path)
         read_preference_pairs(pair)
 
 
+@pytest.mark.parametrize("shard", ["9" * 5000 + ".safetensors", "a\u0000b.safetensors"])
+def test_a_shard_name_the_file_system_cannot_hold_is_one_line(tmp_path, shard):
+    """Found by the json_files fuzzer: a 5,000-character shard name raised OSError (name too long)."""
+    from llmkit.errors import ModelFormatError
+    from llmkit.io.hf_weights import INDEX, weight_files
+
+    (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+    with pytest.raises(ModelFormatError) as info:
+        weight_files(tmp_path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 500
+
+
 def test_jsonl_streams_in_memory_independent_of_file_size(tmp_path):
     """Python allocations while reading 200,000 records (~20 MB) stay under 1 MB: one line at a
     time. The records a caller keeps are its own memory; here none are kept."""
