@@ -23,7 +23,7 @@ from typing import Any, Iterator
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.io.checkpoint import (_STEP_DIR, atomic_write_bytes, latest_checkpoint, list_checkpoints,
                                    require_checkpoint, verify_checkpoint)
-from llmkit.io.safe_json import parse_json
+from llmkit.plots import read_metrics
 
 LOCK_NAME = ".llmkit.lock"
 _held: dict[Path, tuple[int, int]] = {}  # resolved run dir -> (lock fd, holders in this process)
@@ -101,42 +101,22 @@ def append_metrics(path: str | Path, row: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: cannot append metrics (wrote {written} of {len(data)} bytes)")
 
 
-def read_metrics_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The rows of a metrics.jsonl (objects with an integer "step") and how many lines were not
-    such rows (a partial last line from a crash, or damage): those are skipped, never fatal."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    rows, bad = [], 0
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = parse_json(line, where=f"{path}:{number}", error=CheckpointError, one_line=True)
-        except CheckpointError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
-
-
 def repair_metrics(path: str | Path, step: int) -> dict[str, int]:
     """Keep the whole rows up to `step` (a resumed run's log then reads as one uninterrupted run),
-    rewritten atomically; returns counts of the rows kept, dropped past `step` and unreadable."""
+    rewritten atomically; returns counts of the rows kept, dropped past `step` and unreadable (a
+    last line a crash cut short, a row without an integer step). Damage before the last line is
+    not a crash's doing and stays an error naming file:line (llmkit.plots.read_metrics)."""
     path = Path(path)
     if not path.exists():
         return {"kept": 0, "after_step": 0, "unreadable": 0}
-    rows, bad = read_metrics_rows(path)
-    kept = [r for r in rows if r["step"] <= step]
-    if len(kept) < len(rows) or bad:
+    rows = read_metrics(path)  # a regular file; a last line that does not parse is left out
+    data = path.read_bytes()
+    stepped = [r for r in rows if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+    kept = [r for r in stepped if r["step"] <= step]
+    unreadable = sum(1 for line in data.split(b"\n") if line.strip()) - len(stepped)
+    if len(kept) < len(stepped) or unreadable or not data.endswith(b"\n"):
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
-    return {"kept": len(kept), "after_step": len(rows) - len(kept), "unreadable": bad}
+    return {"kept": len(kept), "after_step": len(stepped) - len(kept), "unreadable": unreadable}
 
 
 def find_resume_checkpoint(root: str | Path) -> tuple[Path | None, list[str]]:

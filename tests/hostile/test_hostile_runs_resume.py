@@ -85,6 +85,13 @@ def test_partial_last_metrics_line_is_cut_on_resume(run: Path) -> None:
     assert train_steps(run) == [1, 2, 3, 4, 5, 6]  # every line parses, no step twice
 
 
+def test_a_damaged_middle_row_is_one_line_naming_it(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]  # not something a crash does: appends are whole lines
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert_one_error(train(run, 6, "--resume"), "metrics.jsonl:2:")
+
+
 def test_rows_past_the_checkpoint_are_dropped_atomically(run: Path) -> None:
     shutil.rmtree(run / "checkpoints" / "step-00000004")  # the newest checkpoint lost: rows 3-4 are ahead of it
     result = train(run, 4, "--resume")
