@@ -73,10 +73,12 @@ BOMBS = [
 
 @pytest.mark.parametrize("template", BOMBS)
 def test_work_bombs_abort_quickly(template):
-    started = time.monotonic()
+    """Within 3 s of CPU (the render's deadline is 2 s); the wall-clock bound only catches a hang, so
+    that a machine shared with other jobs does not fail the test."""
+    started, cpu = time.monotonic(), time.process_time()
     with pytest.raises(ChatTemplateError):
         render_chat(template, MESSAGES)
-    assert time.monotonic() - started < 3.0
+    assert time.process_time() - cpu < 3.0 and time.monotonic() - started < 12.0
 
 
 def test_time_cap_stops_loops_the_budgets_do_not_count(monkeypatch):
