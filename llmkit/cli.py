@@ -43,7 +43,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, defaults:
         shown = "" if default is None else f" (default: {default})"
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), help=f.metadata.get("help", "") + shown,
-                            metavar=None if f.metadata.get("choices") else {"int": "N", "float": "X"}.get(base, "NAME"))
+                            metavar=None if f.metadata.get("choices") else
+                            f.metadata.get("metavar") or {"int": "N", "float": "X"}.get(base, "NAME"))
     if defaults:
         parser.set_defaults(**defaults)
 
@@ -215,8 +216,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Write a model (llmkit run/checkpoint or Hugging Face directory) in another format."""
     import llmkit
     from llmkit.io.hf import save_hf
+    from llmkit.quant.saved import refuse_export
 
     lm = llmkit.load(args.model)
+    refuse_export(lm.model, args.model)  # a `llmkit quantize` output: one line, nothing written
     out = save_hf(lm.model, lm.tokenizer, args.out, prefix_ids=lm.prefix_ids, eos_ids=lm.eos_ids,
                   chat_template=lm.chat_template)
     model_type = json.loads((out / "config.json").read_text(encoding="utf-8"))["model_type"]
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands of the other families and of post-training live in llmkit/commands/: each module's
 # `register(sub)` adds its parsers and sets `handler=` on them (argparse's set_defaults).
 COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.post_training", "llmkit.commands.long_context",
-                   "llmkit.commands.ppo", "llmkit.commands.seq2seq_train")
+                   "llmkit.commands.ppo", "llmkit.commands.seq2seq_train", "llmkit.commands.quantize")
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
