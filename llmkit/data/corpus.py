@@ -181,14 +181,14 @@ def _chunks(text: str, size: int = _CHUNK_CHARS, *, where: Path | str = "text") 
             break
         pieces.append(text[start : match.end()])
         start = match.end()
-    pieces.append(text[start:])
-    return pieces
-
-
     if len(text) - start > MAX_CHUNK_CHARS:
         line = text.count("\n", 0, start) + 1
         raise DatasetError(f"{where}:{line}: the {MAX_CHUNK_CHARS:,} characters from this line on hold no line break "
                            "between printable ASCII characters (where llmkit cuts text to encode it); add line breaks")
+    pieces.append(text[start:])
+    return pieces
+
+
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     """The smallest unsigned integer type holding every id below `vocab_size`."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
