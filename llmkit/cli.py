@@ -27,8 +27,8 @@ DEFAULT_OUT = "runs/demo"
 # budget on 2 CPU cores (see the README): a learning rate tuned for a short run, and a 5-minute budget
 # whose step count is planned on the machine it runs on (--steps is only an upper bound); precision
 # is `auto` (bf16 autocast only where this machine measures it faster).
-DEMO_DEFAULTS = dict(preset="llama-demo", steps=100_000, time_budget=5.0, lr=1e-3, warmup_steps=20,
-                     eval_interval=50, eval_batches=10, batch_size=16)
+DEMO_DEFAULTS = dict(preset="llama-demo", depth="auto", vocab_size=4096, steps=100_000, time_budget=5.0, lr=1e-3,
+                     warmup_steps=20, eval_interval=50, eval_batches=10, batch_size=16)
 DEMO_PROMPTS = ("def ", "import os\n\n", "class Cache:\n    def __init__(self")
 
 

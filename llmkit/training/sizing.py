@@ -23,7 +23,13 @@ from llmkit.errors import ConfigError
 
 HEAD_DIM = 64
 DEPTHS = range(1, 33)
-TOKENS_PER_PARAM = 0.25  # see the module docstring; measured, not Chinchilla's ~20 (that is for runs of days)
+# Chosen by held-out bits per byte at equal wall-clock time (benchmarks/README.md). Depth 2 beat depth 3 on one
+# Zen 5 core in 4 minutes (1.95 vs 2.01 bits/byte; predicted 3.6 and 0.8 tokens per parameter) and on two cores
+# in 5 minutes (1.715 vs 1.736; predicted ~11 and ~2.4); with 1.0 here auto took depth 3 on two cores in fp32
+# (AVX2 kernels, predicted ~1.2): 0.78x nanoGPT. Far below Chinchilla's ~20 tokens per parameter, which is for
+# runs of days, and the prediction overstates small models' speed (small products run below the machine's
+# peak), which this constant absorbs.
+TOKENS_PER_PARAM = 4.0
 
 
 def parse_depth(value: str | None) -> int | str | None:

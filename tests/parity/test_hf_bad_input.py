@@ -112,15 +112,23 @@ def test_bad_config_is_one_line_naming_the_file(copy, change, needles):
     refused(copy, *needles, error=ModelFormatError)
 
 
-def test_hostile_sizes_fail_before_allocating(copy, monkeypatch):
+@pytest.mark.parametrize("sizes, needles", [
+    # past ModelConfig's limits: refused when the config is read
+    (dict(hidden_size=2**20, intermediate_size=2**20, num_attention_heads=2**10, num_key_value_heads=2**10),
+     ["config.json", "d_model"]),
+    # within them, but not the tensors' shapes: refused by the shape check, still before any allocation
+    (dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=16),
+     ["model.safetensors", "shape"]),
+])
+def test_hostile_sizes_fail_before_allocating(copy, monkeypatch, sizes, needles):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the checks")
 
-    edit_config(copy, hidden_size=2**20, intermediate_size=2**20, num_attention_heads=2**10, num_key_value_heads=2**10)
+    edit_config(copy, **sizes)
     import llmkit.io.hf as hf
 
     monkeypatch.setattr(hf, "CausalLM", no_model)  # the real one may run only on the meta device
-    refused(copy, "model.safetensors", "shape", error=ModelFormatError)
+    refused(copy, *needles, error=ModelFormatError)
 
 
 @pytest.mark.parametrize("payload", [
