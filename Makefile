@@ -19,10 +19,19 @@ PY := .venv/bin/python
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# System packages the tests use where they can be had: Chromium (the web page's browser tests) and a
+# CJK font (explain's PNGs label Chinese text). Where apt-get is missing or fails, those tests skip
+# and say why; nothing else depends on them.
+.venv/.system: .venv/.dev
+	-command -v chromium >/dev/null && fc-list :lang=zh | grep -q . || \
+	  { command -v apt-get >/dev/null && apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1; }; }
+	touch $@
+
 demo: .venv/.base
 	.venv/bin/llmkit demo
 
-test: .venv/.dev
+test: .venv/.system
 	$(PY) -m pytest -q
 
 .PHONY: demo test
