@@ -347,15 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("--out", required=True, metavar="DIR")
 
     sub.add_parser("presets", help="list model presets")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in command_modules():
+        module.register(sub)
     return parser
 
 
-# Subcommands of the other families and of post-training live in llmkit/commands/: each module's
-# `register(sub)` adds its parsers and sets `handler=` on them (argparse's set_defaults).
-COMMAND_MODULES = ("llmkit.commands.encoder", "llmkit.commands.post_training", "llmkit.commands.long_context",
-                   "llmkit.commands.ppo", "llmkit.commands.seq2seq_train", "llmkit.commands.quantize")
+def command_modules() -> list:
+    """Subcommands of the other families, post-training, serving and the tools live in
+    llmkit/commands/: every module there with a `register(sub)` adds its parsers and sets `handler=`
+    on them (argparse's set_defaults). Found by listing the package, so a new command is one new file;
+    those modules import their heavy dependencies inside their handlers, keeping `--help` fast."""
+    import pkgutil
+
+    import llmkit.commands
+
+    modules = [importlib.import_module(f"llmkit.commands.{info.name}")
+               for info in sorted(pkgutil.iter_modules(llmkit.commands.__path__), key=lambda i: i.name)]
+    return [module for module in modules if hasattr(module, "register")]
 
 
 HANDLERS = {"train": cmd_train, "generate": cmd_generate, "demo": cmd_demo, "presets": cmd_presets,
