@@ -28,12 +28,13 @@ def causal_mask(q_index: Tensor, k_index: Tensor) -> Tensor:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tensor | None = None,
            bias: Tensor | None = None, scale: float | None = None, dropout: float = 0.0,
-           impl: str = "sdpa") -> Tensor:
+           impl: str = "sdpa", probe=None) -> Tensor:
     """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D).
 
     `mask` is bool, broadcastable to (B, H, Tq, Tk), True = may attend. `bias` is added to the
     scores. `causal` aligns the last query with the last key (queries are the newest positions),
-    which is the right convention when Tq < Tk during cached decoding.
+    which is the right convention when Tq < Tk during cached decoding. `probe` (reference only) is
+    called with the softmax weights (B, H, Tq, Tk) and returns the weights to use (llmkit/explain).
     """
     Tq, Tk = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -43,7 +44,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tenso
         mask = cm if mask is None else mask & cm
         causal = False
     if impl == "reference":
-        return _attend_reference(q, k, v, mask=mask, bias=bias, scale=scale, dropout=dropout)
+        return _attend_reference(q, k, v, mask=mask, bias=bias, scale=scale, dropout=dropout, probe=probe)
     assert impl == "sdpa", f"unknown attention impl {impl}"
     attn_mask = mask
     if bias is not None:
@@ -56,7 +57,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Tenso
 
 
 def _attend_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
-                      scale: float, dropout: float) -> Tensor:
+                      scale: float, dropout: float, probe=None) -> Tensor:
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # GQA/MQA: each key/value head serves `groups` query heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -65,7 +66,10 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, b
         scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout).to(v.dtype)
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout)
+    if probe is not None:  # llmkit/explain records the map, or knocks edges or heads out of it
+        weights = probe(weights)
+    weights = weights.to(v.dtype)
     return weights @ v  # (B, H, Tq, D)
 
 
@@ -80,6 +84,9 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.impl = "sdpa"
+        # llmkit/explain's recorder: a callable given each softmax's weights, consulted only by the
+        # "reference" kernel, so the fast path never looks at it. None unless a view is running.
+        self.probe = None
         self.scale = None if cfg.scale_attention else 1.0  # None → 1/√head_dim; T5 leaves q·k unscaled
         # For decoding, q/k/v may be fused into one projection (llmkit/inference/optimize.py): one
         # matrix-vector product per layer instead of three. None: the three separate projections.
@@ -103,13 +110,17 @@ class Attention(nn.Module):
             if cache is not None:  # k, v become everything cached so far plus these T positions
                 k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
+        if local is not None and self.probe is not None:  # a probe sees the window as one dense map
+            mask, bias = local.mask_and_bias(torch.arange(local.q_start, local.q_start + T, device=x.device),
+                                             torch.arange(local.k_start, local.k_start + k.shape[-2], device=x.device))
+            local = None
         if local is not None:  # sliding window (llmkit/layers/sparse.py): blocked, never a dense (T, T) mask
             from llmkit.layers.sparse import attend_local
 
             y = attend_local(q, k, v, local, impl=self.impl, scale=self.scale, dropout=dropout)
         else:
             y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl, scale=self.scale,
-                       dropout=dropout)
+                       dropout=dropout, probe=self.probe)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
         # (dropout only where it does something: decoding runs this ~30 times a token)
         return self.resid_dropout(y) if self.training and self.dropout else y
