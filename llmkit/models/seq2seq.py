@@ -68,19 +68,23 @@ class Seq2SeqLM(nn.Module):
         return self.encoder(x, positions, key_mask=attention_mask)
 
     def decode(self, decoder_input_ids: Tensor, memory: Tensor, *, attention_mask: Tensor | None = None,
-               decoder_attention_mask: Tensor | None = None, cache: Seq2SeqCache | None = None) -> Tensor:
+               decoder_attention_mask: Tensor | None = None, cache: Seq2SeqCache | None = None,
+               positions: Tensor | None = None) -> Tensor:
         """Decoder logits (B, T, vocab) for decoder_input_ids (B, T) attending to `memory` (B, S, C),
         whose real positions `attention_mask` (B, S) marks. With a cache, decoder_input_ids are the new
-        positions only and `decoder_attention_mask`, if given, covers cached and new ones."""
+        positions only and `decoder_attention_mask`, if given, covers cached and new ones. `positions`
+        (B, T): each row's own (a continuous batch left-pads decoder rows); default cache.pos onwards."""
         return self.logits(self.decoder_hidden_states(decoder_input_ids, memory, attention_mask=attention_mask,
-                                                      decoder_attention_mask=decoder_attention_mask, cache=cache))
+                                                      decoder_attention_mask=decoder_attention_mask, cache=cache,
+                                                      positions=positions))
 
     def decoder_hidden_states(self, decoder_input_ids: Tensor, memory: Tensor, *,
                               attention_mask: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
-                              cache: Seq2SeqCache | None = None) -> Tensor:
+                              cache: Seq2SeqCache | None = None, positions: Tensor | None = None) -> Tensor:
         B, T = decoder_input_ids.shape
         offset = cache.pos if cache is not None else 0
-        positions = torch.arange(offset, offset + T, device=decoder_input_ids.device).expand(B, T)
+        if positions is None:
+            positions = torch.arange(offset, offset + T, device=decoder_input_ids.device).expand(B, T)
         x = self.decoder_embeddings(decoder_input_ids, positions)
         memory_mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
         x = self.decoder(x, positions, key_mask=decoder_attention_mask, cache=cache, memory=memory,
