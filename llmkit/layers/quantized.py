@@ -93,9 +93,10 @@ def stored_params(scale: Tensor, minimum: Tensor, bits: int) -> tuple[Tensor, Te
 def decode(codes: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Tensor:
     """float32 weights of codes (..., g) from the stored per-group scale and offset (...)."""
     scale, offset = scale.float()[..., None], offset.float()[..., None]
-    if bits == 8:
-        return codes.float() * scale
-    return torch.addcmul(offset - 8 * scale, codes.float(), scale)
+    # In place on the fresh float copy: a broadcasting addcmul took ~28× longer on (3072, 576) (4.7 ms
+    # against 0.17 ms, 2 threads, AVX2 kernels), which made int4 prefill slower than fp32.
+    w = codes.float().mul_(scale)
+    return w if bits == 8 else w.add_(offset - 8 * scale)
 
 
 def quantize_weight(weight: Tensor, fmt: WeightFormat) -> tuple[Tensor, Tensor, Tensor]:
