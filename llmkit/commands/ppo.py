@@ -55,9 +55,8 @@ def ppo_config_from(args: argparse.Namespace):
 
 def cmd_ppo(args: argparse.Namespace) -> None:
     """Run PPO and save checkpoints, metrics.jsonl and reward_kl.png under --out."""
-    from tqdm import tqdm
-
     from llmkit.cli import train_config_from
+    from llmkit.commands.progress import Progress
     from llmkit.commands.post_training import print_skipped
     from llmkit.errors import ConfigError
     from llmkit.training.ppo import train_ppo
@@ -69,32 +68,28 @@ def cmd_ppo(args: argparse.Namespace) -> None:
     ppo = ppo_config_from(args)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --reward my_rewards:fn finds ./my_rewards.py, as `python -m` would
-    bar = None
+    progress = Progress(fields=ppo_fields)
 
     def on_start(info: dict[str, Any]) -> None:
-        nonlocal bar
-        print_skipped(info["skipped"], lambda line: print(line, file=sys.stderr))
+        print_skipped(info["skipped"], progress.say)
         for note in info.get("warnings", ()):  # what a resume passed over (llmkit.io.run_dir)
-            print(f"warning: {note}", file=sys.stderr)
-        print(f"ppo: {info['prompts']} prompts; steps {info['step']} → {info['steps']}", file=sys.stderr)
-        bar = tqdm(total=info["steps"], initial=info["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
-                   disable=None)
-
-    def on_step(row: dict[str, Any]) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", len=f"{row['response_length']:.1f}",
-                            refresh=False)
+            progress.say(f"warning: {note}")
+        progress.say(f"ppo: {info['prompts']} prompts; steps {info['step']} → {info['steps']}")
+        progress.on_event("start", {"step": info["step"], "steps": info["steps"]})
 
     try:
         trainer = train_ppo(args.policy, args.reward, args.prompts, args.out, cfg, ppo, chat=not args.plain_prompts,
                             resume=args.resume, skip_bad_lines=args.skip_bad_lines, on_start=on_start,
-                            on_step=on_step)
+                            on_step=progress.on_step)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     plot_reward_kl(trainer.metrics_path, trainer.out_dir / "reward_kl.png")
     print(f"saved to {args.out} (metrics.jsonl, reward_kl.png, checkpoints/)", file=sys.stderr)
+
+
+def ppo_fields(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a PPO step shows: the mean score of its rollouts, the KL to the reference, response length."""
+    return [("score", f"{row['score']:.3f}"), ("kl", f"{row['kl']:.3f}"), ("len", f"{row['response_length']:.1f}")]
 
 
 def cmd_rlhf_demo(args: argparse.Namespace) -> None:

@@ -35,10 +35,20 @@ def clock_text(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def training_fields(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a step of a gradient-descent run shows: loss, tokens/s, learning rate."""
+    return [("loss", f"{row['train_loss']:.4f}"), ("tok/s", f"{row['tokens_per_s']:,.0f}"), ("lr", f"{row['lr']:.2e}")]
+
+
 class Progress:
+    """`fields(row)` → the (name, text) pairs a step row shows, in the bar and in the plain lines
+    (default: training_fields; PPO shows its score, KL and response length)."""
+
     def __init__(self, *, stream: TextIO | None = None, interval_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic, bar: bool | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, bar: bool | None = None,
+                 fields: Callable[[dict[str, Any]], list[tuple[str, str]]] = training_fields) -> None:
         self.stream = stream or sys.stderr
+        self.fields = fields
         self.interval_s, self.clock = interval_s, clock
         isatty = getattr(self.stream, "isatty", lambda: False)
         self.use_bar = isatty() if bar is None else bar
@@ -118,10 +128,10 @@ class Progress:
 
     def on_step(self, row: dict[str, Any]) -> None:
         self.total = row.get("steps", self.total)
+        shown = self.fields(row)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                                 lr=f"{row['lr']:.1e}", refresh=False)
+            self.bar.set_postfix_str(", ".join(f"{name} {text}" for name, text in shown), refresh=False)
             return
         now = self.clock()
         if self.total is None or (now - self.last_line < self.interval_s and row["step"] < self.total):
@@ -130,9 +140,9 @@ class Progress:
         done = row["step"] - (self.first_step or 0)
         left = self.total - row["step"]
         eta = (now - self.started) / done * left if done > 0 else 0.0
-        self.say(f"step {row['step']}/{self.total} ({100 * row['step'] / self.total:.0f}%), loss "
-                 f"{row['train_loss']:.4f}, {row['tokens_per_s']:,.0f} tok/s, lr {row['lr']:.2e}, elapsed "
-                 f"{clock_text(now - self.started)}, ETA {clock_text(eta)}")
+        self.say(f"step {row['step']}/{self.total} ({100 * row['step'] / self.total:.0f}%), "
+                 + "".join(f"{name} {text}, " for name, text in shown)
+                 + f"elapsed {clock_text(now - self.started)}, ETA {clock_text(eta)}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def test_ppo_cli_trains_and_the_output_loads(runs):
     assert code == 0, err
     rows = [json.loads(x) for x in (root / "good" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # stderr is a pipe, not a terminal: progress is plain lines (the last step always gets one)
+    assert re.search(r"^step 3/3 \(100%\), score [0-9.]+, kl -?[0-9.]+, len [0-9.]+, elapsed ", err, re.M), err
     assert all(0.0 <= r["score"] <= 1.0 and "kl" in r and "clip_fraction" in r for r in rows)
     assert (root / "good" / "reward_kl.png").read_bytes().startswith(PNG_MAGIC)
     lm = llmkit.load(root / "good")
