@@ -12,9 +12,11 @@ Every pattern is a function of absolute positions (never of where a tensor start
 a chunked prefill and cached decoding see the same keys. Causal models intersect it with the causal
 mask. `Stack.attention_args` calls `pattern_attention_args` once per forward.
 
-The local pattern also has a blocked kernel, `attend_local`: queries are processed in chunks of
-LOCAL_CHUNK, each against only the keys its window can reach, so memory grows like T·(chunk + W)
-instead of T². Its reference path builds the dense mask from the same rule; tests prove them equal.
+Every pattern also has a blocked kernel, `attend_local`: queries are processed in chunks of
+LOCAL_CHUNK, each against only the keys it can reach — its window, the global tokens, its random
+blocks (all keys for a chunk holding a global query) — so no (T, T) tensor exists and memory grows
+like T·(chunk + W + G + r·b) instead of T². Within a chunk the mask is the same rule on the gathered
+keys; the reference path builds the dense mask from it; tests prove them equal.
 """
 
 from __future__ import annotations
@@ -36,16 +38,20 @@ def within_window(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
     return (q_pos[..., :, None] - k_pos[..., None, :]).abs() < window
 
 
-def pattern_mask(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+def pattern_mask(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, *, causal: bool,
+                 table: Tensor | None = None) -> Tensor:
     """(B, Tq, Tk) bool for query positions (B, Tq) and key positions (B, Tk) (B may be 1); causality
-    is left to the caller, except that BigBird draws a causal model's random blocks from earlier ones."""
+    is left to the caller, except that BigBird draws a causal model's random blocks from earlier ones.
+    `table`: BigBird's random blocks for the whole sequence, when the keys given are only some of its
+    keys (the blocked kernel); by default drawn for the blocks these positions span."""
     global_tokens = cfg.attention_global_tokens
     if cfg.attention_pattern == "bigbird":
         size = cfg.attention_block_size
         q_block, k_block = q_pos // size, k_pos // size
         mask = within_window(q_block, k_block, cfg.attention_window // size)
         if cfg.attention_random_blocks:
-            table = random_blocks(cfg, int(q_block.max()) + 1, int(k_block.max()) + 1, causal=causal)
+            if table is None:
+                table = random_blocks(cfg, int(q_block.max()) + 1, int(k_block.max()) + 1, causal=causal)
             mask |= table.to(q_pos.device)[q_block[:, :, None], k_block[:, None, :]]
     else:
         mask = within_window(q_pos, k_pos, cfg.attention_window)
@@ -75,9 +81,9 @@ def random_blocks(cfg: ModelConfig, n_query_blocks: int, n_key_blocks: int, *, c
 
 @dataclass
 class LocalWindow:
-    """What the local kernel needs instead of a dense (Tq, Tk) mask: the window, causality, the absolute
-    index of the first query and of the first key (keys are contiguous and end with the queries),
-    and ALiBi slopes when the model has them (the bias is built per block, too)."""
+    """What the blocked kernel needs instead of a dense (Tq, Tk) mask for a sliding window: the window,
+    causality, the absolute index of the first query and of the first key (keys are contiguous and end
+    with the queries), and ALiBi slopes when the model has them (the bias is built per block, too)."""
 
     window: int
     causal: bool
@@ -92,29 +98,96 @@ class LocalWindow:
         bias = alibi_bias(self.slopes, q_index, k_index) if self.slopes is not None else None
         return mask, bias
 
+    def reach(self, q_index: Tensor, n_keys: int) -> slice | Tensor:
+        """The keys (positions in the key tensor) queries q_index can see: one contiguous run."""
+        first = max(int(q_index[0]) - self.window + 1 - self.k_start, 0)
+        ahead = 0 if self.causal else self.window - 1
+        return slice(first, min(int(q_index[-1]) + 1 + ahead - self.k_start, n_keys))
 
-def attend_local(q: Tensor, k: Tensor, v: Tensor, local: LocalWindow, *, impl: str = "sdpa",
+
+@dataclass
+class PatternBlocks:
+    """Longformer's and BigBird's patterns for the blocked kernel: the model's pattern settings, causality,
+    where queries and keys start (absolute indices), ALiBi slopes, and BigBird's random-block table for
+    the whole sequence (drawn once per forward, so every chunk reads the same draw as the dense mask)."""
+
+    cfg: ModelConfig
+    causal: bool
+    q_start: int
+    k_start: int
+    slopes: Tensor | None = None
+    table: Tensor | None = None
+
+    def with_table(self, q_end: int, k_end: int) -> "PatternBlocks":
+        cfg = self.cfg
+        if cfg.attention_pattern != "bigbird" or not cfg.attention_random_blocks or self.table is not None:
+            return self
+        size = cfg.attention_block_size
+        table = random_blocks(cfg, (q_end - 1) // size + 1, (k_end - 1) // size + 1, causal=self.causal)
+        return PatternBlocks(cfg, self.causal, self.q_start, self.k_start, self.slopes, table)
+
+    def mask_and_bias(self, q_index: Tensor, k_index: Tensor) -> tuple[Tensor, Tensor | None]:
+        mask = pattern_mask(self.cfg, q_index[None], k_index[None], causal=self.causal, table=self.table)[0]
+        if self.causal:
+            mask &= causal_mask(q_index, k_index)
+        bias = alibi_bias(self.slopes, q_index, k_index) if self.slopes is not None else None
+        return mask, bias
+
+    def reach(self, q_index: Tensor, n_keys: int) -> slice | Tensor:
+        """The keys (positions in the key tensor) some query of q_index may see — a superset is harmless,
+        the mask decides: the window around the chunk, the global tokens, the chunk's random blocks; every
+        key when the chunk holds a global query (those see all)."""
+        cfg = self.cfg
+        q_first, q_last = int(q_index[0]), int(q_index[-1])
+        k_end = self.k_start + n_keys
+        end = min(q_last + 1, k_end) if self.causal else k_end
+        if q_first < cfg.attention_global_tokens:
+            return slice(0, end - self.k_start)
+        seen = torch.zeros(k_end, dtype=torch.bool)
+        seen[:cfg.attention_global_tokens] = True
+        if cfg.attention_pattern == "bigbird":
+            size, blocks = cfg.attention_block_size, cfg.attention_window // cfg.attention_block_size
+            q_first_block, q_last_block = q_first // size, q_last // size
+            seen[max(q_first_block - blocks + 1, 0) * size:(q_last_block + blocks) * size] = True
+            if self.table is not None:
+                chosen = self.table[q_first_block:q_last_block + 1].any(0).nonzero().flatten()
+                for block in chosen.tolist():
+                    seen[block * size:(block + 1) * size] = True
+        else:
+            seen[max(q_first - cfg.attention_window + 1, 0):q_last + cfg.attention_window] = True
+        seen[end:] = False
+        return seen[self.k_start:].nonzero().flatten()
+
+
+def attend_local(q: Tensor, k: Tensor, v: Tensor, local: LocalWindow | PatternBlocks, *, impl: str = "sdpa",
                  scale: float | None = None, dropout: float = 0.0, chunk: int = LOCAL_CHUNK) -> Tensor:
-    """Sliding-window attention, q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D).
+    """Sparse attention by blocks, q (B, H, Tq, D), k/v (B, Hkv, Tk, D) → (B, H, Tq, D).
 
-    "reference": one dense masked softmax (the readable definition). Otherwise blocked: for each chunk
-    of queries i0..i1, only keys i0-W+1..i1 (causal; ..i1+W-1 otherwise) take part, through the fused
-    kernel — no (Tq, Tk) tensor exists, so peak memory is linear in the sequence length."""
+    "reference": one dense masked softmax (the readable definition). Otherwise blocked: each chunk of
+    queries attends, through the fused kernel, to only the keys `local.reach` says it can see (a
+    contiguous run for a sliding window; window + global tokens + random blocks for Longformer and
+    BigBird), masked by the same rule — no (Tq, Tk) tensor exists, so peak memory is linear in the
+    sequence length."""
     Tq, Tk, device = q.shape[-2], k.shape[-2], q.device
+    if isinstance(local, PatternBlocks):
+        local = local.with_table(local.q_start + Tq, local.k_start + Tk)
     q_index = torch.arange(local.q_start, local.q_start + Tq, device=device)
     k_index = torch.arange(local.k_start, local.k_start + Tk, device=device)
     if impl == "reference":
         mask, bias = local.mask_and_bias(q_index, k_index)
         return attend(q, k, v, mask=mask, bias=bias, impl="reference", scale=scale, dropout=dropout)
-    reach_ahead = 0 if local.causal else local.window - 1
     outputs = []
     for start in range(0, Tq, chunk):
         end = min(start + chunk, Tq)
-        first = max(local.q_start + start - local.window + 1 - local.k_start, 0)
-        last = min(local.q_start + end + reach_ahead - local.k_start, Tk)  # exclusive
-        mask, bias = local.mask_and_bias(q_index[start:end], k_index[first:last])
-        outputs.append(attend(q[:, :, start:end], k[:, :, first:last], v[:, :, first:last], mask=mask,
-                              bias=bias, impl="sdpa", scale=scale, dropout=dropout))
+        keys = local.reach(q_index[start:end].cpu(), Tk)
+        if isinstance(keys, Tensor):  # scattered keys: gather them (a copy of the reachable rows only)
+            keys = keys.to(device)
+            k_part, v_part = k.index_select(2, keys), v.index_select(2, keys)
+        else:
+            k_part, v_part = k[:, :, keys], v[:, :, keys]
+        mask, bias = local.mask_and_bias(q_index[start:end], k_index[keys])
+        outputs.append(attend(q[:, :, start:end], k_part, v_part, mask=mask, bias=bias, impl="sdpa",
+                              scale=scale, dropout=dropout))
     return torch.cat(outputs, dim=2)
 
 
@@ -123,11 +196,15 @@ def pattern_attention_args(cfg: ModelConfig, *, causal: bool, offset: int, T: in
     """Mask, bias and causality for queries at indices offset..offset+T-1 over keys key_start..offset+T-1
     (key_start > 0 when a ring-buffer cache holds only the window).
 
-    The sliding window without padding goes to the blocked kernel as a LocalWindow; every other case
-    gets a dense (B, 1, T, Tk) mask over positions (counted from each row's first real token)."""
-    if cfg.attention_pattern == "sliding_window" and key_mask is None:
-        return dict(bias=None, mask=None, causal=False,
-                    local=LocalWindow(cfg.attention_window, causal, offset, key_start, slopes))
+    Without padding every pattern goes to the blocked kernel (a LocalWindow, or PatternBlocks for
+    Longformer and BigBird); a padded batch gets a dense (B, 1, T, Tk) mask over positions (counted from
+    each row's first real token, so they differ by row) — quadratic only in a padded prefill, since
+    a decoding step has T = 1."""
+    if key_mask is None:
+        local = (LocalWindow(cfg.attention_window, causal, offset, key_start, slopes)
+                 if cfg.attention_pattern == "sliding_window" else
+                 PatternBlocks(cfg, causal, offset, key_start, slopes))
+        return dict(bias=None, mask=None, causal=False, local=local)
     q_index = torch.arange(offset, offset + T, device=device)
     k_index = torch.arange(key_start, offset + T, device=device)
     if key_mask is None:

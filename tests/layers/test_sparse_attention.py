@@ -12,7 +12,8 @@ from llmkit.inference.kv_cache import KVCache, RingKVCache
 from llmkit.inference.sampling import SamplingParams
 from llmkit.layers.attention import attend, set_attention_impl
 from llmkit.layers.position import alibi_bias, alibi_slopes
-from llmkit.layers.sparse import LocalWindow, attend_local, pattern_attention_args, random_blocks
+from llmkit.layers.sparse import (LocalWindow, PatternBlocks, attend_local, pattern_attention_args, pattern_mask,
+                                 random_blocks)
 from llmkit.models.causal_lm import CausalLM
 from llmkit.models.transformer import Stack
 
@@ -85,7 +86,8 @@ def test_global_tokens_see_and_are_seen_by_every_position():
                       position="rope", attention_pattern="longformer", attention_window=3, attention_global_tokens=2)
     args = pattern_attention_args(cfg, causal=False, offset=0, T=20, key_start=0, key_mask=None, slopes=None,
                                   device="cpu")
-    mask = args["mask"][0, 0]  # (20, 20)
+    assert args["mask"] is None and isinstance(args["local"], PatternBlocks)  # blocked: no dense (T, T) mask
+    mask, _ = args["local"].mask_and_bias(torch.arange(20), torch.arange(20))  # (20, 20), the rule itself
     assert mask[:2].all() and mask[:, :2].all()  # global rows and columns
     assert not mask[10, 4] and mask[10, 8]  # an ordinary pair: only within the window
     assert int(mask[10].sum()) == 2 + 5  # 2 global keys + |i - j| < 3
@@ -232,3 +234,94 @@ def test_hugging_face_export_of_patterns():
         with pytest.raises(ModelFormatError, match=f"attention_pattern='{name}'"):
             config_to_hf(cfg.replace(**PATTERNS[name]))
     assert config_to_hf(cfg.replace(attention_pattern="full", attention_window=None))["model_type"] == "llama"
+
+
+# ---------------------------------------------------------------- Longformer and BigBird by blocks
+
+def dense_pattern_attention(q, k, v, cfg, *, causal, q_start=0, slopes=None):
+    """The documented rule as one dense masked softmax: pattern_mask ∩ causal, over every key."""
+    q_index, k_index = torch.arange(q_start, q_start + q.shape[2]), torch.arange(k.shape[2])
+    mask = pattern_mask(cfg, q_index[None], k_index[None], causal=causal)[0]
+    if causal:
+        mask &= k_index[None, :] <= q_index[:, None]
+    bias = alibi_bias(slopes, q_index, k_index) if slopes is not None else None
+    return attend(q, k, v, mask=mask, bias=bias, impl="reference")
+
+
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk", [4, 7, 16, 128])
+@pytest.mark.parametrize("with_alibi", [False, True])
+def test_blocked_patterns_equal_the_dense_rule(pattern, causal, chunk, with_alibi):
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, **PATTERNS[pattern])
+    T = 61  # not a multiple of the block size or of any chunk
+    q, k, v = torch.randn(2, 4, T, 8), torch.randn(2, 2, T, 8), torch.randn(2, 2, T, 8)
+    slopes = alibi_slopes(4) if with_alibi else None
+    dense = dense_pattern_attention(q, k, v, cfg, causal=causal, slopes=slopes)
+    blocks = PatternBlocks(cfg, causal, 0, 0, slopes)
+    torch.testing.assert_close(attend_local(q, k, v, blocks, impl="reference"), dense, atol=ATOL, rtol=0)
+    torch.testing.assert_close(attend_local(q, k, v, blocks, chunk=chunk), dense, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird"])
+def test_blocked_patterns_for_later_queries_equal_the_matching_rows(pattern):
+    """Queries 37..60 over keys 0..60 (a cached prefill's second piece) = rows 37..60 of the full thing."""
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, **PATTERNS[pattern])
+    q, k, v = torch.randn(1, 4, 61, 8), torch.randn(1, 2, 61, 8), torch.randn(1, 2, 61, 8)
+    full = dense_pattern_attention(q, k, v, cfg, causal=True)
+    part = attend_local(q[:, :, 37:], k, v, PatternBlocks(cfg, True, 37, 0), chunk=5)
+    torch.testing.assert_close(part, full[:, :, 37:], atol=ATOL, rtol=0)
+
+
+def test_a_chunk_reaches_only_its_window_globals_and_random_blocks():
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, attention_pattern="bigbird", attention_window=8,
+                      attention_block_size=4, attention_global_tokens=4, attention_random_blocks=1)
+    blocks = PatternBlocks(cfg, False, 0, 0).with_table(400, 400)
+    reached = blocks.reach(torch.arange(200, 204), 400).tolist()  # query block 50
+    drawn = blocks.table[50].nonzero().flatten().tolist()
+    expected = [*range(4), *range(196, 208), *(j for b in drawn for j in range(4 * b, 4 * b + 4))]
+    assert reached == sorted(set(expected)) and len(reached) <= 4 + 12 + 4
+    assert blocks.reach(torch.arange(0, 4), 400) == slice(0, 400)  # global queries see every key
+
+
+MEMORY_PROBE = """
+import sys, torch
+from llmkit.config import ModelConfig
+from llmkit.layers.sparse import pattern_attention_args, attend_local
+from llmkit.layers.attention import attend
+torch.set_num_threads(1)
+T = 4096
+cfg = ModelConfig(vocab_size=64, d_model=64, n_heads=4, max_seq_len=T, attention_pattern=sys.argv[1],
+                  attention_window=64, attention_block_size=32, attention_global_tokens=8,
+                  attention_random_blocks=2 if sys.argv[1] == "bigbird" else 0)
+q, k, v = (torch.randn(1, 4, T, 16) for _ in range(3))
+args = pattern_attention_args(cfg, causal=False, offset=0, T=T, key_start=0, key_mask=None, slopes=None, device="cpu")
+def status_kb(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current RSS
+before = status_kb("VmRSS:")
+if sys.argv[2] == "blocked":
+    attend_local(q, k, v, args["local"])
+else:  # the same rule as one dense (T, T) mask: what these patterns cost before the blocked kernel
+    index = torch.arange(T)
+    mask, _ = args["local"].with_table(T, T).mask_and_bias(index, index)
+    attend(q, k, v, mask=mask)
+print(status_kb("VmHWM:") - before)
+"""
+
+
+@pytest.mark.parametrize("pattern", ["longformer", "bigbird"])
+def test_blocked_patterns_never_hold_a_dense_mask(pattern):
+    """At 4,096 tokens the dense mask and its float scores take ~300 MB; the blocks take a few MB."""
+    import subprocess
+    import sys
+
+    def peak_kb(mode):
+        run = subprocess.run([sys.executable, "-c", MEMORY_PROBE, pattern, mode], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.split()[-1])
+
+    blocked, dense = peak_kb("blocked"), peak_kb("dense")
+    assert dense > 150_000, dense  # (B·H·T² float scores alone are 268 MB: the probe does measure them)
+    assert blocked < dense / 8, (blocked, dense)
