@@ -68,10 +68,10 @@ def random_blocks(cfg: ModelConfig, n_query_blocks: int, n_key_blocks: int, *, c
     length in a causal model, which keeps cached decoding equal to a full forward."""
     window_blocks = cfg.attention_window // cfg.attention_block_size
     table = torch.zeros(n_query_blocks, n_key_blocks, dtype=torch.bool)
+    key_blocks = torch.arange(n_key_blocks)
     for q in range(n_query_blocks):
         last = q - window_blocks + 1 if causal else n_key_blocks  # candidates are [0, last) minus the window
-        candidates = torch.tensor([k for k in range(max(0, min(last, n_key_blocks)))
-                                   if abs(q - k) >= window_blocks], dtype=torch.long)
+        candidates = key_blocks[(key_blocks < last) & ((q - key_blocks).abs() >= window_blocks)]
         if len(candidates):
             generator = torch.Generator().manual_seed(cfg.attention_seed * 1_000_003 + q)
             chosen = candidates[torch.randperm(len(candidates), generator=generator)[:cfg.attention_random_blocks]]
