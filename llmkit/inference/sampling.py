@@ -94,16 +94,21 @@ class PenaltyState:
             self.counts.scatter_add_(1, token, (~finished).long()[:, None])
 
 
-def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf, and each row's
-    most likely token always stays, so the result is a distribution for any valid params."""
-    logits = logits.float()
-    # Shift each row's maximum to 0 first (softmax is unchanged): then x / t ≤ 0 for every t > 0, and
-    # the top token stays at 0 however small t is, where plain x / 1e-45 overflows to inf and then NaN.
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+def apply_temperature(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Divide by the temperature, each row's maximum shifted to 0 first (softmax is unchanged): then
+    x / t ≤ 0 for every t > 0, and the top token stays at 0 however small t is, where plain x / 1e-45
+    overflows to inf and then NaN."""
+    return (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
+
+
+def apply_top_k(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def apply_top_p(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
@@ -112,23 +117,65 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
         drop_sorted[..., 0] = False  # a p below float32's smallest number would otherwise drop them all
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def apply_min_p(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.min_p > 0:
         probs = logits.softmax(dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
     return logits
 
 
-def sample(logits: Tensor, params: SamplingParams, *, generator: torch.Generator | None = None,
-           seen: Tensor | None = None, generated_counts: Tensor | None = None) -> Tensor:
-    """Pick the next token for each row of (B, V) logits → (B,) LongTensor."""
+# The truncation half of the chain, in order; `filter_logits`, `sample` and `sampling_stages` all run it.
+FILTERS = (("temperature", apply_temperature), ("top_k", apply_top_k), ("top_p", apply_top_p),
+           ("min_p", apply_min_p))
+STAGES = ("raw", "penalties") + tuple(name for name, _ in FILTERS)
+
+
+def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature, top-k, top-p, min-p on (B, V) logits; filtered entries become -inf, and each row's
+    most likely token always stays, so the result is a distribution for any valid params."""
+    logits = logits.float()
+    for _, stage in FILTERS:
+        logits = stage(logits, params)
+    return logits
+
+
+def penalised_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None,
+                     generated_counts: Tensor | None) -> Tensor:
+    """float32 logits after the penalties, clamped to finite values."""
     if bool(torch.isnan(logits).any()):  # weights are checked at load, but activations can still overflow
         raise GenerationError("the model computed NaN logits (its activations overflow in this precision; "
                               "try --dtype fp32)")
     logits = logits.float()
     if seen is not None:
         logits = apply_penalties(logits, params, seen, generated_counts)
-    logits = logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an inf (from overflow) would make the shift NaN
+    return logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an inf (from overflow) would make the shift NaN
+
+
+def sample(logits: Tensor, params: SamplingParams, *, generator: torch.Generator | None = None,
+           seen: Tensor | None = None, generated_counts: Tensor | None = None) -> Tensor:
+    """Pick the next token for each row of (B, V) logits → (B,) LongTensor."""
+    logits = penalised_logits(logits, params, seen, generated_counts)
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_stages(logits: Tensor, params: SamplingParams, *, seen: Tensor | None = None,
+                    generated_counts: Tensor | None = None) -> list[tuple[str, Tensor]]:
+    """The logits (B, V) after each stage of the chain `sample` runs, named as in STAGES; a stage that
+    is off repeats the one before it. Greedy (temperature below GREEDY_BELOW) keeps only the argmax
+    from "temperature" on, which is what `sample` picks. `softmax` of any stage is a distribution."""
+    stages = [("raw", logits.float())]
+    logits = penalised_logits(logits, params, seen, generated_counts)
+    stages.append(("penalties", logits))
+    if params.greedy:
+        only = torch.full_like(logits, float("-inf")).scatter(-1, logits.argmax(-1, keepdim=True), 0.0)
+        return stages + [(name, only) for name, _ in FILTERS]
+    for name, stage in FILTERS:
+        logits = stage(logits, params)
+        stages.append((name, logits))
+    return stages
