@@ -1,0 +1,161 @@
+"""`llmkit explain VIEW`: the article's intuitions as pictures, on any model llmkit loads (registered by
+llmkit.cli). Each view writes VIEW.json, VIEW.png and a self-contained VIEW.html into --out and prints
+what it found; a view that does not apply to the model (attention on RWKV) is one error line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+VIEW_HELP = ("tokens: text → BPE pieces and ids; attention: per layer/head maps, heads ranked for --query/--keys; "
+             "knockout: remove heads or edges, Δ log p of --predict; sampling: each stage of the sampling chain "
+             "per generated token; logit-lens: the next-token guess after every layer; cache: KV-cache bytes for "
+             "the model's layout; positions: RoPE / ALiBi / T5 / learned position effects; compare: --view for "
+             "--model and --other side by side")
+
+
+def parse_head(text: str) -> tuple[int, int | None]:
+    """'L.H' → (L, H); 'L' or 'L.*' → (L, None), every head of layer L."""
+    layer, _, head = text.partition(".")
+    try:
+        return int(layer), (None if head in ("", "*") else int(head))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER.HEAD (e.g. 3.1) or LAYER.* , got {text!r}") from None
+
+
+def parse_edge(text: str) -> tuple[str, str]:
+    query, sep, key = text.partition(":")
+    if not sep or not query or not key:
+        raise argparse.ArgumentTypeError(f"expected QUERY:KEY words (e.g. 坐:猫), got {text!r}")
+    return query, key
+
+
+def view_options(view: str, args: argparse.Namespace) -> dict:
+    from llmkit.cli import sampling_from
+
+    keys = [k for k in (args.keys or "").split(",") if k] or None
+    top = {} if args.top is None else {"top": args.top}
+    if view == "attention":
+        return dict(query=args.query, keys=keys, **top)
+    if view == "knockout":
+        return dict(heads=args.head, edges=args.edge, predict=args.predict, query=args.query, keys=keys,
+                    every_head=args.every_head, **top)
+    if view == "sampling":
+        return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop or (), **sampling_from(args))
+    if view == "cache":
+        return dict(context=args.context)
+    if view == "positions":
+        layer, head = (args.head or [(0, 0)])[0]
+        return dict(layer=layer, head=head or 0)
+    return {}
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Run one view (or compare two models on one) and write its JSON, PNG and HTML."""
+    from llmkit.cli import default_chat_model
+    from llmkit.commands.speed import check_text_flags, load_for_generation
+    from llmkit.errors import ConfigError
+    from llmkit.explain import run_view
+    from llmkit.explain.figures import cjk_font
+    from llmkit.explain.page import write_view
+    from llmkit.explain.subject import Subject
+    from llmkit.inference.sampling import SamplingParams
+
+    view = args.other_view if args.view == "compare" else args.view
+    if view == "compare":
+        raise ConfigError("--view compare: choose the view to compare (tokens, attention, …)")
+    if args.top is not None and not 1 <= args.top <= 10_000:
+        raise ConfigError(f"--top must be in [1, 10000], got {args.top}")
+    if args.context is not None and not 1 <= args.context <= 1 << 24:
+        raise ConfigError(f"--context must be in [1, {1 << 24}], got {args.context}")
+    if view == "sampling":
+        from llmkit.cli import sampling_from
+
+        SamplingParams(**sampling_from(args))  # bad values are refused before anything is loaded
+    args.prompt = args.text
+    check_text_flags(args)
+    options = view_options(view, args)
+    model_path = Path(args.model or default_chat_model())
+    lm = load_for_generation(model_path, args)
+    subject = Subject.create(lm, args.text, target=args.target, label=model_path.name)
+    if args.view == "compare":
+        from llmkit.explain.compare import compare_view
+
+        other_args = argparse.Namespace(**{**vars(args), "quantize": args.other_quantize or args.quantize,
+                                           "dtype": args.other_dtype or args.dtype})
+        other_path = Path(args.other) if args.other else model_path
+        other_lm = load_for_generation(other_path, other_args)
+        left_name, right_name = _side_names(args, model_path.name, lm, other_path.name, other_lm)
+        subject.label = left_name
+        other = Subject.create(other_lm, args.text, target=args.target, label=right_name)
+        result = compare_view(run_view(view, subject, **options), run_view(view, other, **options),
+                              left_name, right_name)
+    else:
+        result = run_view(view, subject, **options)
+    written = write_view(result, args.out)
+    for line in result.lines:
+        print(line)
+    font, why = cjk_font()
+    if font is None and written.get("png"):
+        print(f"warning: {why}", file=sys.stderr)
+    print("wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
+
+
+def _side_names(args: argparse.Namespace, left: str, lm, right: str, other_lm) -> tuple[str, str]:
+    if left == right:  # the same file: the two sides differ by precision or weights' format
+        left += f" ({lm.runtime.dtype}{', int4' if args.quantize == 'int4' else ''})"
+        right += f" ({other_lm.runtime.dtype}{', int4' if (args.other_quantize or args.quantize) == 'int4' else ''})"
+    return left, right
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `explain` to the `llmkit` parser."""
+    from llmkit.cli import add_sampling_flags
+    from llmkit.commands.speed import add_speed_flags
+
+    p = sub.add_parser("explain", help="see inside a model: tokens, attention, knockout, sampling, logit lens, "
+                                       "cache, positions (JSON + PNG + offline HTML)",
+                       description="Draw one of the article's intuitions on a real model. " + VIEW_HELP)
+    p.add_argument("view", choices=("tokens", "attention", "knockout", "sampling", "logit-lens", "cache",
+                                    "positions", "compare"), help="the view")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="a run, checkpoint, Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", default="猫坐在垫子上", help="the sentence to look at (default: 猫坐在垫子上)")
+    p.add_argument("--target", default=None, metavar="TEXT",
+                   help="encoder-decoder models: the decoder's text (default: the same as --text)")
+    p.add_argument("--out", default="runs/explain", metavar="DIR", help="where VIEW.json/.png/.html go "
+                                                                          "(default: runs/explain)")
+    p.add_argument("--query", default=None, metavar="WORD",
+                   help="attention/knockout: the word whose attention is ranked (default for the article's "
+                        "sentence: 坐; for 'The cat sat on the mat.': sat)")
+    p.add_argument("--keys", default=None, metavar="W1,W2",
+                   help="the words it should attend to (default: 猫,垫子 / cat,mat)")
+    p.add_argument("--head", type=parse_head, action="append", metavar="L.H",
+                   help="knockout: a head to remove (L.* = every head of layer L; repeatable; default: the --top "
+                        "heads ranked for --query/--keys); positions: the RoPE head to plot (default 0.0)")
+    p.add_argument("--edge", type=parse_edge, action="append", metavar="Q:K",
+                   help="knockout: remove the attention of word Q to word K in every layer and head (repeatable)")
+    p.add_argument("--predict", default=None, metavar="WORD",
+                   help="knockout: the word whose prediction is measured (default: 垫子 / mat, else the last token)")
+    p.add_argument("--every-head", action="store_true",
+                   help="knockout: also remove every head alone and map the effect (layers × heads forwards)")
+    p.add_argument("--top", type=int, default=None, metavar="N",
+                   help="attention: heads shown (default 8); knockout: ranked heads removed (default 3)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="cache: context length to size the cache for (default: the model's)")
+    p.add_argument("--view", dest="other_view", default="attention", metavar="VIEW",
+                   help="compare: which view (default: attention)")
+    p.add_argument("--other", default=None, metavar="PATH", help="compare: the second model (default: --model)")
+    p.add_argument("--other-quantize", choices=("none", "int4"), default=None,
+                   help="compare: --quantize for the second model (e.g. fp32 against int4)")
+    p.add_argument("--other-dtype", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                   help="compare: --dtype for the second model")
+    add_sampling_flags(p, max_new_tokens=8)
+    add_speed_flags(p)
+    # A view is a measurement: fp32 unless asked (auto may pick bf16, whose maps differ by machine).
+    dtype = next(a for a in p._actions if a.dest == "dtype")
+    dtype.help = dtype.help.replace("(default: auto)", "(default here: fp32; give the same --dtype to "
+                                                         "`llmkit generate` to compare samples)")
+    p.set_defaults(handler=cmd_explain, dtype="fp32")
