@@ -111,8 +111,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_text_flags(args)
     lm = load_for_generation(args.model, args)
     if args.num_beams != 1:  # the whole output at once: a beam's text is known only when the search ends
-        print(lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             length_penalty=args.length_penalty))
+        best = lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                              length_penalty=args.length_penalty)
+        print(best if lm.config.arch == "encoder-decoder" else args.prompt + best)
         return
     pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
                        seed=args.seed, use_cache=not args.no_kv_cache, **sampling)
@@ -386,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(["llmkit", args.command, *([args.tokenizer_command] if args.command == "tokenizer" else [])])
         check_flag_ranges(args)  # every number finite and in range, before any command runs
         handler = getattr(args, "handler", None) or HANDLERS[args.command]
-        handler(args)
+        from llmkit.training.distributed import command_session
+
+        with command_session(args.command):  # under torchrun: one rank of a distributed run
+            handler(args)
     except LlmkitError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)
         return 2

@@ -11,10 +11,15 @@ function of their index) and the run's plan (its length and warm-up, which fix t
 With `time_budget`, the length is planned from timed steps (llmkit/training/budget.py) and remade at
 each log line and checkpoint from the measured speeds, until the learning rate starts to decay; the
 speeds and time used are checkpointed, so a resumed run plans as the uninterrupted one would have.
+
+Under torchrun (llmkit/training/distributed.py) the same loop runs on every rank: the model and its
+loss are one module under DistributedDataParallel, a step's micro-batches are dealt out across the
+ranks, metrics are averaged over them, rank 0's plan is everyone's, and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -30,6 +35,7 @@ from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
 from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.runtime import Runtime, make_runtime, to_device
+from llmkit.training import distributed
 from llmkit.training.budget import Speeds, plan_steps, warmup_for
 from llmkit.training.config import TrainConfig
 from llmkit.training.optim import build_optimizer, decay_steps, load_optimizer_tensors, lr_at, optimizer_tensors
@@ -54,6 +60,19 @@ class TrainState:
     speeds: dict[str, float] | None = None  # the measured Speeds the plan was last made from
 
 
+class Objective(nn.Module):
+    """The model and its loss as one module: what DistributedDataParallel wraps, so that every use of
+    the model in a step (an objective may call it twice, or through methods other than forward) is
+    inside one forward whose gradients DDP averages."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        return self.loss_fn(self.model, batch)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, *, loss_fn: LossFn, get_batch: Callable[[int], Any],
                  out_dir: str | Path, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
@@ -64,7 +83,7 @@ class Trainer:
         llmkit.runtime on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
         `started_at`: the clock reading when the run's work began (data preparation counts
         against --time-budget too); default: now."""
-        self.model, self.cfg, self.loss_fn, self.get_batch = model, cfg, loss_fn, get_batch
+        self.model, self.cfg, self.get_batch = model, cfg, get_batch
         self.out_dir = Path(out_dir)
         self.evaluate = evaluate
         self.checkpoint_json = checkpoint_json or {}
@@ -74,6 +93,9 @@ class Trainer:
         self.runtime = runtime or make_runtime(cfg.device, cfg.dtype, cfg.threads, model=model,
                                                rows=cfg.batch_size * seq_len, training=True)
         model.to(self.runtime.device)
+        self.world = distributed.world()
+        distributed.check_split(cfg.grad_accum)
+        self.objective = distributed.wrap(Objective(model, loss_fn))
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
@@ -82,6 +104,14 @@ class Trainer:
         self.started_at = clock() if started_at is None else started_at
         self.speeds: Speeds | None = None
         self._session_start: float | None = None  # clock reading this session's time counts from (run)
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return getattr(self.objective, "module", self.objective).loss_fn  # (inside DDP: .module)
+
+    @loss_fn.setter
+    def loss_fn(self, loss_fn: LossFn) -> None:
+        getattr(self.objective, "module", self.objective).loss_fn = loss_fn
 
     @property
     def total_steps(self) -> int:
@@ -98,16 +128,23 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
+        """Checkpoint the run (rank 0 writes; every rank's RNG state goes into it; the others wait)."""
         self.state.speeds = dataclasses.asdict(self.speeds) if self.speeds is not None else None
-        opt_tensors, groups = optimizer_tensors(self.optimizer)
-        train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
-                           optimizer_groups=groups, runtime=self.runtime.to_dict())
-        return save_checkpoint(
-            self.checkpoint_root, self.state.step,
-            tensors={"model.safetensors": model_tensors(self.model), "optimizer.safetensors": opt_tensors,
-                     "rng.safetensors": {"torch_cpu": torch.get_rng_state()}},
-            json_files={**self.checkpoint_json, "train_state.json": train_state},
-            copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
+        rng = {("torch_cpu" if rank == 0 else f"torch_cpu_rank{rank}"): state
+               for rank, state in enumerate(distributed.gather_rng_states())}
+        path = self.checkpoint_root / f"step-{self.state.step:08d}"
+        if self.world.main:
+            opt_tensors, groups = optimizer_tensors(self.optimizer)
+            train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
+                               optimizer_groups=groups, runtime=self.runtime.to_dict(), world_size=self.world.size)
+            path = save_checkpoint(
+                self.checkpoint_root, self.state.step,
+                tensors={"model.safetensors": model_tensors(self.model), "optimizer.safetensors": opt_tensors,
+                         "rng.safetensors": rng},
+                json_files={**self.checkpoint_json, "train_state.json": train_state},
+                copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
+        distributed.barrier()  # nobody reads or resumes a checkpoint before it is complete
+        return path
 
     def resume(self, notify: Notify | None = None) -> Path | None:
         """Load the newest complete checkpoint under out_dir; None when there is none yet.
@@ -115,9 +152,9 @@ class Trainer:
         Damaged checkpoints with no complete one beside them are an error, not a fresh start; what
         a resume passes over (a corrupt newer checkpoint, an interrupted save, metrics rows past
         the checkpoint or cut by a crash) is told through `notify` as "warning" events."""
-        say = notify or (lambda kind, info: None)
-        with hold_run_dir(self.out_dir):
-            path, notes = find_resume_checkpoint(self.checkpoint_root)
+        say = notify if notify is not None and self.world.main else (lambda kind, info: None)
+        with self._run_dir_lock():
+            path, notes = find_resume_checkpoint(self.checkpoint_root)  # (reads only: every rank finds the same)
             for note in notes:
                 say("warning", {"message": note})
             if path is None:
@@ -127,6 +164,10 @@ class Trainer:
             self._repair_metrics(self.state.step, say)
         return path
 
+    def _run_dir_lock(self):
+        """The run directory's lock (llmkit.io.run_dir), held by rank 0 for the whole run."""
+        return hold_run_dir(self.out_dir) if self.world.main else contextlib.nullcontext(self.out_dir)
+
     def _load(self, path: Path) -> None:
         saved = read_json(path / "train_state.json")
         mismatched = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
@@ -134,7 +175,9 @@ class Trainer:
             raise CheckpointError(f"{path}: cannot resume, {', '.join(mismatched)} changed since the checkpoint")
         load_model_tensors(self.model, load_tensors(path / "model.safetensors"), where=str(path))
         load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
-        torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
+        rng = load_tensors(path / "rng.safetensors")
+        # a rank the saving run did not have (resumed with more ranks) starts from rank 0's state
+        torch.set_rng_state(rng.get(f"torch_cpu_rank{self.world.rank}", rng["torch_cpu"]))
         self.state = TrainState(**{k: saved[k] for k in vars(TrainState()) if k in saved})
         if self.cfg.time_budget is None and self.state.planned_steps is not None:
             self.state.plan_final = True  # resumed without a budget: finish the plan as it stands
@@ -148,6 +191,8 @@ class Trainer:
 
     def _repair_metrics(self, step: int, say: Notify) -> None:
         """Cut metrics.jsonl to whole rows up to `step`: the log then reads as one uninterrupted run."""
+        if not self.world.main:
+            return
         counts = repair_metrics(self.metrics_path, step)
         if counts["after_step"]:
             why = ("of an attempt that stopped before its first checkpoint" if step == 0 else
@@ -158,25 +203,37 @@ class Trainer:
                                        "(a write cut short by a crash)"})
 
     def log(self, row: dict[str, Any]) -> None:
-        append_metrics(self.metrics_path, row)
+        if self.world.main:
+            append_metrics(self.metrics_path, row)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _micro_batches(self, step: int) -> tuple[float, int, dict[str, float]]:
-        """Forward and backward over step `step`'s micro-batches; (mean loss, tokens, metrics)."""
-        cfg = self.cfg
+    def _micro_batches(self, step: int) -> tuple[float, int, dict[str, float], list[bool]]:
+        """Forward and backward over this rank's share of step `step`'s micro-batches; (mean loss, tokens,
+        metrics — each over every rank — and which ranks' own losses were non-finite)."""
+        cfg, world = self.cfg, self.world
+        mine = range(world.rank, cfg.grad_accum, world.size)  # micro-batches r, r + N, …: disjoint data
         total_loss, tokens = 0.0, 0
         extra: dict[str, float] = {}  # the objective's own metrics (reward accuracy, DPO margins), averaged
-        for micro in range(cfg.grad_accum):
+        for i, micro in enumerate(mine):
             batch = to_device(self.get_batch(step * cfg.grad_accum + micro), self.runtime.device)
-            with self.runtime.autocast():
-                loss, metrics = self.loss_fn(self.model, batch)
-            (loss / cfg.grad_accum).backward()
-            total_loss += float(loss.detach()) / cfg.grad_accum
+            # DDP averages gradients over the ranks once, after this rank's last micro-batch
+            sync = i == len(mine) - 1 or not hasattr(self.objective, "no_sync")
+            with contextlib.nullcontext() if sync else self.objective.no_sync():
+                with self.runtime.autocast():
+                    loss, metrics = self.objective(batch)
+                (loss / len(mine)).backward()
+            total_loss += float(loss.detach()) / len(mine)
             tokens += int(metrics.get("tokens", 0))
             for key, value in metrics.items():
                 if key != "tokens":
-                    extra[key] = extra.get(key, 0.0) + float(value) / cfg.grad_accum
-        return total_loss, tokens, extra
+                    extra[key] = extra.get(key, 0.0) + float(value) / len(mine)
+        nonfinite = distributed.gather_flags(not math.isfinite(total_loss))
+        if world.size > 1:
+            keys = sorted(extra)
+            values = distributed.mean([total_loss, float(tokens), *(extra[k] for k in keys)])
+            total_loss, tokens = values[0], round(values[1] * world.size)
+            extra = dict(zip(keys, values[2:]))
+        return total_loss, tokens, extra, nonfinite
 
     def train_step(self) -> dict[str, float] | None:
         """One optimizer step; returns its metrics, or None when a non-finite step was skipped."""
@@ -184,7 +241,7 @@ class Trainer:
         lr = lr_at(step, cfg, steps=self.total_steps, warmup=self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, tokens, extra = self._micro_batches(step)
+        total_loss, tokens, extra, nonfinite_ranks = self._micro_batches(step)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         problem = ("loss" if not math.isfinite(total_loss) else
@@ -193,8 +250,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # nothing non-finite reaches the weights
             if self.state.consecutive_skips >= cfg.skip_nonfinite_steps:
                 hint = "" if cfg.skip_nonfinite_steps else " (--skip-nonfinite-steps K skips such steps)"
+                ranks = [r for r, bad in enumerate(nonfinite_ranks) if bad] if problem == "loss" else []
+                # (a gradient norm is taken after DDP's average: non-finite on one rank is on all)
+                where = (f"rank {', '.join(map(str, ranks))}" if ranks else
+                         "every rank" if self.world.size > 1 else "rank 0")
                 raise NonFiniteError(f"step {step + 1}: {problem} is non-finite "
-                                     f"({total_loss if problem == 'loss' else grad_norm}) on rank 0; "
+                                     f"({total_loss if problem == 'loss' else grad_norm}) on {where}; "
                                      f"stopped before the update{hint}")
             self.state.consecutive_skips += 1
             self.state.skipped_steps += 1
@@ -240,6 +301,7 @@ class Trainer:
             return
         total = plan_steps(budget_s=cfg.time_budget * 60, elapsed_s=self._elapsed(), step=state.step,
                            speeds=self.speeds, eval_interval=cfg.eval_interval, max_steps=cfg.steps)
+        total = int(distributed.from_main([total])[0])  # one plan: rank 0's clock decides for every rank
         if state.planned_warmup is None:
             state.planned_warmup = warmup_for(total, cfg.warmup_steps)
         decay_start = total - (decay_steps(total, cfg) if cfg.lr_schedule == "wsd" else total)
@@ -268,8 +330,10 @@ class Trainer:
     def run(self, *, on_step: Event | None = None, on_eval: Event | None = None,
             on_event: Notify | None = None) -> TrainState:
         """Train to the end of the schedule, holding the run directory's lock (llmkit.io.run_dir)."""
+        if not self.world.main:  # rank 0 alone prints and reports
+            on_step = on_eval = on_event = None
         notify = on_event or (lambda kind, info: None)
-        with hold_run_dir(self.out_dir):
+        with self._run_dir_lock():
             if self.state.step == 0:  # rows of an attempt that died before its first checkpoint
                 self._repair_metrics(0, notify)
             return self._run(on_step, on_eval, notify)
@@ -306,7 +370,8 @@ class Trainer:
                         self._replan(notify)
                     if on_step is not None:
                         on_step({**row, "steps": self.total_steps})
-                out_of_time = cfg.max_minutes is not None and self.clock() - started > cfg.max_minutes * 60
+                out_of_time = cfg.max_minutes is not None and bool(distributed.from_main(
+                    [self.clock() - started > cfg.max_minutes * 60])[0])
                 if step % cfg.eval_interval == 0 or step >= self.total_steps or out_of_time:
                     self.evaluate_and_save(on_eval, notify)
                     window_tokens, window_start, window_steps = 0, self.clock(), 0  # tokens/s counts training only
@@ -314,7 +379,8 @@ class Trainer:
                     stopped = f"--max-minutes {cfg.max_minutes:g} reached"
                     break
         except KeyboardInterrupt:
-            if self.state.step > 0:
+            # (several ranks: no save here, the others may be gone; the last checkpoint stays complete)
+            if self.state.step > 0 and self.world.size == 1:
                 self._bank_elapsed()
                 self.save()  # Ctrl-C keeps the work done so far
             notify("stopped", {"step": self.state.step, "steps": self.total_steps, "reason": "interrupted",

@@ -8,6 +8,7 @@ callbacks; the library itself never prints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from llmkit.io.weights import load_model_tensors
 from llmkit.models.build import build_model
 from llmkit.plots import plot_loss_curve
 from llmkit.tokenizer import Tokenizer
+from llmkit.training import distributed
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.objectives import evaluate_lm, next_token_loss
@@ -220,7 +222,7 @@ def sized_config(model_cfg: ModelConfig, cfg: TrainConfig, corpus: Corpus, seq_l
             left = cfg.time_budget * 60 - (time.perf_counter() - started_at)
             choice = choose_depth(model_cfg, rate, left, seq_len)
             emit("depth", {"line": choice.line, "depth": choice.depth, "tokens_per_s": rate})
-            depth = choice.depth
+            depth = int(distributed.from_main([choice.depth])[0])  # under torchrun: rank 0's measurement
     return at_depth(model_cfg, depth)
 
 
@@ -239,6 +241,7 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
+    distributed.check_split(cfg.grad_accum)
     probe = preset(cfg.preset, **(model_overrides or {}))  # validates the preset before any data work
     seq_len = cfg.seq_len or probe.max_seq_len
     if seq_len > probe.max_seq_len:
@@ -249,14 +252,16 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     planned = probe.replace(vocab_size=cfg.vocab_size) if tokenizer_path is None else probe
     require_model_memory(planned, bytes_per_param=TRAIN_BYTES_PER_PARAM, device=device, what="training the model")
     created = not out_dir.exists()
-    with hold_run_dir(out_dir):  # one writer: a second run on this --out is refused in one line
+    main = distributed.world().main  # under torchrun, rank 0 holds the lock and prepares the data first
+    with hold_run_dir(out_dir) if main else contextlib.nullcontext():  # one writer: a second run is refused
         if not resume and list_checkpoints(out_dir / "checkpoints"):
             raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
                               f"another --out")
         try:
-            corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
-                                    exclude=exclude, on_event=on_event, mask_token=probe.arch == "encoder",
-                                    extra_tokens=seq2seq_tokens(probe))
+            with distributed.main_rank_first():  # the others then find its tokenizer and token caches
+                corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
+                                        exclude=exclude, on_event=on_event, mask_token=probe.arch == "encoder",
+                                        extra_tokens=seq2seq_tokens(probe))
             model_cfg = build_model_config(cfg, corpus.tokenizer.vocab_size, model_overrides)
             model_cfg = sized_config(model_cfg, cfg, corpus, seq_len, out_dir, resume=resume, started_at=started_at,
                                      emit=emit)
@@ -265,7 +270,7 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
             torch.manual_seed(cfg.seed)
             model = build_model(model_cfg)
         except Exception:
-            if created:  # bad input leaves nothing behind
+            if created and main:  # bad input leaves nothing behind
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
         if init_tensors is not None:
@@ -299,5 +304,6 @@ def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
         plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
 
     state = trainer.run(on_step=on_step, on_eval=on_eval, on_event=emit)
-    plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
+    if trainer.world.main:
+        plot_loss_curve(trainer.metrics_path, Path(out_dir) / "loss.png")
     return state

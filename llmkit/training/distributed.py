@@ -1,0 +1,187 @@
+"""Training on several processes with PyTorch's own distributed engine: `torchrun --nproc_per_node=N -m
+llmkit train …` runs N ranks, each a process with a replica of the model (DistributedDataParallel).
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` joins the
+process group (gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
+others fail within COLLECTIVE_TIMEOUT_S instead of waiting forever (a rank that dies is torchrun's to
+handle: it stops the others). Everything else here is the few collectives the one Trainer needs —
+means of metrics, rank 0's decisions broadcast so every rank runs the same schedule, per-rank RNG
+states gathered into one checkpoint — each a no-op in a single process.
+
+How the work is split (llmkit/training/loop.py): a step's `grad_accum` micro-batches are dealt out
+across the ranks (rank r takes micro-batches r, r + N, …), so the global batch, the data order, the
+schedule and the logged losses do not depend on N; DDP averages the gradients. Rank 0 alone writes
+checkpoints, metrics and plots, and holds the run directory's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from llmkit.errors import ConfigError
+
+COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
+COMMANDS = ("train",)  # the commands that run under torchrun so far; the others refuse in one line
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes files and prints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(command: str) -> World:
+    """Join the process group torchrun describes in the environment (a no-op without torchrun)."""
+    if not launched_by_torchrun():
+        return World()
+    if command not in COMMANDS:
+        raise ConfigError(f"llmkit {command} does not run under torchrun yet; distributed training supports "
+                          f"{', '.join('llmkit ' + name for name in COMMANDS)}")
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return world()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world().size > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others (it prepares shared files: a tokenizer, token caches;
+    the others then find them ready and only read)."""
+    if not world().main:
+        barrier()
+    yield
+    if world().main:
+        barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean(values: list[float]) -> list[float]:
+    """Each value averaged over the ranks (a NaN on any rank makes the mean NaN on every rank)."""
+    w = world()
+    if w.size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return (t / w.size).tolist()
+
+
+def from_main(values: list[float]) -> list[float]:
+    """Rank 0's values on every rank: decisions each rank could make differently (a plan timed on each
+    rank's own clock, whether time is up) are made once."""
+    if world().size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.broadcast(t, src=0)
+    return t.tolist()
+
+
+def gather_flags(flag: bool) -> list[bool]:
+    """Every rank's flag, in rank order."""
+    w = world()
+    if w.size == 1:
+        return [flag]
+    t = torch.zeros(w.size, dtype=torch.float64, device=_device())
+    t[w.rank] = float(flag)
+    dist.all_reduce(t)
+    return [bool(x) for x in t.tolist()]
+
+
+def gather_rng_states() -> list[torch.Tensor]:
+    """Every rank's CPU generator state (byte tensors of one length), in rank order."""
+    state = torch.get_rng_state()
+    if world().size == 1:
+        return [state]
+    device = _device()  # NCCL gathers CUDA tensors only
+    states = [torch.empty_like(state, device=device) for _ in range(world().size)]
+    dist.all_gather(states, state.to(device))
+    return [s.cpu() for s in states]
+
+
+def check_split(grad_accum: int) -> None:
+    """A step's micro-batches must deal out evenly over the ranks (checked before any work is done)."""
+    size = world().size
+    if grad_accum % size:
+        raise ConfigError(f"--grad-accum {grad_accum} cannot be dealt out over {size} ranks: use a multiple of "
+                          f"{size} (each rank runs grad_accum / ranks micro-batches of every step, so the global "
+                          f"batch stays batch_size × grad_accum)")
+
+
+def wrap(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` under DistributedDataParallel when there are several ranks, else itself.
+
+    static_graph: an objective may leave some weights out of every step (a pooler, a head it does not
+    use); DDP learns which from the first step, then knows when every gradient it will get has arrived,
+    without a search of the graph at each step."""
+    if world().size == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   static_graph=True)
+
+
+@contextlib.contextmanager
+def command_session(command: str) -> Iterator[World]:
+    """Around a CLI command: join torchrun's process group (a no-op without torchrun), silence every
+    rank but 0 (an error still reaches the terminal: it is printed after this block ends), and leave
+    the group at the end."""
+    if not launched_by_torchrun():
+        yield World()
+        return
+    import sys
+
+    w = init_from_env(command)
+    saved: list[int] = []
+    try:
+        if not w.main:  # at the descriptors, so that torch's own C++ warnings are silenced too
+            sys.stdout.flush(), sys.stderr.flush()
+            saved = [os.dup(1), os.dup(2)]
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1), os.dup2(devnull, 2)
+            os.close(devnull)
+        yield w
+    finally:
+        if saved:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+        shutdown()
