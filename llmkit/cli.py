@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace, *, exclude: tuple[str, ...] = (), model_
     try:
         pretrain(args.data, args.out, cfg, model_overrides=model_overrides, tokenizer_path=args.tokenizer,
                  resume=args.resume, exclude=(*(getattr(args, "exclude", None) or ()), *exclude),
-                 on_event=on_event, on_step=progress.on_step, init_tensors=init_tensors)
+                 on_event=on_event, on_step=progress.on_step, init_tensors=init_tensors,
+                 fsdp=getattr(args, "fsdp", False))
     finally:
         progress.close()
     print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
             p.add_argument("--arch", choices=tuple(ARCH_PRESETS),
                            help="model family: its default preset, and its objective (bert: masked-LM)")
+            p.add_argument("--fsdp", action="store_true",
+                           help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                                "(FSDP2) instead of a full replica on each (DDP)")
         p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
         add_dataclass_flags(p, TrainConfig, defaults=DEMO_DEFAULTS if demo else None)

@@ -20,6 +20,13 @@ def model_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], *, where: str) -> None:
     """Copy `tensors` into `model`, refusing missing, unexpected or wrongly shaped entries."""
+    check_model_tensors(model, tensors, where=where)
+    model.load_state_dict(tensors, strict=False)
+
+
+def check_model_tensors(model: nn.Module, tensors: dict[str, Tensor], *, where: str) -> None:
+    """Refuse tensors that are missing, unexpected, wrongly shaped or not finite for `model` (whose
+    parameters may be shards: a sharded tensor reports its whole shape)."""
     expected = model_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -33,7 +40,6 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, Tensor], *, where: s
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"the config needs {tuple(expected[name].shape)}")
         check_finite(name, tensor, where)
-    model.load_state_dict(tensors, strict=False)
 
 
 def check_finite(name: str, tensor: Tensor, where: str) -> None:

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from llmkit.errors import ConfigError
 
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
+FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
+                    "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
 COMMANDS = ("train",)  # the commands that run under torchrun so far; the others refuse in one line
 
 
@@ -135,28 +137,100 @@ def gather_rng_states() -> list[torch.Tensor]:
     return [s.cpu() for s in states]
 
 
-def check_split(grad_accum: int) -> None:
-    """A step's micro-batches must deal out evenly over the ranks (checked before any work is done)."""
+def check_split(grad_accum: int, *, fsdp: bool = False) -> None:
+    """A step's micro-batches must deal out evenly over the ranks, and --fsdp needs ranks (checked before
+    any work is done)."""
     size = world().size
+    if fsdp and size == 1:
+        raise ConfigError(FSDP_NEEDS_RANKS)
     if grad_accum % size:
         raise ConfigError(f"--grad-accum {grad_accum} cannot be dealt out over {size} ranks: use a multiple of "
                           f"{size} (each rank runs grad_accum / ranks micro-batches of every step, so the global "
                           f"batch stays batch_size × grad_accum)")
 
 
-def wrap(module: torch.nn.Module) -> torch.nn.Module:
-    """`module` under DistributedDataParallel when there are several ranks, else itself.
+def wrap(objective: torch.nn.Module, *, fsdp: bool = False) -> torch.nn.Module:
+    """The Trainer's objective (the model and its loss as one module) ready for several ranks: under
+    DistributedDataParallel, or with the model sharded by FSDP2 (`fsdp`); itself in one process.
 
-    static_graph: an objective may leave some weights out of every step (a pooler, a head it does not
-    use); DDP learns which from the first step, then knows when every gradient it will get has arrived,
-    without a search of the graph at each step."""
+    DDP's static_graph: an objective may leave some weights out of every step (a pooler, a head it does
+    not use); DDP learns which from the first step, then knows when every gradient it will get has
+    arrived, without a search of the graph at each step."""
+    if fsdp:
+        if world().size == 1:
+            raise ConfigError(FSDP_NEEDS_RANKS)
+        shard(objective.model)
+        return objective
     if world().size == 1:
-        return module
+        return objective
     from torch.nn.parallel import DistributedDataParallel
 
-    device = next(module.parameters()).device
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+    device = next(objective.parameters()).device
+    return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
                                    static_graph=True)
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 (`fully_shard`) in place: each layer block its own unit (its weights gathered just before it
+    runs and freed after), the rest of the model (embeddings, final norm, head — tied weights stay in one
+    unit) the root. Each rank keeps 1/N of every parameter, gradient and AdamW moment. A model whose
+    layers share one block (ALBERT) is one unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    from llmkit.models.recurrent import MambaBlock, RWKVBlock
+    from llmkit.models.transformer import Block
+
+    if not getattr(getattr(model, "cfg", None), "share_layers", False):
+        for module in list(model.modules()):
+            if isinstance(module, (Block, RWKVBlock, MambaBlock)):
+                fully_shard(module)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What llmkit.io.weights.model_tensors gives, gathered whole from the shards: on rank 0 (the
+    writer) the full tensors, on the others nothing. Every rank must call it (it is a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def load_full_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Whole tensors (every rank read the checkpoint) into a sharded model: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def full_tensors(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded (DTensor) values gathered whole, in one fixed order on every rank (a collective each)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: flat[name].full_tensor().cpu() if isinstance(flat[name], DTensor) else flat[name]
+            for name in sorted(flat)}
+
+
+def shard_like(params: list[torch.nn.Parameter], flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Optimizer entries "<param index>.<key>" holding whole tensors, sharded as their parameter is
+    (the inverse of full_tensors for AdamW's moments; a scalar step count stays as it is)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, value in flat.items():
+        param = params[int(name.split(".", 1)[0])]
+        if isinstance(param, DTensor) and tuple(value.shape) == tuple(param.shape):
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+        out[name] = value
+    return out
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from llmkit.errors import CheckpointError, NonFiniteError
 from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
 from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
-from llmkit.io.weights import load_model_tensors, model_tensors
+from llmkit.io.weights import check_model_tensors, load_model_tensors, model_tensors
 from llmkit.runtime import Runtime, make_runtime, to_device
 from llmkit.training import distributed
 from llmkit.training.budget import Speeds, plan_steps, warmup_for
@@ -78,11 +78,13 @@ class Trainer:
                  out_dir: str | Path, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_json: dict[str, Any] | None = None, checkpoint_files: dict[str, Path] | None = None,
                  fingerprint: dict[str, Any] | None = None, runtime: Runtime | None = None,
-                 clock: Callable[[], float] = time.perf_counter, started_at: float | None = None) -> None:
+                 clock: Callable[[], float] = time.perf_counter, started_at: float | None = None,
+                 fsdp: bool = False) -> None:
         """`runtime`: device and precision (default: chosen from cfg.device/dtype/threads by
         llmkit.runtime on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
         `started_at`: the clock reading when the run's work began (data preparation counts
-        against --time-budget too); default: now."""
+        against --time-budget too); default: now. `fsdp`: under torchrun, shard the model, its
+        gradients and AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP)."""
         self.model, self.cfg, self.get_batch = model, cfg, get_batch
         self.out_dir = Path(out_dir)
         self.evaluate = evaluate
@@ -95,7 +97,8 @@ class Trainer:
         model.to(self.runtime.device)
         self.world = distributed.world()
         distributed.check_split(cfg.grad_accum)
-        self.objective = distributed.wrap(Objective(model, loss_fn))
+        self.objective = distributed.wrap(Objective(model, loss_fn), fsdp=fsdp)
+        self.sharded = fsdp
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = TrainState()
@@ -133,13 +136,17 @@ class Trainer:
         rng = {("torch_cpu" if rank == 0 else f"torch_cpu_rank{rank}"): state
                for rank, state in enumerate(distributed.gather_rng_states())}
         path = self.checkpoint_root / f"step-{self.state.step:08d}"
+        opt_tensors, groups = optimizer_tensors(self.optimizer)
+        weights = model_tensors(self.model)
+        if self.sharded:  # gathered whole (collectives: every rank takes part), so the format is the usual one
+            opt_tensors, weights = distributed.full_tensors(opt_tensors), distributed.full_model_tensors(self.model)
         if self.world.main:
-            opt_tensors, groups = optimizer_tensors(self.optimizer)
             train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
-                               optimizer_groups=groups, runtime=self.runtime.to_dict(), world_size=self.world.size)
+                               optimizer_groups=groups, runtime=self.runtime.to_dict(), world_size=self.world.size,
+                               sharded=self.sharded)
             path = save_checkpoint(
                 self.checkpoint_root, self.state.step,
-                tensors={"model.safetensors": model_tensors(self.model), "optimizer.safetensors": opt_tensors,
+                tensors={"model.safetensors": weights, "optimizer.safetensors": opt_tensors,
                          "rng.safetensors": rng},
                 json_files={**self.checkpoint_json, "train_state.json": train_state},
                 copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
@@ -173,8 +180,14 @@ class Trainer:
         mismatched = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
         if mismatched:
             raise CheckpointError(f"{path}: cannot resume, {', '.join(mismatched)} changed since the checkpoint")
-        load_model_tensors(self.model, load_tensors(path / "model.safetensors"), where=str(path))
-        load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
+        weights, moments = load_tensors(path / "model.safetensors"), load_tensors(path / "optimizer.safetensors")
+        if self.sharded:  # every rank read the whole tensors; each keeps its shard
+            check_model_tensors(self.model, weights, where=str(path))
+            distributed.load_full_model_tensors(self.model, weights)
+            moments = distributed.shard_like([p for g in self.optimizer.param_groups for p in g["params"]], moments)
+        else:
+            load_model_tensors(self.model, weights, where=str(path))
+        load_optimizer_tensors(self.optimizer, moments, saved["optimizer_groups"])
         rng = load_tensors(path / "rng.safetensors")
         # a rank the saving run did not have (resumed with more ranks) starts from rank 0's state
         torch.set_rng_state(rng.get(f"torch_cpu_rank{self.world.rank}", rng["torch_cpu"]))
@@ -243,7 +256,8 @@ class Trainer:
             group["lr"] = lr
         total_loss, tokens, extra, nonfinite_ranks = self._micro_batches(step)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # (FSDP: a DTensor)
         problem = ("loss" if not math.isfinite(total_loss) else
                    "gradient norm" if not math.isfinite(grad_norm) else None)
         if problem is not None:

@@ -234,14 +234,15 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
              model_overrides: dict[str, Any] | None = None, tokenizer_path: str | Path | None = None,
              resume: bool = False, exclude: Sequence[str] = (), on_event: Event | None = None,
              on_step: Callable[[dict], None] | None = None,
-             init_tensors: dict[str, torch.Tensor] | None = None) -> TrainState:
+             init_tensors: dict[str, torch.Tensor] | None = None, fsdp: bool = False) -> TrainState:
     """Train a causal LM on text files; see the module docstring. `init_tensors` starts from trained
-    weights instead of a fresh initialisation (fine-tuning: `llmkit extend --finetune-steps`)."""
+    weights instead of a fresh initialisation (fine-tuning: `llmkit extend --finetune-steps`); `fsdp`
+    shards the model over torchrun's ranks (llmkit/training/distributed.py)."""
     started_at = time.perf_counter()  # --time-budget counts data preparation too
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
-    distributed.check_split(cfg.grad_accum)
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp)
     probe = preset(cfg.preset, **(model_overrides or {}))  # validates the preset before any data work
     seq_len = cfg.seq_len or probe.max_seq_len
     if seq_len > probe.max_seq_len:
@@ -286,7 +287,7 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
             fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
                          "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
                          "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
-            started_at=started_at)
+            started_at=started_at, fsdp=fsdp)
         return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
 
 

@@ -53,8 +53,10 @@ def runs(tmp_path_factory):
     make_corpus(root / "corpus")
     one = run(*TRAIN, "--data", "corpus", "--steps", "6", "--grad-accum", "2", "--out", "one", cwd=root)
     two = run(*TRAIN, "--data", "corpus", "--steps", "6", "--grad-accum", "2", "--out", "two", ranks=2, cwd=root)
-    assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, two.stderr
+    sharded = run(*TRAIN, "--data", "corpus", "--steps", "6", "--grad-accum", "2", "--out", "fsdp", "--fsdp",
+                  ranks=2, cwd=root)
+    for result in (one, two, sharded):
+        assert result.returncode == 0, result.stderr
     return root, one, two
 
 
@@ -64,6 +66,50 @@ def test_two_ranks_train_the_same_losses_as_one_process(runs):
     assert [(s, kind) for s, kind, _ in double] == [(s, kind) for s, kind, _ in single]  # one row each, rank 0's
     assert [v for *_, v in double] == pytest.approx([v for *_, v in single], rel=RTOL)
     assert len({v for *_, v in single}) > 3  # the losses do move: the comparison is not of constants
+
+
+def test_fsdp_trains_the_same_losses_and_writes_the_usual_checkpoint(runs):
+    """FSDP2: each rank holds half of every weight and moment; the losses are one process's (to fp32
+    reduction order) and the checkpoint holds whole tensors, equal to DDP's."""
+    root, _, _ = runs
+    assert [v for *_, v in losses(root / "fsdp")] == pytest.approx([v for *_, v in losses(root / "one")], rel=RTOL)
+    newest = root / "fsdp" / "checkpoints" / "step-00000006"
+    assert json.loads((newest / "train_state.json").read_text())["sharded"] is True
+    ddp = load_tensors(root / "two" / "checkpoints" / "step-00000006" / "model.safetensors")
+    fsdp = load_tensors(newest / "model.safetensors")
+    assert set(fsdp) == set(ddp)
+    for name in ddp:
+        torch_close(fsdp[name], ddp[name])
+    moments = load_tensors(newest / "optimizer.safetensors")
+    ddp_moments = load_tensors(root / "two" / "checkpoints" / "step-00000006" / "optimizer.safetensors")
+    assert moments.keys() == ddp_moments.keys()
+    assert all(moments[k].shape == ddp_moments[k].shape for k in moments)  # whole, not one rank's half
+
+
+def test_fsdp_resume_is_exact_and_takes_a_ddp_checkpoint(runs):
+    root, _, _ = runs
+    for source, name in (("fsdp", "cut-fsdp"), ("two", "ddp-to-fsdp")):
+        cut = root / name
+        shutil.copytree(root / source, cut)
+        shutil.rmtree(cut / "checkpoints" / "step-00000006")
+        result = run(*TRAIN, "--data", "corpus", "--steps", "6", "--grad-accum", "2", "--out", name, "--resume",
+                     "--fsdp", ranks=2, cwd=root)
+        assert result.returncode == 0, result.stderr
+        expected = losses(root / source)
+        if source == "fsdp":
+            assert losses(cut) == expected  # bit for bit
+        else:
+            assert [v for *_, v in losses(cut)] == pytest.approx([v for *_, v in expected], rel=RTOL)
+
+
+def test_fsdp_without_torchrun_is_one_line(runs):
+    root, _, _ = runs
+    result = run(*TRAIN, "--data", "corpus", "--steps", "2", "--out", "lonely", "--fsdp", cwd=root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --fsdp shards the model over the ranks torchrun starts: run it as "
+        "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`"]
+    assert not (root / "lonely").exists()
 
 
 def test_rank_zero_alone_writes_and_prints(runs):
