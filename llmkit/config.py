@@ -17,7 +17,7 @@ from llmkit.errors import ConfigError
 Norm = Literal["layernorm", "rmsnorm"]
 NormPosition = Literal["pre", "post"]
 MLPKind = Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu"]
-PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "disentangled", "none"]
 RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Body = Literal["transformer", "rwkv", "mamba"]
@@ -26,7 +26,7 @@ AttentionPattern = Literal["full", "sliding_window", "longformer", "bigbird"]
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 MLP_KINDS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu")
-POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "none")
+POSITION_KINDS = ("learned", "sinusoidal", "rope", "alibi", "relative", "disentangled", "none")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 BODIES = ("transformer", "rwkv", "mamba")
@@ -126,10 +126,25 @@ class ModelConfig:
     share_layers: bool = False  # ALBERT: one block's weights applied n_layers times
     mlm_head: bool = True  # BERT's MLM head; False for a bare BertModel (e.g. sentence-embedding models)
     num_labels: int = 0  # > 0 adds a sequence-classification head over mean-pooled hidden states
+    # DeBERTa v2/v3 (position="disentangled"; He et al. 2020, arXiv 2006.03654): besides content·content,
+    # attention scores each query against the embedding of its distance to the key (content→position)
+    # and each key against the embedding of that distance seen from the query (position→content).
+    # Distances are log-bucketed as DeBERTa v2 does: exact within ±relative_buckets/2, logarithmic
+    # beyond, reaching the last of relative_buckets each side at relative_max_distance (relative_buckets
+    # = 0: no buckets, distances clipped at ±relative_max_distance). One table of relative embeddings
+    # (LayerNorm-ed when relative_embed_norm) serves every layer, projected by each layer's own query and
+    # key projections (share_position_projections, DeBERTa's share_att_key) or by separate ones. It is a
+    # decoder position kind too (causal, GQA, KV cache: distances are between buffer indices, like ALiBi's).
+    content_to_position: bool = True
+    position_to_content: bool = True
+    share_position_projections: bool = True
+    relative_embed_norm: bool = True
+    add_absolute_positions: bool = False  # also a learned position table at the embedding (v2's position_biased_input)
     # --- encoder-decoder (T5, BART) ---
     n_decoder_layers: int | None = None  # None → n_layers; read `decoder_layers` (None keeps old fingerprints)
     # T5's relative position bias (position="relative"): distances are binned into buckets, exact up
     # to half of them and logarithmic beyond, all distances ≥ relative_max_distance sharing the last.
+    # DeBERTa (position="disentangled") reads both fields as its position_buckets and max_relative_positions.
     relative_buckets: int = 32
     relative_max_distance: int = 128
     scale_attention: bool = True  # divide q·k by √head_dim; T5 does not (its initialisation absorbs it)
@@ -228,13 +243,26 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.mlm_head and num_labels need arch='encoder', got {self.arch!r}")
         if self.position_offset and self.position != "learned":
             raise ConfigError(f"ModelConfig.position_offset needs position='learned', got {self.position!r}")
+        if self.add_absolute_positions and self.position != "disentangled":
+            raise ConfigError(f"ModelConfig.add_absolute_positions needs position='disentangled', got {self.position!r}")
+        if self.position == "disentangled":
+            self._check_disentangled()
+
+    def _check_disentangled(self) -> None:
+        if self.arch == "encoder-decoder":  # one relative table per stack is not modelled (nor counted)
+            raise ConfigError("ModelConfig.position='disentangled' needs arch='encoder' or 'decoder'")
+        if self.relative_buckets and self.relative_max_distance <= self.relative_buckets // 2 + 1:
+            # the log part spans (buckets/2, max_distance - 1]: it must not be empty
+            raise ConfigError(f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
+                              f"relative_buckets // 2 + 1 = {self.relative_buckets // 2 + 1}")
 
     def _check_seq2seq_fields(self) -> None:
         if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
             raise ConfigError(f"ModelConfig.n_decoder_layers must be a positive integer or None, "
                               f"got {self.n_decoder_layers!r}")
         # the bidirectional half of the buckets must still hold an exact and a logarithmic part
-        if self.relative_buckets < 4:
+        # (DeBERTa's relative_buckets=0 means no buckets: distances are clipped instead)
+        if self.relative_buckets < 4 and not (self.position == "disentangled" and self.relative_buckets == 0):
             raise ConfigError(f"ModelConfig.relative_buckets must be >= 4, got {self.relative_buckets!r}")
         if self.relative_max_distance <= self.relative_buckets // 2:
             raise ConfigError(f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
@@ -262,8 +290,8 @@ class ModelConfig:
             return
         if self.body != "transformer":
             raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs body='transformer', got {self.body!r}")
-        if self.position == "relative":  # T5's bucketed bias is built on the dense path only
-            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} does not support position='relative'")
+        if self.position in ("relative", "disentangled"):  # T5's and DeBERTa's terms are built on the dense path only
+            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} does not support position={self.position!r}")
         if window is None:
             raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs attention_window")
         if pattern == "sliding_window" and (self.attention_global_tokens or self.attention_random_blocks):
@@ -323,6 +351,16 @@ class ModelConfig:
         return self.embed_dim or self.d_model
 
     @property
+    def relative_span(self) -> int:
+        """DeBERTa's relative table has 2·span rows: distances -span..span-1 after bucketing."""
+        return self.relative_buckets or self.relative_max_distance
+
+    @property
+    def learned_positions(self) -> bool:
+        """Whether the embedding adds a learned absolute position table."""
+        return self.position == "learned" or self.add_absolute_positions
+
+    @property
     def decoder_layers(self) -> int:
         """Blocks in an encoder-decoder's decoder stack."""
         return self.n_decoder_layers or self.n_layers
@@ -372,15 +410,19 @@ class ModelConfig:
             attn += 2 * self.head_dim
         mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        if self.position == "disentangled" and not self.share_position_projections:  # own position q/k projections
+            attn += (self.content_to_position + self.position_to_content) * (d * q_out + (q_out if self.qkv_bias else 0))
         stored_layers = 1 if self.share_layers else L  # ALBERT stores one block
         total = stored_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
+        if self.position == "disentangled":  # DeBERTa's relative table, shared by the layers, and its LayerNorm
+            total += 2 * self.relative_span * d + (norm if self.relative_embed_norm else 0)
         if self.arch == "encoder":
             return total + self._encoder_extra_params(embeddings=embeddings)
         if self.arch == "encoder-decoder":
             return total + self._seq2seq_extra_params(attn, mlp, norm, embeddings=embeddings)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
-            if self.position == "learned":
+            if self.learned_positions:
                 total += self.max_seq_len * d
         return total
 
@@ -429,7 +471,7 @@ class ModelConfig:
         if self.num_labels:
             total += d * self.num_labels + self.num_labels
         if embeddings:
-            positions = self.max_seq_len + self.position_offset if self.position == "learned" else 0
+            positions = self.max_seq_len + self.position_offset if self.learned_positions else 0
             total += (v + positions + self.type_vocab_size) * e
         return total
 

@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 _GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
 _BERT = dict(arch="encoder", mlp="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12, position="learned",
              bias=True, tie_embeddings=True, type_vocab_size=2, embed_norm=True)
+# DeBERTa v3: BERT's post-norm encoder without absolute positions or token types; attention adds
+# content→position and position→content terms over log-bucketed relative distances (256 buckets each
+# side reaching 512), one shared relative table with its LayerNorm (layers/disentangled.py).
+_DEBERTA = dict(_BERT, norm_eps=1e-7, type_vocab_size=0, position="disentangled", relative_buckets=256,
+                relative_max_distance=512)
 # Encoder-decoders. T5 v1.0: pre-norm RMSNorm, no biases, ReLU MLP, relative position bias, unscaled
 # attention, tied head with the d^-0.5 rescale; v1.1 (Flan-T5): gated-GELU and an untied head. BART:
 # post-norm LayerNorm with the embedding LayerNorm, learned positions offset by 2, GELU, logits bias.
@@ -50,6 +55,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "albert-tiny": dict(_BERT, d_model=64, n_layers=2, n_heads=4, max_seq_len=128, embed_dim=32,
                         share_layers=True, mlp="gelu_tanh"),
     "bert-demo": dict(_BERT, d_model=256, n_layers=4, n_heads=4, max_seq_len=128),
+    "deberta-tiny": dict(_DEBERTA, d_model=64, n_layers=2, n_heads=4, max_seq_len=128, relative_buckets=16,
+                         relative_max_distance=64),
     # encoder-decoder (T5, BART): tiny for tests, demo for `llmkit train --arch t5|bart` on a CPU
     "t5-tiny": dict(_T5, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
     "t5v11-tiny": dict(_T5V11, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
@@ -66,6 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the published shapes
     "gpt2-small": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50257),
     "gpt2-medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50257),
+    "deberta-v3-base": dict(_DEBERTA, d_model=768, n_layers=12, n_heads=12, max_seq_len=512, vocab_size=128100),
     "llama-1b": dict(_LLAMA, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
                      max_seq_len=2048, vocab_size=32000, rope_theta=500000.0),
 }

@@ -54,7 +54,7 @@ class HFModel(NamedTuple):
 # Families whose loaders live in their own modules (imported on first use): model_type → module:function.
 OTHER_FAMILIES = {
     "bert": "llmkit.io.hf_encoder:load_hf_encoder", "roberta": "llmkit.io.hf_encoder:load_hf_encoder",
-    "albert": "llmkit.io.hf_encoder:load_hf_encoder",
+    "albert": "llmkit.io.hf_encoder:load_hf_encoder", "deberta-v2": "llmkit.io.hf_encoder:load_hf_encoder",
     "t5": "llmkit.io.hf_seq2seq:load_hf_seq2seq", "bart": "llmkit.io.hf_seq2seq:load_hf_seq2seq",
     "mamba": "llmkit.io.hf_recurrent:load_hf_recurrent", "rwkv": "llmkit.io.hf_recurrent:load_hf_recurrent",
 }

@@ -27,7 +27,7 @@ from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.masked_lm import MaskedLM
 
-ENCODER_TYPES = ("bert", "roberta", "albert")
+ENCODER_TYPES = ("bert", "roberta", "albert", "deberta-v2")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
@@ -86,6 +86,15 @@ ALBERT = EncoderFamily("albert.", "predictions.", (
 FAMILIES = {"bert": BERT, "roberta": ROBERTA, "albert": ALBERT}
 
 
+def family_of(config: dict) -> EncoderFamily:
+    """The name map of a config.json (DeBERTa's depends on its head and position settings)."""
+    if config["model_type"] == "deberta-v2":
+        from llmkit.io.hf_deberta import deberta_family
+
+        return deberta_family(config)
+    return FAMILIES[config["model_type"]]
+
+
 def _translate(name: str, names: tuple[tuple[str, str], ...], *, to_llmkit: bool) -> str | None:
     for hf, ours in names:
         src, dst = (hf, ours) if to_llmkit else (ours, hf)
@@ -100,6 +109,10 @@ def _translate(name: str, names: tuple[tuple[str, str], ...], *, to_llmkit: bool
 def encoder_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelConfig:
     """Translate a BERT/RoBERTa/ALBERT config.json; every value is checked, naming the file's field."""
     model_type = data["model_type"]
+    if model_type == "deberta-v2":
+        from llmkit.io.hf_deberta import deberta_config_from_hf
+
+        return deberta_config_from_hf(data, where, mlm_head=mlm_head)
     d = _value(data, "hidden_size", where, int, lo=1, hi=MAX_WIDTH)
     heads = _value(data, "num_attention_heads", where, int, lo=1, hi=d)
     if d % heads:
@@ -133,7 +146,11 @@ def encoder_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelCo
 
 
 def encoder_config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
-    """config.json for transformers: BERT, or RoBERTa / ALBERT when the config is theirs."""
+    """config.json for transformers: BERT, or RoBERTa / ALBERT / DeBERTa when the config is theirs."""
+    if cfg.position == "disentangled":
+        from llmkit.io.hf_deberta import deberta_config_to_hf
+
+        return deberta_config_to_hf(cfg, dtype=dtype)
     model_type = "albert" if cfg.share_layers else "roberta" if cfg.position_offset else "bert"
     wants = dict(norm="layernorm", norm_position="post", position="learned", bias=True, qkv_bias=True,
                  embed_norm=True, n_kv_heads=cfg.n_heads, num_labels=0)
@@ -186,7 +203,7 @@ def expected_tensors(cfg: ModelConfig, family: EncoderFamily) -> dict[str, tuple
 
 def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelConfig]:
     """Check every tensor's name, shape and dtype against config.json, then read them into a MaskedLM."""
-    family = FAMILIES[data["model_type"]]
+    family = family_of(data)
     files, weight_map = weight_files(directory)
     entries = read_headers(files, weight_map)
     found = {_canonical(n, family): n for n in entries if not re.fullmatch(family.ignored, _canonical(n, family))}
@@ -222,7 +239,7 @@ def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelCo
 
 def encoder_tensors_to_hf(model: MaskedLM) -> dict[str, Tensor]:
     """llmkit tensors under transformers' *ForMaskedLM names (the body prefixed, the head not)."""
-    family = FAMILIES[encoder_config_to_hf(model.cfg)["model_type"]]
+    family = family_of(encoder_config_to_hf(model.cfg))
     out = {}
     for ours, t in model_tensors(model).items():
         hf = _translate(ours, family.names, to_llmkit=False)

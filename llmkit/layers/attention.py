@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
+from llmkit.layers.disentangled import DisentangledScores
 from llmkit.layers.linear import Linear
 from llmkit.layers.norm import RMSNorm
 from llmkit.layers.position import apply_rope
@@ -94,13 +95,20 @@ class Attention(nn.Module):
         # QK-norm: RMSNorm over each head's query and key (before RoPE), bounding the attention logits.
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # DeBERTa: content→position and position→content score terms (llmkit/layers/disentangled.py),
+        # with the scale that covers all three terms.
+        self.disentangled = None
+        if cfg.position == "disentangled":
+            self.disentangled = DisentangledScores(cfg)
+            self.scale = self.disentangled.scale
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
                 mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0,
-                memory: Tensor | None = None, local=None) -> Tensor:
+                memory: Tensor | None = None, local=None, relative: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Self-attention over x; or, given `memory` (B, S, C), cross-attention (T5, BART decoders):
         queries from x, keys and values from memory, the encoder output. With a cache, cross-attention
-        keys/values are projected once per request (`cache.memory_kv`) and reused at every step."""
+        keys/values are projected once per request (`cache.memory_kv`) and reused at every step.
+        `relative`: DeBERTa's shared relative embeddings and their (Tq, Tk) index (Stack.attention_args)."""
         B, T, _ = x.shape
         if memory is not None:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -109,6 +117,9 @@ class Attention(nn.Module):
             q, k, v = self.project_qkv(x, rope)
             if cache is not None:  # k, v become everything cached so far plus these T positions
                 k, v = cache.update(layer, k, v)
+        if relative is not None:  # DeBERTa's position terms join the scores as an additive bias
+            term = self.disentangled(q, k, *relative, q_proj=self.q_proj, k_proj=self.k_proj)
+            bias = term if bias is None else bias + term
         dropout = self.dropout if self.training else 0.0
         if local is not None and self.probe is not None:  # a probe sees the window as one dense map
             mask, bias = local.mask_and_bias(torch.arange(local.q_start, local.q_start + T, device=x.device),

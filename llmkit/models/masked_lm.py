@@ -1,4 +1,4 @@
-"""Encoder-only model (BERT, RoBERTa, ALBERT): embeddings → bidirectional Stack → heads.
+"""Encoder-only model (BERT, RoBERTa, ALBERT, DeBERTa): embeddings → bidirectional Stack → heads.
 
 `model(input_ids, attention_mask=None, token_type_ids=None)` returns masked-LM logits (B, T, vocab),
 as transformers' BertForMaskedLM does; `model.hidden_states(...)` returns the encoder's last hidden
@@ -65,7 +65,7 @@ class MaskedLM(nn.Module):
                       token_type_ids: Tensor | None = None) -> Tensor:
         """The last layer's hidden states (B, T, d_model)."""
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len and self.cfg.position == "learned":
+        if T > self.cfg.max_seq_len and self.cfg.learned_positions:
             raise ConfigError(f"input of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
         if attention_mask is not None:
             assert attention_mask.shape == (B, T), "attention_mask must be (B, T)"

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
 from llmkit.layers.attention import Attention, causal_mask
+from llmkit.layers.disentangled import RelativeEmbeddings
 from llmkit.layers.feedforward import build_mlp
 from llmkit.layers.linear import Linear
 from llmkit.layers.norm import build_norm
@@ -35,7 +36,7 @@ class Embeddings(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, width)
         self.position_offset = cfg.position_offset
         self.pos_embed = (nn.Embedding(cfg.max_seq_len + cfg.position_offset, width)
-                          if cfg.position == "learned" else None)
+                          if cfg.learned_positions else None)
         if cfg.position == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(cfg.max_seq_len, width), persistent=False)
         self.sinusoidal = cfg.position == "sinusoidal"
@@ -129,6 +130,8 @@ class Stack(nn.Module):
             self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
         if cfg.position == "relative":  # T5: one (buckets, heads) table per stack, shared by its layers
             self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
+        if cfg.position == "disentangled":  # DeBERTa: one table of relative embeddings, shared by its layers
+            self.relative_embed = RelativeEmbeddings(cfg)
 
     def forward(self, x: Tensor, positions: Tensor, *, key_mask: Tensor | None = None, cache=None,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None) -> Tensor:
@@ -167,6 +170,8 @@ class Stack(nn.Module):
             causal = False
         elif causal and T == 1:
             causal = False  # one new query sees every cached key
+        if self.cfg.position == "disentangled":  # each layer projects the table with its own q/k projections
+            return dict(rope=rope, bias=bias, mask=mask, causal=causal, relative=self.relative_embed(q_index, k_index))
         return dict(rope=rope, bias=bias, mask=mask, causal=causal)
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
