@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from llmkit.errors import ConfigError
@@ -23,6 +22,7 @@ from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, WeightFormat, is_quantized,
                                      quantized_layer)
 from llmkit.quant.awq import InputSample, awq_quantize
+from llmkit.quant.calibrate import collect_inputs
 from llmkit.quant.gptq import Hessian, gptq_quantize
 from llmkit.quant.scheme import QuantScheme
 
@@ -33,10 +33,6 @@ EventFn = Callable[[str, dict[str, Any]], None]
 class QuantReport:
     quantized: int = 0
     kept: list[str] = field(default_factory=list)  # linear layers left in full precision, by name
-
-
-class _StopForward(Exception):
-    """Raised after the block being measured: the rest of the forward is not needed."""
 
 
 def check_quantizable(model: nn.Module) -> None:
@@ -96,25 +92,9 @@ def _replace(model: nn.Module, name: str, scheme: QuantScheme, stats: Any) -> No
 
 def _measure(model: nn.Module, unit: str, names: list[str], scheme: QuantScheme, calibration: Tensor) -> dict:
     """Run the calibration set up to the end of `unit`, collecting its layers' input statistics."""
-    stats, hooks = {}, []
+    stats = {}
     for name in names:
         linear = model.get_submodule(name)
         stats[name] = Hessian(linear.in_features) if scheme.method == "gptq" else InputSample(linear.in_features)
-        hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0])))
-    if unit not in names:  # a block: nothing after it is needed
-
-        def stop(*_: Any) -> None:
-            raise _StopForward
-
-        hooks.append(model.get_submodule(unit).register_forward_hook(stop))
-    try:
-        with torch.no_grad():
-            for row in calibration:
-                try:
-                    model(row[None])
-                except _StopForward:
-                    pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    collect_inputs(model, unit, stats, calibration)
     return stats

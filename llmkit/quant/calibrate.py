@@ -1,19 +1,25 @@
-"""The calibration set of GPTQ and AWQ: a few thousand tokens that the quantised layers should
-reproduce well, as a (samples, length) tensor of token ids.
+"""The calibration set of GPTQ, AWQ, Wanda and SparseGPT: a few thousand tokens that the quantised
+or pruned layers should reproduce well, as a (samples, length) tensor of token ids, and the one way
+they are run through a model to collect per-layer input statistics (`collect_inputs`).
 
 From `--calibration PATH` (text files or directories, read like training data): the text is
 tokenised and cut into consecutive windows of `length` tokens, the first `samples` of them. Without a
 path the model writes its own: `samples` sequences sampled at temperature 1 from the empty prompt,
 which follow the distribution the model has learnt (no text leaves the model; slower, since it
 generates them token by token).
+
+The calibrated methods go one transformer block at a time: `collect_inputs` runs every calibration
+sample up to the end of one block (the forward stops there), feeding each named layer's input to its
+statistic, so a block's layers see inputs computed by the blocks before it as already compressed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmkit.data.corpus import find_text_files, read_text_file
 from llmkit.errors import DatasetError
@@ -51,3 +57,35 @@ def model_calibration(lm, *, samples: int, length: int, seed: int = 0) -> Tensor
                        eos_ids=(), seed=seed + i)[0]
         rows.append(start + new)
     return torch.tensor(rows)
+
+
+class InputStatistic(Protocol):
+    def add(self, x: Tensor) -> None: ...
+
+
+class _StopForward(Exception):
+    """Raised after the block being measured: the rest of the forward is not needed."""
+
+
+def collect_inputs(model: nn.Module, unit: str, stats: dict[str, InputStatistic], calibration: Tensor) -> None:
+    """Run every calibration row through `model` up to the end of module `unit` (a block; or a layer
+    named in `stats`, such as the head, where the whole forward runs), adding each layer's input to
+    stats[layer name]."""
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda _m, args, s=stat: s.add(args[0]))
+             for name, stat in stats.items()]
+    if unit not in stats:  # a block: nothing after it is needed
+
+        def stop(*_: Any) -> None:
+            raise _StopForward
+
+        hooks.append(model.get_submodule(unit).register_forward_hook(stop))
+    try:
+        with torch.no_grad():
+            for row in calibration:
+                try:
+                    model(row[None])
+                except _StopForward:
+                    pass
+    finally:
+        for hook in hooks:
+            hook.remove()
