@@ -40,7 +40,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     lm = llmkit.load(args.model, dtype="fp32")  # on the CPU: codes are chosen from full-precision weights
     check_quantizable(lm.model)
-    _refuse_heads(lm)
+    refuse_heads(lm)
     calibration = None
     if scheme.method != "rtn":
         length = sample_length(lm.config.max_seq_len)
@@ -70,9 +70,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
           f"model.safetensors {size:.1f} MB [{time.perf_counter() - started:.0f} s]", file=sys.stderr)
 
 
-def _refuse_heads(lm) -> None:
+def refuse_heads(lm, command: str = "llmkit quantize") -> None:
     """A reward model's head is not a language model's: `llmkit score` rebuilds it in full precision,
-    so a quantised copy of it could not be scored; refused rather than silently dropped."""
+    so a quantised (or pruned) copy of it could not be scored; refused rather than silently dropped."""
     from llmkit.errors import ConfigError
     from llmkit.io.checkpoint import read_json
 
@@ -80,7 +80,7 @@ def _refuse_heads(lm) -> None:
     meta = read_json(config) if lm.path.is_dir() and config.exists() else None
     if isinstance(meta, dict) and meta.get("heads"):
         raise ConfigError(f"{lm.path}: a model with extra heads ({', '.join(map(str, meta['heads']))}); "
-                          "llmkit quantize writes language models only")
+                          f"{command} writes language models only")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
