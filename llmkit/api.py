@@ -86,6 +86,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
     else:
         with skip_init():  # load_finetuned_tensors fills every parameter or refuses the file
             model = build_model(cfg)
+            if "task" in meta:  # a finetune-tokens / finetune-qa run: the encoder inside its per-token head
+                from llmkit.models.token_heads import task_model
+
+                model = task_model(model, meta["task"], where=str(ckpt / "config.json"))
         # Fine-tuned checkpoints (llmkit sft/reward/dpo) may carry LoRA adapters, merged here, and heads.
         load_finetuned_tensors(model, meta, load_tensors(weights), where=str(weights))
         tie_weights(model)
@@ -231,3 +235,17 @@ class LanguageModel:
         """Stream the assistant's reply to `messages` ([{"role": "system"|"user"|"assistant",
         "content": str}, ...]); same options as `stream`."""
         yield from self.stream_ids(self.chat_ids(messages), **kwargs)
+
+    def tag(self, text: str) -> list[dict[str, Any]]:
+        """Entities in `text` found by a token classifier (a `llmkit finetune-tokens` output or a
+        transformers *ForTokenClassification directory): [{"type", "text", "start", "end", "score"}]."""
+        from llmkit.inference.token_tasks import tag
+
+        return tag(self.model, self.tokenizer, text)
+
+    def answer(self, question: str, context: str, **settings: Any) -> dict[str, Any]:
+        """The span of `context` answering `question`, by an extractive QA model (`llmkit finetune-qa`
+        output or a *ForQuestionAnswering directory): {"answer", "start", "end", "score"}."""
+        from llmkit.inference.token_tasks import answer
+
+        return answer(self.model, self.tokenizer, question, context, **settings)

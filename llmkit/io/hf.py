@@ -55,6 +55,7 @@ class HFModel(NamedTuple):
 OTHER_FAMILIES = {
     "bert": "llmkit.io.hf_encoder:load_hf_encoder", "roberta": "llmkit.io.hf_encoder:load_hf_encoder",
     "albert": "llmkit.io.hf_encoder:load_hf_encoder", "deberta-v2": "llmkit.io.hf_encoder:load_hf_encoder",
+    "openai-gpt": "llmkit.io.hf_gpt1:load_hf_gpt1",
     "t5": "llmkit.io.hf_seq2seq:load_hf_seq2seq", "bart": "llmkit.io.hf_seq2seq:load_hf_seq2seq",
     "mamba": "llmkit.io.hf_recurrent:load_hf_recurrent", "rwkv": "llmkit.io.hf_recurrent:load_hf_recurrent",
 }
@@ -195,10 +196,9 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
         raise CheckpointError(f"{out}: already exists and is not empty")
     dtype = next(model.parameters()).dtype
     if cfg.arch == "encoder":
-        from llmkit.io.hf_encoder import encoder_config_to_hf, encoder_tensors_to_hf
+        from llmkit.io.hf_encoder import encoder_hf_export
 
-        config = encoder_config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
-        tensors = encoder_tensors_to_hf(model)
+        config, tensors = encoder_hf_export(model, dtype=str(dtype).removeprefix("torch."))  # token / span heads too
         if config.get("pad_token_id", tokenizer.pad_id) != tokenizer.pad_id:  # RoBERTa's positions start past it
             raise ModelFormatError(f"cannot export to Hugging Face roberta: position_offset={cfg.position_offset} "
                                    f"needs the pad token at id {config['pad_token_id']}, the tokenizer has "
@@ -214,6 +214,11 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
         config = recurrent_config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
         tensors = {n: t.detach().cpu().contiguous()
                    for n, t in llmkit_to_hf_recurrent(model_tensors(model), cfg).items()}
+    elif cfg.norm_position == "post":  # the post-norm decoder: GPT-1
+        from llmkit.io.hf_gpt1 import GPT1, gpt1_config_to_hf
+
+        config = gpt1_config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
+        tensors = {n: t.detach().cpu().contiguous() for n, t in llmkit_to_hf(model_tensors(model), GPT1).items()}
     else:
         config = config_to_hf(cfg, dtype=str(dtype).removeprefix("torch."))
         family = FAMILIES[config["model_type"]]

@@ -22,10 +22,12 @@ from torch import Tensor
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, ModelFormatError
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, _value
+from llmkit.io.hf_task_heads import body_name, hf_task_config, is_head_tensor, task_from_hf
 from llmkit.io.hf_weights import _open, check_tensors, read_headers, weight_files
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import skip_init
 from llmkit.models.masked_lm import MaskedLM
+from llmkit.models.token_heads import task_model
 
 ENCODER_TYPES = ("bert", "roberta", "albert", "deberta-v2")
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -189,21 +191,35 @@ def _canonical(name: str, family: EncoderFamily) -> str:
     return name.removeprefix(family.prefix)
 
 
-def expected_tensors(cfg: ModelConfig, family: EncoderFamily) -> dict[str, tuple[str, tuple[int, ...]]]:
+def build_encoder(cfg: ModelConfig, task: dict | None, where: str):
+    """The MaskedLM of `cfg`, inside the task model `task` describes (llmkit.io.hf_task_heads) if any."""
+    model = MaskedLM(cfg)
+    return model if task is None else task_model(model, task, where=where)
+
+
+def _hf_name(ours: str, family: EncoderFamily) -> str | None:
+    """The canonical HF name of an llmkit tensor (a task model's head keeps its name, its body loses `encoder.`)."""
+    return ours if is_head_tensor(ours) else _translate(body_name(ours), family.names, to_llmkit=False)
+
+
+def expected_tensors(cfg: ModelConfig, family: EncoderFamily,
+                     task: dict | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Canonical HF name → (llmkit name, shape), from a model on the meta device (no memory)."""
     with torch.device("meta"):
-        meta = MaskedLM(cfg)
+        meta = build_encoder(cfg, task, "config.json")
     out = {}
     for ours, t in model_tensors(meta).items():
-        hf = _translate(ours, family.names, to_llmkit=False)
+        hf = _hf_name(ours, family)
         assert hf is not None, f"no Hugging Face name for {ours}"
         out[hf] = (ours, tuple(t.shape))
     return out
 
 
 def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelConfig]:
-    """Check every tensor's name, shape and dtype against config.json, then read them into a MaskedLM."""
+    """Check every tensor's name, shape and dtype against config.json, then read them into a MaskedLM
+    (inside a TokenClassifier / SpanQA for *ForTokenClassification / *ForQuestionAnswering)."""
     family = family_of(data)
+    task = task_from_hf(data, str(directory / "config.json"))
     files, weight_map = weight_files(directory)
     entries = read_headers(files, weight_map)
     found = {_canonical(n, family): n for n in entries if not re.fullmatch(family.ignored, _canonical(n, family))}
@@ -213,7 +229,7 @@ def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelCo
         found[f"{family.head}bias"] = found.pop(f"{family.head}decoder.bias")
     mlm_head = any(name.startswith(family.head) for name in found)
     cfg = encoder_config_from_hf(data, str(directory / "config.json"), mlm_head=mlm_head)
-    expected = expected_tensors(cfg, family)
+    expected = expected_tensors(cfg, family, task)
     head_weight = f"{family.head}decoder.weight"
     if cfg.tie_embeddings:
         found.pop(head_weight, None)  # the tied decoder is the word embedding
@@ -231,21 +247,30 @@ def load_encoder_weights(directory: Path, data: dict) -> tuple[MaskedLM, ModelCo
                     raise ModelFormatError(f"{file}: cannot read tensor {original} "
                                            f"({' '.join(str(exc).split())})") from None
     with skip_init():  # load_model_tensors fills every parameter or refuses the file
-        model = MaskedLM(cfg)
+        model = build_encoder(cfg, task, str(directory / "config.json"))
     load_model_tensors(model, tensors, where=str(directory))
     model.tie_weights()
     return model.eval(), cfg
 
 
+def encoder_hf_export(model, *, dtype: str = "float32") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """config.json and tensors of an encoder, or of a token / span task model around one."""
+    config = encoder_config_to_hf(model.cfg, dtype=dtype)
+    if hasattr(model, "task_json"):
+        config.update(hf_task_config(model, config["architectures"][0]))
+    return config, encoder_tensors_to_hf(model)
+
+
 def encoder_tensors_to_hf(model: MaskedLM) -> dict[str, Tensor]:
-    """llmkit tensors under transformers' *ForMaskedLM names (the body prefixed, the head not)."""
+    """llmkit tensors under transformers' names (the body prefixed; the MLM, token and span heads not)."""
     family = family_of(encoder_config_to_hf(model.cfg))
     out = {}
     for ours, t in model_tensors(model).items():
-        hf = _translate(ours, family.names, to_llmkit=False)
+        hf = _hf_name(ours, family)
         if hf is None:
             raise ModelFormatError(f"cannot export tensor {ours} to Hugging Face")
-        out[hf if hf.startswith(family.head) else family.prefix + hf] = t.detach().cpu().contiguous()
+        unprefixed = hf.startswith(family.head) or is_head_tensor(hf)
+        out[hf if unprefixed else family.prefix + hf] = t.detach().cpu().contiguous()
     if f"{family.head}bias" in out:  # both spellings of the decoder bias (see load_encoder_weights)
         out[f"{family.head}decoder.bias"] = out[f"{family.head}bias"].clone()
     return out

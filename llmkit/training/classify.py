@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -110,13 +111,21 @@ class ClassificationData:
         return ids, mask, torch.tensor([self.targets[i] for i in picks])
 
     def batch(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
-        n, start = len(self.examples), index * self.batch_size
-        picks = []
-        for k in range(start, start + self.batch_size):  # example k of the run: epoch k // n, seeded order
-            order = list(range(n))
-            random.Random(self.seed * 7919 + k // n).shuffle(order)
-            picks.append(order[k % n])
-        return self.rows(picks)
+        return self.rows(batch_picks(len(self.examples), index, self.batch_size, self.seed))
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def batch_picks(n: int, index: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of training batch `index` over `n` examples: example k of the run is number k % n
+    of epoch k // n's seeded order, so a batch is a pure function of its index (exact resume)."""
+    start = index * batch_size
+    return [_epoch_order(n, seed, k // n)[k % n] for k in range(start, start + batch_size)]
 
 
 def classification_loss(model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -144,9 +153,7 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
                         on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Fine-tune; returns a summary (labels, example counts, truncated texts, final val_accuracy)."""
     emit = on_event or (lambda kind, info: None)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
+    out = check_new_output(out_dir)
     examples = read_examples(data_path, labels)
     if val_path is not None:
         label_set = list(labels) if labels else sorted({e.label for e in examples})
@@ -168,21 +175,48 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
     val_data = ClassificationData(lm.tokenizer, val, label_names, max_len, cfg.batch_size, cfg.seed)
     emit("data", {"train": len(train), "val": len(val), "labels": label_names,
                   "truncated": train_data.truncated + val_data.truncated, "max_len": max_len})
-    created = not out.exists()
-    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
-        try:
-            lm.tokenizer.save(out)
-            trainer = Trainer(model, cfg, loss_fn=classification_loss, get_batch=train_data.batch, out_dir=out,
-                              evaluate=lambda m: evaluate_classifier(m, val_data),
-                              checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                                               "model": model.cfg.to_dict(), "labels": label_names}},
-                              checkpoint_files={"tokenizer.json": out / "tokenizer.json"})
-            trainer.announce(emit)
-            state: TrainState = trainer.run(on_step=on_step, on_eval=lambda row: emit("eval", row), on_event=emit)
-        except Exception:
-            if created:  # a failed fine-tune leaves no half-written directory (Ctrl-C keeps its checkpoint)
-                shutil.rmtree(out, ignore_errors=True)
-            raise
+    state = train_encoder_task(model, lm.tokenizer, out, cfg, loss_fn=classification_loss, get_batch=train_data.batch,
+                               evaluate=lambda m: evaluate_classifier(m, val_data), meta={"labels": label_names},
+                               on_step=on_step, on_event=emit)
     final = evaluate_classifier(model.eval(), val_data)
     return {"labels": label_names, "train_examples": len(train), "val_examples": len(val),
             "truncated": train_data.truncated + val_data.truncated, "steps": state.step, **final}
+
+
+# ---- what every encoder fine-tune shares (this one, finetune-tokens, finetune-qa) ----------------------
+
+def check_new_output(out_dir: str | Path, *, resume: bool = False) -> Path:
+    """The output directory, which must not hold files unless the run resumes there."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory; choose another --out")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
+    return out
+
+
+def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: TrainConfig, *, loss_fn: Callable,
+                       get_batch: Callable[[int], Any], evaluate: Callable[[nn.Module], dict[str, float]],
+                       meta: dict[str, Any], fingerprint: dict[str, Any] | None = None, resume: bool = False,
+                       on_step: Callable[[dict], None] | None = None,
+                       on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainState:
+    """Run the one Trainer on a fine-tuned encoder in `out` (tokenizer.json, metrics.jsonl, checkpoints
+    whose config.json holds the model config and `meta`), resuming there when asked. A run that fails
+    leaves no directory it created (Ctrl-C keeps its checkpoint)."""
+    from llmkit.training.pretrain import run_trainer
+
+    emit = on_event or (lambda kind, info: None)
+    created = not out.exists()
+    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
+        try:
+            tokenizer.save(out)
+            trainer = Trainer(model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
+                              checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
+                                                               "model": model.cfg.to_dict(), **meta}},
+                              checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
+                              fingerprint=fingerprint)
+            return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)
+        except Exception:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise

@@ -1,0 +1,109 @@
+"""Per-token encoder fine-tunes (registered by llmkit.cli.build_parser).
+
+    llmkit finetune-tokens --model PATH --data FILE.jsonl --out DIR [--labels O,B-X,I-X,...]
+                           [--val-data FILE.jsonl] [--max-len T] [--resume] [training flags]
+    llmkit finetune-qa --model PATH --data SQUAD.json --out DIR [--val-data SQUAD.json] [--max-len T]
+                       [--doc-stride S] [--max-answer-len N] [--resume] [training flags]
+
+Each prints one JSON summary with the held-out scores (entity F1; SQuAD exact match and F1); the
+output directory loads with llmkit.load, whose `tag(text)` / `answer(question, context)` predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.encoder import FINETUNE_DEFAULTS
+    from llmkit.training.config import TrainConfig
+
+    tok = sub.add_parser("finetune-tokens", help="fine-tune an encoder for NER on JSONL {\"tokens\", \"tags\"} records",
+                         description="Labels are learned at the first sub-token of each word; held-out sentences "
+                                     "are scored by entity-level F1 (conlleval's rules).")
+    _common(tok, "JSONL records {\"tokens\": [word, ...], \"tags\": [BIO tag, ...]}")
+    tok.add_argument("--labels", metavar="O,B-X,...", help="the tag set, in order (default: O, then B-/I- of every "
+                                                           "type in --data, sorted); another tag is an error")
+    tok.add_argument("--max-len", type=int, metavar="T", help="cut sentences to T tokens (default: the context)")
+    add_dataclass_flags(tok, TrainConfig, defaults=FINETUNE_DEFAULTS)
+    tok.set_defaults(handler=cmd_finetune_tokens)
+
+    qa = sub.add_parser("finetune-qa", help="fine-tune an encoder for extractive QA on SQuAD-format JSON",
+                        description="Long contexts are cut into overlapping windows; held-out paragraphs are scored "
+                                    "by SQuAD's exact match and F1.")
+    _common(qa, "SQuAD v1.1 JSON {\"data\": [{\"paragraphs\": [{\"context\", \"qas\": [...]}]}]}")
+    qa.add_argument("--max-len", type=int, metavar="T", help="tokens per window, question included "
+                                                             "(default: 384, or the context if shorter)")
+    qa.add_argument("--doc-stride", type=int, metavar="S", help="context tokens shared by consecutive windows "
+                                                                "(default: 128, at most a third of --max-len)")
+    qa.add_argument("--max-answer-len", type=int, default=30, metavar="N",
+                    help="longest answer in tokens (default: 30)")
+    add_dataclass_flags(qa, TrainConfig, defaults=FINETUNE_DEFAULTS)
+    qa.set_defaults(handler=cmd_finetune_qa)
+
+
+def _common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="the pretrained encoder: an llmkit run or a Hugging Face BERT/RoBERTa/ALBERT/DeBERTa directory")
+    p.add_argument("--data", required=True, metavar="FILE", help=data_help)
+    p.add_argument("--out", required=True, metavar="DIR", help="new output directory (must not hold files, "
+                                                               "unless --resume)")
+    p.add_argument("--val-data", metavar="FILE", help="held-out data (default: --val-fraction of --data)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+
+
+def _run(args: argparse.Namespace, train, describe, **kwargs) -> None:
+    from llmkit.cli import train_config_from
+    from llmkit.commands.progress import Progress
+    from llmkit.errors import ConfigError
+
+    args.config = None
+    cfg, _ = train_config_from(args)
+    if args.max_len is not None and args.max_len <= 1:
+        raise ConfigError(f"--max-len must be > 1, got {args.max_len}")
+    progress = Progress()
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "data":
+            progress.say(describe(info))
+        else:
+            progress.on_event(kind, info)
+
+    try:
+        summary = train(args.model, args.data, args.out, cfg, val_path=args.val_data, max_len=args.max_len,
+                        resume=args.resume, on_event=on_event, on_step=progress.on_step, **kwargs)
+    finally:
+        progress.close()
+    print(json.dumps(summary))
+    print(f"saved to {args.out} (metrics.jsonl, checkpoints/); load it with llmkit.load", file=sys.stderr)
+
+
+def cmd_finetune_tokens(args: argparse.Namespace) -> None:
+    from llmkit.errors import ConfigError
+    from llmkit.training.token_classify import finetune_tokens
+
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
+    if labels is not None and len(set(labels)) != len(labels):
+        raise ConfigError(f"--labels {args.labels!r} repeats a label")
+
+    def describe(info: dict) -> str:
+        return (f"{info['train']} training and {info['val']} held-out sentences, {len(info['labels'])} labels "
+                f"{info['labels']}" + (f"; {info['truncated']} sentence(s) cut to {info['max_len']} tokens"
+                                       if info["truncated"] else ""))
+
+    _run(args, finetune_tokens, describe, labels=labels)
+
+
+def cmd_finetune_qa(args: argparse.Namespace) -> None:
+    from llmkit.training.qa import finetune_qa
+
+    def describe(info: dict) -> str:
+        dropped = f"; {info['unanswerable']} unanswerable question(s) dropped" if info["unanswerable"] else ""
+        return (f"{info['train']} training and {info['val']} held-out questions in {info['train_windows']} + "
+                f"{info['val_windows']} windows of {info['max_len']} tokens (stride {info['doc_stride']}); "
+                f"{info['answerless']} training window(s) without the answer{dropped}")
+
+    _run(args, finetune_qa, describe, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len)
