@@ -30,7 +30,9 @@ from llmkit.errors import ConfigError
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
 FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
                     "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
-COMMANDS = ("train",)  # the commands that run under torchrun so far; the others refuse in one line
+# the commands that run under torchrun so far (the pretraining and the fine-tunes that share llmkit/training/
+# finetune.py); the others refuse in one line
+COMMANDS = ("train", "sft", "reward", "dpo")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ checked before the output directory is created, so bad input leaves nothing behi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -26,6 +27,7 @@ from llmkit.errors import ConfigError
 from llmkit.io.checkpoint import list_checkpoints
 from llmkit.io.finetuned import chat_info_json
 from llmkit.layers.lora import LoraConfig, apply_lora
+from llmkit.training import distributed
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.io.run_dir import hold_run_dir
@@ -58,6 +60,7 @@ def check_output_dir(out_dir: str | Path, resume: bool) -> Path:
 def load_start_model(path: str | Path, cfg: TrainConfig) -> Any:
     """The starting model, in float32 and train mode (bf16 is autocast, never stored weights)."""
     set_threads(cfg.threads)
+    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
     lm = llmkit.load(path)
     lm.model.float().train()
     return lm
@@ -114,8 +117,10 @@ def train(run: FinetuneRun, *, loss_fn: Callable, get_batch: Callable[[int], Any
     """Create the output directory and run the training loop (resuming when asked)."""
     emit = on_event or (lambda kind, info: None)
     out = run.out_dir
-    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
-        run.lm.tokenizer.save(out)
+    main = distributed.world().main  # under torchrun, rank 0 alone writes (llmkit/training/distributed.py)
+    with hold_run_dir(out) if main else contextlib.nullcontext():  # one writer per run directory
+        if main:
+            run.lm.tokenizer.save(out)
         torch.manual_seed(run.cfg.seed)
         trainer = Trainer(
             run.model, run.cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,

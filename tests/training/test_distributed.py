@@ -175,9 +175,11 @@ def test_a_step_that_cannot_be_dealt_out_is_refused_in_one_line(runs):
 
 def test_a_command_without_distributed_support_says_so(runs):
     root, _, _ = runs
-    result = run("sft", "--model", "one", "--data", "corpus/notes.txt", "--out", "sft", ranks=2, cwd=root)
+    result = run("ppo", "--policy", "one", "--reward", "rewards:score", "--prompts", "prompts.jsonl", "--out", "ppo",
+                 ranks=2, cwd=root)
     assert result.returncode != 0
-    assert "error: llmkit sft does not run under torchrun yet" in result.stderr, result.stderr
+    assert "error: llmkit ppo does not run under torchrun yet" in result.stderr, result.stderr
+    assert not (root / "ppo").exists()
 
 
 def test_killing_one_rank_stops_the_other_with_an_error(runs):
@@ -229,3 +231,27 @@ def environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+FINETUNE = ["--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--dtype", "fp32", "--eval-interval", "2",
+            "--log-interval", "1", "--threads", "1", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command):
+    """SFT, and DPO (whose loss also runs the frozen reference model), through the same Trainer."""
+    root, _, _ = runs
+    data = root / f"{command}.jsonl"
+    with data.open("w") as f:
+        for i in range(12):
+            record = ({"instruction": f"count to {i}", "output": " ".join(map(str, range(i + 1)))} if command == "sft"
+                      else {"prompt": f"say {i}", "chosen": f"{i} is {i}", "rejected": f"no {i + 1}"})
+            f.write(json.dumps(record) + "\n")
+    single = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-one", *FINETUNE, cwd=root)
+    double = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-two", *FINETUNE, ranks=2,
+                 cwd=root)
+    assert single.returncode == 0, single.stderr
+    assert double.returncode == 0, double.stderr
+    one, two = losses(root / f"{command}-one"), losses(root / f"{command}-two")
+    assert [row[:2] for row in two] == [row[:2] for row in one] and len(one) >= 4
+    assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)
