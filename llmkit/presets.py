@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from llmkit.config import ModelConfig
 
 _GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
+# GPT-1 (openai-gpt): GPT-2's layers in the original Transformer's post-norm order, so no final norm.
+_GPT1 = dict(_GPT2, norm_position="post")
 _BERT = dict(arch="encoder", mlp="gelu", norm="layernorm", norm_position="post", norm_eps=1e-12, position="learned",
              bias=True, tie_embeddings=True, type_vocab_size=2, embed_norm=True)
 # DeBERTa v3: BERT's post-norm encoder without absolute positions or token types; attention adds
@@ -41,6 +43,7 @@ _MAMBA = dict(body="mamba", position="none", norm="rmsnorm", bias=False, tie_emb
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny sizes for tests: a second or two to build and run
     "gpt2-tiny": dict(_GPT2, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+    "gpt1-tiny": dict(_GPT1, d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
     "llama-tiny": dict(_LLAMA, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
     # the embedded demo's model: sized to learn the most in ~4 minutes on 2 CPU cores
     "gpt2-demo": dict(_GPT2, d_model=256, n_layers=4, n_heads=4, max_seq_len=256),
@@ -71,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rwkv-demo": dict(_RWKV, d_model=256, n_layers=4, d_ff=768, max_seq_len=256),
     "mamba-demo": dict(_MAMBA, d_model=256, n_layers=7, max_seq_len=256, tie_embeddings=False),
     # the published shapes
+    "gpt1": dict(_GPT1, d_model=768, n_layers=12, n_heads=12, max_seq_len=512, vocab_size=40478),
     "gpt2-small": dict(_GPT2, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, vocab_size=50257),
     "gpt2-medium": dict(_GPT2, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024, vocab_size=50257),
     "deberta-v3-base": dict(_DEBERTA, d_model=768, n_layers=12, n_heads=12, max_seq_len=512, vocab_size=128100),

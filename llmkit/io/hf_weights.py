@@ -94,12 +94,12 @@ def hf_to_llmkit(tensors: dict[str, Tensor], family: Family) -> dict[str, Tensor
 
 def llmkit_to_hf(tensors: dict[str, Tensor], family: Family) -> dict[str, Tensor]:
     """The inverse of hf_to_llmkit, with the family's prefix put back."""
-    fused = {}
+    fused, fuse = {}, any(".qkv_proj." in ours for _, ours in family.names)  # GPT-2, GPT-1: one c_attn
     for name, t in tensors.items():
-        if family is GPT2 and ".attn.q_proj." in name:
+        if fuse and ".attn.q_proj." in name:
             parts = [tensors[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
             fused[name.replace("q_proj", "qkv_proj")] = torch.cat(parts, dim=0)
-        elif not (family is GPT2 and (".attn.k_proj." in name or ".attn.v_proj." in name)):
+        elif not (fuse and (".attn.k_proj." in name or ".attn.v_proj." in name)):
             fused[name] = t
     out = {}
     for name, t in fused.items():
