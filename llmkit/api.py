@@ -17,9 +17,10 @@ from torch import nn
 
 from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, GenerationError
-from llmkit.inference.generate import generate_stream
 from llmkit.inference.sampling import SamplingParams
-from llmkit.inference.seq2seq_generate import seq2seq_beam_search, seq2seq_generate_stream, source_ids
+from llmkit.inference.beam import beam_generate
+from llmkit.inference.seq2seq_generate import source_ids
+from llmkit.inference.session import run_alone
 from llmkit.io.checkpoint import load_tensors, read_json, require_checkpoint, verify_checkpoint
 from llmkit.io.finetuned import load_finetuned_tensors, read_chat_info
 from llmkit.io.gguf import load_gguf
@@ -180,41 +181,29 @@ class LanguageModel:
         if unknown:
             raise GenerationError(f"unknown sampling option(s): {', '.join(unknown)}")
         params = SamplingParams(**sampling)
-        new: list[int] = []
-        emitted = 0
-        hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
-        # an encoder-decoder reads `ids` as its source and writes a new sequence; a decoder continues `ids`
-        stream = seq2seq_generate_stream if self.config.arch == "encoder-decoder" else generate_stream
-        for step in stream(self.model, [ids], max_new_tokens=max_new_tokens, params=params,
-                           eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0, use_cache=use_cache, seed=seed):
-            new.append(step[0])
-            text = self.tokenizer.decode(new)
-            cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return
-            if text.endswith("\ufffd"):
-                continue  # the last token ends inside a multi-byte character: wait for the rest
-            safe = len(text) - hold if stop else len(text)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = self.tokenizer.decode(new)
-        if len(text) > emitted:
-            yield text[emitted:]
+        # one request through the one loop (the engine's, run in this thread): a decoder continues `ids`,
+        # an encoder-decoder reads them as its source and writes a new sequence
+        events = run_alone(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, params=params, seed=seed,
+                           stop=tuple(stop), eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0,
+                           use_cache=use_cache)
+        for event in events:
+            if event.text:
+                yield event.text
 
     def beam_search(self, prompt: str, *, num_beams: int = 4, max_new_tokens: int = 128, length_penalty: float = 1.0,
                     early_stopping: bool | str = False) -> str:
-        """The best of `num_beams` hypotheses for `prompt` (encoder-decoder models), with transformers'
-        length_penalty / early_stopping semantics (see llmkit.inference.beam)."""
+        """The best of `num_beams` hypotheses for `prompt` (its continuation for a decoder, its output for
+        an encoder-decoder), with transformers' length_penalty / early_stopping semantics (see
+        llmkit.inference.beam)."""
         if self.config.arch != "encoder-decoder":
             raise GenerationError("beam search is implemented for encoder-decoder models (T5, BART); "
                                   f"this model is arch={self.config.arch!r}")
-        ids = seq2seq_beam_search(self.model, [source_ids(self.tokenizer, prompt)], max_new_tokens=max_new_tokens,
-                                  num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                                  eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0)[0]
-        return self.tokenizer.decode(ids)
+        ids = (source_ids(self.tokenizer, prompt) if self.config.arch == "encoder-decoder"
+               else self.prefix_ids + self.tokenizer.encode(prompt))
+        best = beam_generate(self.model, [ids], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                             length_penalty=length_penalty, early_stopping=early_stopping, eos_ids=self.eos_ids,
+                             pad_id=self.tokenizer.pad_id or 0)[0]
+        return self.tokenizer.decode(best)
 
     def generate(self, prompt: str, **kwargs: Any) -> str:
         """The whole continuation of `prompt` as one string; same options as `stream`."""

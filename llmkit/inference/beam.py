@@ -1,5 +1,6 @@
 """Beam search with a length penalty, with the semantics of transformers' `num_beams > 1` decoding, so
-both return the same sequence for the same model (tested against it).
+both return the same sequence for the same model (tested against it): `beam_generate` for any family
+(decoder-only: GPT-2, LLaMA, RWKV, Mamba; encoder-decoder: T5, BART), on `beam_search`.
 
 Per source, `num_beams` hypotheses run side by side. Each step scores every (hypothesis, next token)
 pair by its summed log-probability and keeps the 2·num_beams best candidates (twice as many so that
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmkit.errors import GenerationError
 
@@ -102,3 +103,47 @@ def beam_search(next_logits: Callable[[Tensor, Tensor | None], Tensor], *, batch
             tokens = tokens[:-1]
         outputs.append(tokens)
     return outputs
+
+
+@torch.inference_mode()
+def beam_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                  num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                  eos_ids: Sequence[int] = (), pad_id: int = 0) -> list[list[int]]:
+    """The best beam for each prompt (EOS excluded), for every family, through the one decoding-state
+    interface (llmkit/inference/decoding_state.py) the sampling loop uses: a decoder-only model
+    continues each prompt, an encoder-decoder reads it as its source. Every hypothesis is a row; the
+    prompt is prefilled once per prompt and its rows copied to the beams, and each step reorders the
+    rows to follow their parents before the next decode step."""
+    from llmkit.inference.decoding_state import decoding_state
+    from llmkit.inference.scheduler import check_max_new_tokens
+
+    if not prompts:
+        raise GenerationError("every prompt needs at least one token")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise GenerationError(f"num_beams must be an integer ≥ 1, got {num_beams!r}")
+    if early_stopping not in (True, False, "never"):
+        raise GenerationError(f"early_stopping must be true, false or 'never', got {early_stopping!r}")
+    state = decoding_state(model, max_rows=len(prompts) * num_beams, pad_id=pad_id)
+    for prompt in prompts:
+        state.check(prompt)
+    check_max_new_tokens(max_new_tokens)
+    # one length for every hypothesis: what fits after the longest prompt
+    max_new_tokens = min([max_new_tokens] + [state.room(len(p)) for p in prompts])
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+    prefill = state.prefill([list(p) for p in prompts])
+    prefill.advance()
+    state.join(prefill, reserve=max_new_tokens + 1)
+    state.reorder([b for b in range(len(prompts)) for _ in range(num_beams)])  # every beam starts as its prompt
+    first = prefill.logits.repeat_interleave(num_beams, dim=0)
+
+    def next_logits(tokens: Tensor, parents: Tensor | None) -> Tensor:
+        if parents is None:  # the first token of every beam follows the prompt: the prefill's logits
+            return first
+        state.reorder(parents.tolist())
+        return state.step(tokens, reserve=max_new_tokens + 1)
+
+    # the search's start token stands for the prompt, which the state already holds (it is never fed)
+    return beam_search(next_logits, batch=len(prompts), start_id=0, max_new_tokens=max_new_tokens,
+                       num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                       eos_ids=eos_ids, device=state.device)

@@ -17,6 +17,8 @@ the fp32 bytes (half of bf16's), for long prompts. Each vector comes back within
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -71,6 +73,21 @@ class KVCache:
 
     def memory_bytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    # ---- rows that come and go (llmkit/inference/rows.py keeps a batch's buffers and moves rows) ----
+
+    def buffers(self) -> dict[str, Tensor]:
+        """The per-position tensors, each (L, B, Hkv, T, ·): batch on dim 1, time on dim 3."""
+        return {"k": self.k, "v": self.v}
+
+    def over(self, buffers: dict[str, Tensor], pos: int) -> "KVCache":
+        """A cache of this kind that reads and writes `buffers` (views into a larger store, say the first
+        rows of a continuous batch) with `pos` positions filled; shares storage, allocates nothing."""
+        view = copy.copy(self)
+        for name, tensor in buffers.items():
+            setattr(view, name, tensor)
+        view.max_len, view.pos, view._views = buffers["k"].shape[3], pos, None
+        return view
 
 
 class RingKVCache(KVCache):
@@ -138,3 +155,6 @@ class Int8KVCache(KVCache):
 
     def memory_bytes(self) -> int:
         return 2 * (self.k.numel() + self.k_scale.numel() * self.k_scale.element_size())
+
+    def buffers(self) -> dict[str, Tensor]:
+        return {"k": self.k, "v": self.v, "k_scale": self.k_scale, "v_scale": self.v_scale}

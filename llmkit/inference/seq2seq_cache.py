@@ -35,6 +35,17 @@ class Seq2SeqCache(KVCache):
         if memory:
             self.memory = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.memory]
 
+    def cross_buffers(self) -> dict[str, Tensor]:
+        """The cross-attention keys and values of every layer, stacked: (L, B, Hkv, S, D) each."""
+        assert all(kv is not None for kv in self.memory), "cross-attention keys are made on the first decode"
+        return {"cross_k": torch.stack([kv[0] for kv in self.memory]),
+                "cross_v": torch.stack([kv[1] for kv in self.memory])}
+
+    def over(self, buffers: dict[str, Tensor], pos: int) -> "Seq2SeqCache":
+        view = super().over({"k": buffers["k"], "v": buffers["v"]}, pos)
+        view.memory = list(zip(buffers["cross_k"].unbind(0), buffers["cross_v"].unbind(0)))
+        return view
+
     def memory_bytes(self) -> int:
         cross = sum(t.numel() * t.element_size() for kv in self.memory if kv is not None for t in kv)
         return super().memory_bytes() + cross

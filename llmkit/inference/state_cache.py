@@ -30,6 +30,16 @@ class StateCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def buffers(self) -> dict[str, Tensor]:
+        """Each state tensor, (n_layers, B, ·): batch on dim 1, no time dimension."""
+        return dict(self.tensors)
+
+    def over(self, buffers: dict[str, Tensor], pos: int = 0) -> "StateCache":
+        """A state reading and writing `buffers` (views into a larger store); allocates nothing."""
+        view = object.__new__(StateCache)
+        view.tensors, view.pos = dict(buffers), pos
+        return view
+
     def memory_bytes(self) -> int:
         """Bytes held; the same after 1 token or 100,000."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
