@@ -17,6 +17,7 @@ from torch import nn
 
 from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, GenerationError
+from llmkit.inference.engine import Engine
 from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.beam import beam_generate
 from llmkit.inference.seq2seq_generate import source_ids
@@ -189,6 +190,13 @@ class LanguageModel:
         for event in events:
             if event.text:
                 yield event.text
+
+    def engine(self, *, max_batch: int = 8, max_queued: int = 32) -> Engine:
+        """A generation engine for this model (llmkit.inference.engine): many concurrent requests in one
+        continuous batch, each with its own settings; EOS ids and padding are this model's. Close it
+        (or use it in a `with` block) when done."""
+        return Engine(self.model, self.tokenizer, max_batch=max_batch, max_queued=max_queued,
+                      eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0)
 
     def beam_search(self, prompt: str, *, num_beams: int = 4, max_new_tokens: int = 128, length_penalty: float = 1.0,
                     early_stopping: bool | str = False) -> str:
