@@ -203,9 +203,8 @@ class LanguageModel:
         """The best of `num_beams` hypotheses for `prompt` (its continuation for a decoder, its output for
         an encoder-decoder), with transformers' length_penalty / early_stopping semantics (see
         llmkit.inference.beam)."""
-        if self.config.arch != "encoder-decoder":
-            raise GenerationError("beam search is implemented for encoder-decoder models (T5, BART); "
-                                  f"this model is arch={self.config.arch!r}")
+        if self.config.arch == "encoder":
+            raise GenerationError("an encoder-only model (BERT family) does not generate text")
         ids = (source_ids(self.tokenizer, prompt) if self.config.arch == "encoder-decoder"
                else self.prefix_ids + self.tokenizer.encode(prompt))
         best = beam_generate(self.model, [ids], max_new_tokens=max_new_tokens, num_beams=num_beams,

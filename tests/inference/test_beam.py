@@ -86,7 +86,9 @@ def test_bad_beam_settings_are_refused():
         beam_search(_toy_logits, batch=1, start_id=START, max_new_tokens=3, eos_ids=[EOS], early_stopping="soon")
 
 
-def test_beam_search_of_a_decoder_only_model_is_refused_by_name(tmp_path):
+def test_beam_search_of_a_decoder_only_model_runs_and_an_encoder_is_refused_by_name(tmp_path):
+    """Decoder-only beam search goes through the same loop (parity with transformers:
+    tests/parity/test_hf_beam_decoder.py); an encoder-only model has nothing to generate."""
     from llmkit.api import LanguageModel
     from llmkit.config import preset
     from llmkit.models.build import build_model
@@ -94,5 +96,7 @@ def test_beam_search_of_a_decoder_only_model_is_refused_by_name(tmp_path):
 
     tokenizer = Tokenizer.train(["a b c d e f g"] * 5, vocab_size=270)
     lm = LanguageModel(build_model(preset("gpt2-tiny", vocab_size=270)).eval(), tokenizer, tmp_path)
-    with pytest.raises(GenerationError, match="encoder-decoder"):
-        lm.beam_search("a b")
+    assert isinstance(lm.beam_search("a b", num_beams=2, max_new_tokens=3), str)
+    encoder = LanguageModel(build_model(preset("bert-tiny", vocab_size=270)).eval(), tokenizer, tmp_path)
+    with pytest.raises(GenerationError, match="encoder-only"):
+        encoder.beam_search("a b")
