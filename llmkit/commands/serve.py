@@ -38,7 +38,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     sock = bind(args.host, args.port)  # before the model loads: a busy port is an error at once
     from llmkit.cli import default_chat_model
     from llmkit.commands.speed import load_for_generation
-    from llmkit.inference.engine import Engine
     from llmkit.serve.app import create_app
     from llmkit.serve.guard import LOOPBACK_HOSTS
 
@@ -48,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"warning: listening on {args.host}, reachable from other machines, with no API key: anyone who "
               f"can connect can use this server (set --api-key or {API_KEY_ENV})", file=sys.stderr)
     lm = load_for_generation(model, args)
-    engine = Engine(lm.model, lm.tokenizer, max_batch=args.max_batch, max_queued=args.max_queued, eos_ids=lm.eos_ids)
+    engine = lm.engine(max_batch=args.max_batch, max_queued=args.max_queued)
     try:
         app = create_app(lm, engine, model_id=model_name(model), api_key=api_key,
                          allowed_hosts=LOOPBACK_HOSTS | frozenset(hosts) if loopback else None,
