@@ -40,6 +40,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     command = [str(Path(sys.executable).with_name("llmkit")), "serve", "--port", "0", "--max-batch",
                str(args.max_batch), "--max-queued", str(args.max_queued), "--dtype", args.dtype,
                *(["--model", args.model] if args.model else []), *(["--threads", str(args.threads)] if args.threads else [])]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server must never block on a full pipe
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log = log
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + 300
@@ -79,7 +82,12 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
             if not line:
                 break
     proc.kill()
-    sys.exit(f"llmkit serve did not start: {proc.stderr.read()[-2000:]}")
+    sys.exit(f"llmkit serve did not start: {server_log(proc)[-2000:]}")
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- CPU: {cpu_line()}")
     print(f"- server: {url} ({'llmkit serve, child process' if proc else 'given with --url'}), model {model}"
           + (f", --max-batch {args.max_batch} --max-queued {args.max_queued} --dtype {args.dtype}" if proc else ""))
+    if proc:
+        print(f"- server's runtime line: {server_log(proc).strip().splitlines()[0]}")
     print(f"- each request: a chat prompt of ~10 words, {args.max_tokens} new tokens, greedy, streamed; "
           f"{args.seconds:g} s per level\n")
     print("| clients | ok | failed | req/s | out tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms | RSS MB |")
