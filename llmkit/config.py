@@ -22,6 +22,7 @@ RopeScaling = Literal["none", "linear", "dynamic", "yarn", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Body = Literal["transformer", "rwkv", "mamba"]
 AttentionPattern = Literal["full", "sliding_window", "longformer", "bigbird"]
+ConvActivation = Literal["tanh", "gelu", "gelu_tanh", "relu"]
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -31,6 +32,7 @@ ROPE_SCALINGS = ("none", "linear", "dynamic", "yarn", "llama3")
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 BODIES = ("transformer", "rwkv", "mamba")
 ATTENTION_PATTERNS = ("full", "sliding_window", "longformer", "bigbird")
+CONV_ACTIVATIONS = ("tanh", "gelu", "gelu_tanh", "relu")
 
 
 # Upper bounds on sizes and counts, far past every published model (vocabularies reach 262k, widths
@@ -43,7 +45,7 @@ LIMITS = {"vocab_size": 1 << 22, "max_seq_len": 1 << 24, "d_model": 1 << 16, "n_
           "n_decoder_layers": 1024, "relative_buckets": 1 << 12, "relative_max_distance": 1 << 24,
           "decoder_start_token_id": 1 << 22, "attention_window": 1 << 24, "attention_global_tokens": 1 << 24,
           "attention_block_size": 1 << 16, "attention_random_blocks": 1 << 16, "attention_seed": (1 << 63) - 1,
-          "ssm_state": 1 << 12, "ssm_conv": 1 << 10, "ssm_expand": 64, "ssm_dt_rank": 1 << 16,
+          "ssm_state": 1 << 12, "conv_kernel": 1 << 10, "ssm_conv": 1 << 10, "ssm_expand": 64, "ssm_dt_rank": 1 << 16,
           "rwkv_attention_dim": 1 << 16}
 
 
@@ -140,6 +142,10 @@ class ModelConfig:
     share_position_projections: bool = True
     relative_embed_norm: bool = True
     add_absolute_positions: bool = False  # also a learned position table at the embedding (v2's position_biased_input)
+    # DeBERTa v2 (xlarge, xxlarge): a convolution of width conv_kernel (odd; 0 = none) over the embedding
+    # output, added to the first layer's output before a LayerNorm (encoders only: it sees both sides).
+    conv_kernel: int = 0
+    conv_activation: ConvActivation = "tanh"
     # --- encoder-decoder (T5, BART) ---
     n_decoder_layers: int | None = None  # None → n_layers; read `decoder_layers` (None keeps old fingerprints)
     # T5's relative position bias (position="relative"): distances are binned into buckets, exact up
@@ -190,7 +196,8 @@ class ModelConfig:
                 raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         for name, allowed in (("mlp", MLP_KINDS), ("norm", NORMS), ("norm_position", NORM_POSITIONS),
                               ("position", POSITION_KINDS), ("rope_scaling", ROPE_SCALINGS),
-                              ("arch", ARCHS), ("body", BODIES), ("attention_pattern", ATTENTION_PATTERNS)):
+                              ("arch", ARCHS), ("body", BODIES), ("attention_pattern", ATTENTION_PATTERNS),
+                              ("conv_activation", CONV_ACTIVATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"ModelConfig.{name} must be one of {', '.join(allowed)}; "
                                   f"got {getattr(self, name)!r}")
@@ -243,6 +250,9 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.mlm_head and num_labels need arch='encoder', got {self.arch!r}")
         if self.position_offset and self.position != "learned":
             raise ConfigError(f"ModelConfig.position_offset needs position='learned', got {self.position!r}")
+        if self.conv_kernel and (self.arch != "encoder" or self.conv_kernel < 0 or self.conv_kernel % 2 == 0):
+            raise ConfigError(f"ModelConfig.conv_kernel={self.conv_kernel} must be odd (0 = none) and needs "
+                              f"arch='encoder' (the convolution sees both sides), got {self.arch!r}")
         if self.add_absolute_positions and self.position != "disentangled":
             raise ConfigError(f"ModelConfig.add_absolute_positions needs position='disentangled', got {self.position!r}")
         if self.position == "disentangled":
@@ -416,6 +426,8 @@ class ModelConfig:
         total = stored_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
         if self.position == "disentangled":  # DeBERTa's relative table, shared by the layers, and its LayerNorm
             total += 2 * self.relative_span * d + (norm if self.relative_embed_norm else 0)
+        if self.conv_kernel:  # DeBERTa v2's convolution after the first layer, with its LayerNorm
+            total += d * d * self.conv_kernel + (d if self.bias else 0) + norm
         if self.arch == "encoder":
             return total + self._encoder_extra_params(embeddings=embeddings)
         if self.arch == "encoder-decoder":

@@ -6,8 +6,8 @@ export go through hf_encoder, like BERT's. Two MLM heads exist in transformers' 
 and both are llmkit's one MLM head: the `legacy` one (BERT's `cls.predictions.*`, the default) and
 the original DeBERTa one (`lm_predictions.lm_head.*`, decoder always tied to the word embeddings).
 Neither is the paper's enhanced mask decoder: transformers keeps no weights for it (it ignores
-`mask_predictions.*`) and never runs it, and llmkit matches transformers. The optional convolution
-after the first layer (`conv_kernel_size`, used by deberta-v2-xlarge only) is refused by name.
+`mask_predictions.*`) and never runs it, and llmkit matches transformers. The convolution after the
+first layer that deberta-v2-xlarge/xxlarge use (`conv_kernel_size`) is `ModelConfig.conv_kernel`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _BODY = (
     ("embeddings.LayerNorm.{}", "embeddings.norm.{}"),
     ("encoder.rel_embeddings.weight", "stack.relative_embed.table.weight"),
     ("encoder.LayerNorm.{}", "stack.relative_embed.norm.{}"),
+    ("encoder.conv.conv.{}", "stack.conv.conv.{}"), ("encoder.conv.LayerNorm.{}", "stack.conv.norm.{}"),
     *((f"{_LAYER}attention.self.{hf}.{{}}", f"stack.blocks.{{}}.attn.{ours}.{{}}")
       for hf, ours in (("query_proj", "q_proj"), ("key_proj", "k_proj"), ("value_proj", "v_proj"),
                        ("pos_key_proj", "disentangled.pos_k_proj"), ("pos_query_proj", "disentangled.pos_q_proj"))),
@@ -46,6 +47,8 @@ _DEBERTA_HEAD = (  # the original DeBERTa head: its decoder is the word embeddin
     ("lm_predictions.lm_head.LayerNorm.{}", "head_transform.norm.{}"),
     ("lm_predictions.lm_head.bias", "lm_head.bias"),
 )
+# DeBERTa's conv_act names (transformers' ACT2FN) → ModelConfig.conv_activation
+CONV_ACTIVATIONS = {"tanh": "tanh", "gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}
 # buffers, the replaced-token-detection head of v3 checkpoints (transformers ignores it too)
 _IGNORED = r"embeddings\.position_ids|mask_predictions\..*"
 
@@ -78,7 +81,7 @@ def deberta_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelCo
     if act not in ACTIVATIONS:
         raise ModelFormatError(f"{where}: hidden_act {act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     # What llmkit's DeBERTa does not have, each with the value that means "absent".
-    for name, plain in (("relative_attention", True), ("conv_kernel_size", 0), ("embedding_size", d),
+    for name, plain in (("relative_attention", True), ("conv_groups", 1), ("embedding_size", d),
                         ("attention_head_size", d // heads), ("is_decoder", False)):
         if data.get(name, plain) not in (plain, None):
             raise ModelFormatError(f"{where}: {name}={data[name]!r} is not supported (llmkit needs {plain!r})")
@@ -94,6 +97,10 @@ def deberta_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelCo
     max_distance = _value(data, "max_relative_positions", where, int, default=-1, hi=MAX_POSITIONS)
     c2p, p2c = _attention_terms(data, where)
     legacy = _value(data, "legacy", where, bool, default=True)
+    conv = _value(data, "conv_kernel_size", where, int, default=0, lo=0, hi=1 << 10)
+    conv_act = _value(data, "conv_act", where, str, default="tanh")
+    if conv and conv_act not in CONV_ACTIVATIONS:
+        raise ModelFormatError(f"{where}: conv_act {conv_act!r} is not supported (supported: {', '.join(CONV_ACTIVATIONS)})")
     fields: dict[str, Any] = dict(
         arch="encoder", vocab_size=_value(data, "vocab_size", where, int, lo=1, hi=MAX_WIDTH),
         max_seq_len=positions, d_model=d, n_heads=heads,
@@ -109,7 +116,8 @@ def deberta_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelCo
         content_to_position=c2p, position_to_content=p2c,
         share_position_projections=_value(data, "share_att_key", where, bool, default=False),
         relative_embed_norm="layer_norm" in norms,
-        add_absolute_positions=_value(data, "position_biased_input", where, bool, default=True))
+        add_absolute_positions=_value(data, "position_biased_input", where, bool, default=True),
+        conv_kernel=conv, conv_activation=CONV_ACTIVATIONS[conv_act] if conv else "tanh")
     try:
         return ModelConfig(**fields)
     except ConfigError as exc:
@@ -142,4 +150,5 @@ def deberta_config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[st
                 share_att_key=cfg.share_position_projections,
                 norm_rel_ebd="layer_norm" if cfg.relative_embed_norm else "none",
                 position_biased_input=cfg.add_absolute_positions, legacy=not cfg.tie_embeddings,
+                conv_kernel_size=cfg.conv_kernel, conv_act={v: k for k, v in CONV_ACTIVATIONS.items()}[cfg.conv_activation],
                 tie_word_embeddings=cfg.tie_embeddings, dtype=dtype)

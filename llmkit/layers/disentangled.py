@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
@@ -105,3 +106,32 @@ class DisentangledScores(nn.Module):
         if scores is None:  # neither term: the relative table is unused
             return torch.zeros(B, H, Tq, Tk, dtype=q.dtype, device=q.device)
         return scores * self.scale
+
+
+CONV_ACTIVATIONS = {"tanh": torch.tanh, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                    "relu": F.relu}
+
+
+class FirstLayerConv(nn.Module):
+    """DeBERTa v2's convolution (xlarge, xxlarge): a width-k convolution over the embedding output, its
+    activation added to the first layer's output, then a LayerNorm; local n-gram features beside
+    attention. Padded positions are zeroed on the way in, as DeBERTa's embeddings are, so a real token
+    next to padding sees the zeros it would see at the end of an unpadded text."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        k = cfg.conv_kernel
+        self.conv = nn.Conv1d(cfg.d_model, cfg.d_model, k, padding=(k - 1) // 2, bias=cfg.bias)
+        self.act = CONV_ACTIVATIONS[cfg.conv_activation]
+        self.norm = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, embedded: Tensor, first: Tensor, key_mask: Tensor | None) -> Tensor:
+        """embedded, first (B, T, C): the stack's input and its first layer's output → (B, T, C)."""
+        real = key_mask[..., None].to(embedded.dtype) if key_mask is not None else None  # (B, T, 1)
+        if real is not None:
+            embedded = embedded * real
+        out = self.conv(embedded.transpose(1, 2)).transpose(1, 2)  # (B, C, T) for Conv1d, back to (B, T, C)
+        if real is not None:
+            out = out * real
+        return self.norm(first + self.act(self.dropout(out)))

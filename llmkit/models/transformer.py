@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
 from llmkit.layers.attention import Attention, causal_mask
-from llmkit.layers.disentangled import RelativeEmbeddings
+from llmkit.layers.disentangled import FirstLayerConv, RelativeEmbeddings
 from llmkit.layers.feedforward import build_mlp
 from llmkit.layers.linear import Linear
 from llmkit.layers.norm import build_norm
@@ -132,6 +132,7 @@ class Stack(nn.Module):
             self.relative_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads)
         if cfg.position == "disentangled":  # DeBERTa: one table of relative embeddings, shared by its layers
             self.relative_embed = RelativeEmbeddings(cfg)
+        self.conv = FirstLayerConv(cfg) if cfg.conv_kernel else None  # DeBERTa v2 xlarge's, after layer 0
 
     def forward(self, x: Tensor, positions: Tensor, *, key_mask: Tensor | None = None, cache=None,
                 memory: Tensor | None = None, memory_mask: Tensor | None = None) -> Tensor:
@@ -141,8 +142,11 @@ class Stack(nn.Module):
                                    key_start=getattr(cache, "key_start", 0))  # > 0: a ring buffer holds the window
         if memory is not None:
             args.update(memory=memory, memory_mask=memory_mask)
+        embedded = x
         for i, block in enumerate(self.blocks):
             x = block(x, cache=cache, layer=i, **args)
+            if i == 0 and self.conv is not None:
+                x = self.conv(embedded, x, key_mask)
         return self.final_norm(x)
 
     def attention_args(self, x: Tensor, positions: Tensor, *, key_mask: Tensor | None, offset: int,

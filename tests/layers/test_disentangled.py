@@ -45,7 +45,7 @@ def test_relative_index_is_bucketed_shifted_and_clipped(buckets, max_distance):
 
 @pytest.mark.parametrize("overrides", [{}, {"share_position_projections": False}, {"position_to_content": False},
                                        {"content_to_position": False}, {"add_absolute_positions": True},
-                                       {"relative_buckets": 0, "relative_max_distance": 8}])
+                                       {"relative_buckets": 0, "relative_max_distance": 8}, {"conv_kernel": 3}])
 def test_reference_kernel_equals_fused_with_padding(overrides):
     model = tiny(**overrides)
     ids = torch.randint(4, 200, (2, 30))
@@ -74,7 +74,7 @@ def test_position_terms_change_the_scores():
 @pytest.mark.parametrize("overrides", [{}, {"share_position_projections": False}, {"content_to_position": False},
                                        {"relative_embed_norm": False}, {"add_absolute_positions": True},
                                        {"relative_buckets": 0}, {"tie_embeddings": False}, {"mlm_head": False},
-                                       {"type_vocab_size": 2, "num_labels": 3},
+                                       {"type_vocab_size": 2, "num_labels": 3}, {"conv_kernel": 5},
                                        {"arch": "decoder", "type_vocab_size": 0, "embed_norm": False, "n_kv_heads": 2,
                                         "share_position_projections": False, "add_absolute_positions": True}])
 def test_num_params_matches_the_module(overrides):
@@ -86,6 +86,8 @@ def test_num_params_matches_the_module(overrides):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"arch": "encoder-decoder"}, "needs arch='encoder' or 'decoder'"),
+    ({"conv_kernel": 2}, "conv_kernel=2 must be odd"),
+    ({"conv_kernel": 3, "arch": "decoder", "type_vocab_size": 0, "embed_norm": False}, "needs arch='encoder'"),
     ({"relative_buckets": 16, "relative_max_distance": 9}, "must exceed relative_buckets // 2 \\+ 1"),
     ({"attention_pattern": "sliding_window", "attention_window": 8}, "does not support position='disentangled'"),
 ])

@@ -38,7 +38,10 @@ CASES = {
     "v3-deberta-head": dict(V3, legacy=False),  # the original head: lm_predictions.lm_head.*
     # v2 style: absolute positions too, own position projections, token types, untied decoder, c2p only
     "v2-separate": dict(V3, share_att_key=False, position_biased_input=True, type_vocab_size=2,
-                        tie_word_embeddings=False, pos_att_type=["c2p"]),
+                        tie_word_embeddings=False, pos_att_type=["c2p"], conv_kernel_size=5),
+    # deberta-v2-xlarge's convolution after the first layer (its conv_act is gelu; transformers' default tanh
+    # is in v2-separate)
+    "v2-conv": dict(V3, conv_kernel_size=3, conv_act="gelu"),
     "p2c-only-gelu-new": dict(V3, pos_att_type=["p2c"], share_att_key=False, hidden_act="gelu_new"),
     # no buckets: distances clipped at ±8, no LayerNorm on the relative table
     "unbucketed": dict(V3, position_buckets=-1, max_relative_positions=8, norm_rel_ebd="none"),
@@ -97,7 +100,8 @@ def test_bare_model_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "share_position_projections": False,
-                                            "add_absolute_positions": True, "type_vocab_size": 2}])
+                                            "add_absolute_positions": True, "type_vocab_size": 2, "conv_kernel": 3,
+                                            "conv_activation": "gelu"}])
 def test_export_loads_in_transformers(tmp_path, overrides):
     torch.manual_seed(0)
     cfg = preset("deberta-tiny", vocab_size=VOCAB, relative_buckets=8, relative_max_distance=16, **overrides)
@@ -120,7 +124,9 @@ def test_export_loads_in_transformers(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"conv_kernel_size": 3}, "conv_kernel_size=3 is not supported"),
+    ({"conv_kernel_size": 3, "conv_groups": 2}, "conv_groups=2 is not supported"),
+    ({"conv_kernel_size": 3, "conv_act": "silu"}, "conv_act 'silu' is not supported"),
+    ({"conv_kernel_size": 4}, "conv_kernel=4 must be odd"),
     ({"relative_attention": False}, "relative_attention=False is not supported"),
     ({"pos_att_type": ["p2p"]}, "pos_att_type=\\['p2p'\\] is not supported"),
     ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd='batch_norm' is not supported"),
