@@ -56,11 +56,15 @@ def rank_heads(subject: Subject, maps: Recording, site: str, query: str, keys: l
     if not q_pos:
         raise ConfigError(f"--query {query!r} is not in the text {row_text!r}")
     causal = site != "encoder.self" and site != "decoder.cross"
-    edges = []  # (label, query row, key columns)
+    edges, notes = [], []  # (label, query row, key columns)
     for key in keys:
         k_pos = positions_of(pieces_cols, col_text, key)
         if not k_pos:
             raise ConfigError(f"--keys: {key!r} is not in the text {col_text!r}")
+        if k_pos[0] == 0 and len(k_pos) > 1 and site != "decoder.cross":
+            k_pos = k_pos[1:]  # the first token also collects the attention sink: counted apart
+            notes.append(f"{key} starts the text, and the first token collects attention whatever it is (the "
+                         f"sink, its own column): {query}→{key} counts {key}'s other tokens")
         if causal and min(k_pos) > q_pos[-1]:  # the forward edge is masked: read the edge that exists
             edges.append((f"{key}→{query}", k_pos[-1], q_pos))
         else:
@@ -72,7 +76,7 @@ def rank_heads(subject: Subject, maps: Recording, site: str, query: str, keys: l
             scores.append({"layer": layer, "head": head, "edges": shares, "total": sum(shares),
                            "first_token": float(weights[head, q_pos[-1], 0])})
     scores.sort(key=lambda s: -s["total"])
-    notes = [f"{label}: {query} comes before {label.split('→')[0]}, and a causal model cannot attend forwards "
+    notes += [f"{label}: {query} comes before {label.split('→')[0]}, and a causal model cannot attend forwards "
              f"(that weight is exactly 0), so the edge read is {label}" for label, _, _ in edges
              if not label.startswith(query + "→")]
     return {"site": site, "query": query, "keys": keys, "edges": [e[0] for e in edges], "ranking": scores,

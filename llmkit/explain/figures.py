@@ -74,7 +74,7 @@ def heatmap(ax, values, rows: Sequence[str], cols: Sequence[str], *, title: str 
             cmap: str = "Blues", fontsize: int = 8) -> object:
     """An annotated-axes heatmap of a (rows, cols) array; returns the image for a colorbar."""
     image = ax.imshow(values, cmap=cmap, vmin=0.0 if vmax is not None else None, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(cols)), cols, rotation=90 if max(map(len, cols), default=0) > 3 else 0,
+    ax.set_xticks(range(len(cols)), cols, rotation=90 if max(map(len, cols), default=0) * len(cols) > 24 else 0,
                   fontsize=fontsize)
     ax.set_yticks(range(len(rows)), rows, fontsize=fontsize)
     if title:

@@ -16,7 +16,7 @@ from llmkit.errors import ConfigError
 from llmkit.explain.attention import focus_words, rank_heads, record, site_sides
 from llmkit.explain.page import ViewResult
 from llmkit.explain.pieces import id_label, positions_of
-from llmkit.explain.recording import Knockout
+from llmkit.explain.recording import Knockout, recording
 from llmkit.explain.subject import FOCUS, Subject
 
 
@@ -91,8 +91,12 @@ def knockout_view(subject: Subject, *, heads: list[tuple[int, int | None]] | Non
         conditions.append((f"control: edge {pieces[0].label}→{pieces[1].label} (a future token, weight 0)",
                            effect(Knockout(site, edges=[(None, None, 0, 1)]))))
     grid = None
-    if every_head:
-        grid = [[effect(Knockout(site, heads={(l, h)}))["delta"] for h in range(n_heads)] for l in range(n_layers)]
+    if every_head:  # one forward per layer, its heads knocked out one per row of a batch
+        grid = []
+        for l in range(n_layers):
+            with recording(subject.model, Knockout(site, rows=[{(l, h)} for h in range(n_heads)])):
+                batch = subject.logits(copies=n_heads)
+            grid.append([word_logp(batch[h]) - base for h in range(n_heads)])
     return _result(subject, pieces, positions, word, base, logits[rows[0]], conditions, grid, site)
 
 

@@ -29,13 +29,13 @@ from llmkit.layers.attention import Attention
 @dataclass
 class Knockout:
     """What to remove at one site: heads as (layer, head), edges as (layer, head, query, key) where
-    layer or head None means every one. Query and key are token positions of the full sequence."""
+    layer or head None means every one. Query and key are token positions of the full sequence.
+    `rows`, for a batch of copies of one input: the heads removed in each row (many knockouts in
+    one forward)."""
     site: str = "decoder.self"
     heads: set[tuple[int, int]] = field(default_factory=set)
     edges: list[tuple[int | None, int | None, int, int]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.heads or self.edges)
+    rows: list[set[tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -83,6 +83,11 @@ def knock_out(weights: Tensor, layer: int, knockout: Knockout) -> Tensor:
     if heads:
         weights = weights.clone()
         weights[:, heads] = 0
+    for row, removed in enumerate(knockout.rows or []):
+        heads = [h for (l, h) in removed if l == layer]
+        if heads:
+            weights = weights.clone()
+            weights[row, heads] = 0
     return weights
 
 

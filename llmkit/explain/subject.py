@@ -106,11 +106,15 @@ class Subject:
         return self.logits()
 
     @torch.inference_mode()
-    def logits(self) -> Tensor:
+    def logits(self, copies: int | None = None) -> Tensor:
         """(T, vocab) float32 logits of one forward: next-token logits for a decoder, the decoder's
-        for an encoder-decoder, masked-LM logits for an encoder."""
+        for an encoder-decoder, masked-LM logits for an encoder; (copies, T, vocab) for a batch of
+        `copies` copies of the input (one knockout per row)."""
         device = next(self.model.parameters()).device
-        ids = torch.tensor([self.ids], device=device)
+        ids = torch.tensor([self.ids], device=device).expand(copies or 1, -1)
         if self.arch == "encoder-decoder":
-            return self.model(ids, torch.tensor([self.target_ids], device=device))[0].float()
-        return self.model(ids)[0].float()
+            target = torch.tensor([self.target_ids], device=device).expand(copies or 1, -1)
+            out = self.model(ids, target).float()
+        else:
+            out = self.model(ids).float()
+        return out if copies else out[0]
