@@ -47,6 +47,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"warning: listening on {args.host}, reachable from other machines, with no API key: anyone who "
               f"can connect can use this server (set --api-key or {API_KEY_ENV})", file=sys.stderr)
     lm = load_for_generation(model, args)
+    if lm.config.arch == "encoder":
+        raise ConfigError(f"{model}: an encoder-only model (BERT family) does not generate text; llmkit serve "
+                          "needs a decoder or an encoder-decoder (use `llmkit embed` for embeddings)")
     engine = lm.engine(max_batch=args.max_batch, max_queued=args.max_queued)
     try:
         app = create_app(lm, engine, model_id=model_name(model), api_key=api_key,
