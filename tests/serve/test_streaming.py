@@ -1,4 +1,4 @@
-"""Streaming conformance (RELIABILITY.md S6), cancellation on disconnect (S7) and the full-engine 429 (S8),
+"""Streaming conformance (RELIABILITY.md S6, its error path included), cancellation on disconnect (S7) and the full-engine 429 (S8),
 through real sockets against the scripted tiny model."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 import llmkit
 from serve_helpers import (CHAIN_ANSWER, CONTEXT, IMG, MODEL_ID, MORE, SCRIPT, metric, running_server,
@@ -165,3 +166,22 @@ def test_metrics_are_prometheus_text(url):
     assert metric(url, "llmkit_generation_tokens_total") >= 3
     assert 'llmkit_time_to_first_token_seconds_bucket{le="+Inf"}' in text
     json.dumps(text)  # plain text, no bytes
+
+
+def test_generation_failing_after_the_headers_ends_the_stream_with_one_error(tmp_path):
+    """A model whose activations overflow (here: a NaN row in the LM head, so every step's logits hold a
+    NaN) fails inside the engine after the stream's headers went out: the stream ends with one
+    `data: {"error": ...}` and no [DONE]; a whole answer is a 500 with a request id and no internals."""
+    broken = llmkit.load(save_scripted_model(tmp_path / "broken"))
+    with torch.no_grad():
+        broken.model.lm_head.weight[5] = float("nan")
+    with running_server(broken) as base:
+        payloads = stream(base, CHAT, {"messages": USER, "max_tokens": 4})
+        assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert set(payloads[-1]) == {"error"} and payloads[-1]["error"]["type"] == "server_error"
+        assert "[DONE]" not in payloads
+        whole = httpx.post(base + CHAT, json={"messages": USER, "max_tokens": 4}, timeout=30)
+        assert whole.status_code == 500
+        message = whole.json()["error"]["message"]
+        assert "request id" in message and "Error" not in message and ".py" not in message
+        assert httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, timeout=30).status_code == 500
