@@ -124,6 +124,19 @@ def test_disconnect_mid_stream_cancels_the_request(url):
     assert metric(url, "llmkit_engine_tokens_total") == tokens  # nothing is generated for it any more
 
 
+def test_disconnect_before_the_first_token_cancels_the_request(url):
+    """The client leaves while a long prompt (~4,000 tokens, prefilled in chunks) is still being read."""
+    cancelled = metric(url, "llmkit_requests_cancelled_total")
+    body = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hello " * 3900}], "max_tokens": 100,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as client, client.stream("POST", url + CHAT, json=body) as response:
+        assert '"role":"assistant"' in next(response.iter_lines())  # headers and the role chunk, no token yet
+    assert wait_until(lambda: metric(url, "llmkit_requests_cancelled_total") == cancelled + 1, 1.0)
+    # The engine acts on a cancel between steps, and a lone prompt is prefilled in one step (~0.7 s for
+    # these 3,900 tokens on two busy cores), so its row is freed once that step ends.
+    assert wait_until(lambda: metric(url, "llmkit_requests_running") + metric(url, "llmkit_requests_queued") == 0, 10)
+
+
 def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(url):
     cancelled = metric(url, "llmkit_requests_cancelled_total")
     body = {"model": MODEL_ID, "messages": USER, "max_tokens": 4000, "temperature": 0}
