@@ -209,6 +209,7 @@ class _KernelLinear(nn.Module):
         # casts only when needed: decoding makes ~120 of these calls a token
         if self.kernel_passes and rows.is_cpu and rows.shape[0] <= KERNEL_MAX_ROWS:
             rows = rows if rows.dtype == torch.bfloat16 else rows.to(torch.bfloat16)
+            rows = rows.contiguous()  # the kernel refuses strided rows (a batch's last positions are a view)
             y = _INT4_MM(rows, *self.kernel_passes[0])
             for kernel_args in self.kernel_passes[1:]:
                 y = y + _INT4_MM(rows, *kernel_args)
