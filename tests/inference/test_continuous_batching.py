@@ -139,3 +139,16 @@ def test_a_row_stops_at_its_own_context_limit_in_a_batch():
         scheduler.step()
     assert (len(a.generated), len(b.generated)) == (4, 20)  # prompt + output fill 24 positions each
     assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_int4_layers_serve_a_batch_in_bf16():
+    """The int4 kernel wants contiguous bf16 rows; a batch's last positions (prefill's last_only) are a
+    strided view, which once stopped every batched request of a bf16 quantised model (SmolLM2 with
+    --dtype auto on a bf16 CPU). bf16 rounds differently per batch shape, so only the run is checked."""
+    from llmkit.inference.optimize import prepare_for_decoding
+
+    model = tiny("llama-tiny", vocab_size=128).to(torch.bfloat16)  # a vocabulary the 8-bit head kernel takes
+    report = prepare_for_decoding(model, quantize="int4", dtype=torch.bfloat16)
+    assert report.int4_linears > 0 and report.int8_linears == 1
+    out = generate(model, prompts(lengths=[5, 2, 9]), max_new_tokens=6, params=GREEDY)
+    assert [len(o) for o in out] == [6, 6, 6]
