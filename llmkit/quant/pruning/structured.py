@@ -49,7 +49,7 @@ def removal_count(cfg: ModelConfig, pattern: str, sparsity: float) -> int:
             f"{units} key/value groups (a key/value head with its {group} query heads; grouped-query attention is "
             "pruned a group at a time)")
     raise ConfigError(f"--sparsity {sparsity:g} of {what} per layer removes {remove}; give a --sparsity that "
-                      f"removes between 1 and {units - 1} of them (1/{units} = {1 / units:.3g})")
+                      f"removes at least 1 and fewer than {units} (--sparsity {1 / units:.3g} removes 1)")
 
 
 def _columns_per_unit(cfg: ModelConfig, pattern: str) -> int:
