@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 API_KEY_ENV = "LLMKIT_API_KEY"  # read when --api-key is not given: a key on the command line shows in `ps`
-LIMITS = {"port": (0, 65535), "max_batch": (1, 1024), "max_queued": (0, 1 << 16), "max_body_mb": (1, 1024)}
+LIMITS = {"port": (0, 65535), "max_batch": (1, 1024), "max_queued": (0, 1 << 16), "max_body_mb": (1, 1024),
+          "max_request_seconds": (0.001, 7 * 24 * 3600)}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -54,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         app = create_app(lm, engine, model_id=model_name(model), api_key=api_key,
                          allowed_hosts=LOOPBACK_HOSTS | frozenset(hosts) if loopback else None,
-                         max_body_bytes=args.max_body_mb * 1024 * 1024)
+                         max_body_bytes=args.max_body_mb * 1024 * 1024, max_request_seconds=args.max_request_seconds)
         sock.listen(BACKLOG)  # before the URL line: a client that reads it can connect at once
         url = url_of(sock)
         print(f"serving {model_name(model)} at {url}/ (chat page; OpenAI API at {url}/v1"
@@ -99,5 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting for a batch row; past it new requests get 429 (default: 32)")
     p.add_argument("--max-body-mb", type=int, default=4, metavar="MB",
                    help="largest request body, refused with 413 before it is read (default: 4)")
+    p.add_argument("--max-request-seconds", type=float, default=600.0, metavar="S",
+                   help="a request still generating this long after it arrived is ended with an error (default: 600)")
     add_speed_flags(p)
     p.set_defaults(handler=cmd_serve)

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from llmkit.serve.errors import APIError, install_error_handlers
-from llmkit.serve.generation import Served, respond
+from llmkit.serve.generation import MAX_REQUEST_SECONDS, Served, respond
 from llmkit.serve.guard import LOOPBACK_HOSTS, Guard
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.requests import MAX_BODY_BYTES, ModelLimits, check_chat, check_completion, read_json_object
@@ -30,11 +30,13 @@ PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascr
 
 
 def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = None,
-               allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
+               max_request_seconds: float = MAX_REQUEST_SECONDS) -> FastAPI:
     """`allowed_hosts`: Host names answered (None: any; for a server bound to a public address).
-    `api_key`: required as `Authorization: Bearer KEY` on every route but /health and the page."""
+    `api_key`: required as `Authorization: Bearer KEY` on every route but /health and the page.
+    `max_request_seconds`: a generation request still running this long after it arrived is ended (504)."""
     limits = ModelLimits(model_id=model_id, context=lm.config.max_seq_len, vocab_size=lm.tokenizer.vocab_size)
-    served = Served(lm=lm, engine=engine, limits=limits, metrics=Metrics())
+    served = Served(lm=lm, engine=engine, limits=limits, metrics=Metrics(), max_seconds=max_request_seconds)
     page = {name: (resources.files("llmkit.serve") / "static" / name).read_bytes() for name in PAGE_FILES}
     created = int(time.time())
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)

@@ -27,6 +27,7 @@ from llmkit.serve.requests import GenerationRequest, ModelLimits
 from llmkit.serve.sse import DONE, EventStream, event
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_REQUEST_SECONDS = 600.0  # default of --max-request-seconds: a request running longer is ended (S10)
 LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity; a token the model rules out reports this (as vLLM does)
 
 
@@ -37,6 +38,7 @@ class Served:
     engine: Any  # llmkit.inference.engine.Engine
     limits: ModelLimits
     metrics: Metrics
+    max_seconds: float = MAX_REQUEST_SECONDS  # wall time a request may run, from its arrival
     _texts: dict[int, str] = field(default_factory=dict)  # token id → text, for logprobs
 
     @property
@@ -174,26 +176,41 @@ class Run:
                                                   error=f"{type(exc).__name__}: {exc}")))
 
         self._tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
-        metrics, remaining = self.served.metrics, len(self.handles)
-        while remaining:
-            index, item = await queue.get()
-            now = time.perf_counter()
-            if isinstance(item, TokenEvent):
-                first = self.completion_tokens[index] == 0
-                (metrics.ttft if first else metrics.itl).observe(now - self.last_token[index])
-                self.last_token[index] = now
-                self.completion_tokens[index] += 1
-            else:
-                self.finished[index] = True
-                remaining -= 1
-                self.prompt_tokens[index], self.completion_tokens[index] = item.prompt_tokens, item.completion_tokens
-                if item.reason in ("stop", "length"):
-                    metrics.generation_tokens += item.completion_tokens
-                    if index % self.req.n == 0:
-                        metrics.prompt_tokens += item.prompt_tokens
-                if not remaining:
-                    metrics.latency.observe(now - self.started)
-            yield index, item
+        # one timer for the whole request (not a timeout per token): it puts a marker in the queue
+        timer = asyncio.get_running_loop().call_later(max(0.0, self.started + self.served.max_seconds
+                                                          - time.perf_counter()), queue.put_nowait, (None, None))
+        remaining = len(self.handles)
+        try:
+            while remaining:
+                index, item = await queue.get()
+                if index is None:
+                    self.close()
+                    raise APIError(504, f"the request ran past this server's time limit of "
+                                        f"{self.served.max_seconds:g} s (--max-request-seconds) and was ended",
+                                   code="timeout")
+                remaining = self._record(index, item, remaining)
+                yield index, item
+        finally:
+            timer.cancel()
+
+    def _record(self, index: int, item: TokenEvent | Finished, remaining: int) -> int:
+        """Counts and timing metrics of one event; returns how many choices are still running."""
+        metrics, now = self.served.metrics, time.perf_counter()
+        if isinstance(item, TokenEvent):
+            first = self.completion_tokens[index] == 0
+            (metrics.ttft if first else metrics.itl).observe(now - self.last_token[index])
+            self.last_token[index] = now
+            self.completion_tokens[index] += 1
+            return remaining
+        self.finished[index] = True
+        self.prompt_tokens[index], self.completion_tokens[index] = item.prompt_tokens, item.completion_tokens
+        if item.reason in ("stop", "length"):
+            metrics.generation_tokens += item.completion_tokens
+            if index % self.req.n == 0:
+                metrics.prompt_tokens += item.prompt_tokens
+        if remaining == 1:
+            metrics.latency.observe(now - self.started)
+        return remaining - 1
 
     def close(self, *, disconnected: bool = False) -> None:
         """Cancel every choice that has not finished (their rows are freed at the next decode step).
@@ -273,21 +290,24 @@ async def stream_chunks(run: Run) -> AsyncIterator[bytes]:
             for index in range(len(run.handles)):
                 yield event({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}], **extra})
-        async for index, item in run.events():
-            if isinstance(item, TokenEvent):
-                lp = None
-                if req.logprobs is not None:
-                    lp = Logprobs(run.served, req)
-                    lp.add(item, offsets[index])
-                offsets[index] += len(item.text)
-                if item.text or lp is not None:
-                    yield chunk(index, item.text, None, lp.whole() if lp else None)
-            elif item.reason in ("stop", "length"):
-                yield chunk(index, item.text or (None if chat else ""), item.reason)
-            else:
-                completed = True  # ended by the failure, not by the client
-                yield event(run.failure(item).body())
-                return
+        try:
+            async for index, item in run.events():
+                if isinstance(item, TokenEvent):
+                    lp = None
+                    if req.logprobs is not None:
+                        lp = Logprobs(run.served, req)
+                        lp.add(item, offsets[index])
+                    offsets[index] += len(item.text)
+                    if item.text or lp is not None:
+                        yield chunk(index, item.text, None, lp.whole() if lp else None)
+                elif item.reason in ("stop", "length"):
+                    yield chunk(index, item.text or (None if chat else ""), item.reason)
+                else:
+                    raise run.failure(item)
+        except APIError as error:  # a choice failed, or the time limit passed: the stream ends with it
+            completed = True  # ended by the server, not by the client
+            yield event(error.body())
+            return
         if req.include_usage:
             yield event({**head, "choices": [], "usage": run.usage()})
         yield DONE

@@ -198,3 +198,19 @@ def test_generation_failing_after_the_headers_ends_the_stream_with_one_error(tmp
         message = whole.json()["error"]["message"]
         assert "request id" in message and "Error" not in message and ".py" not in message
         assert httpx.post(base + COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, timeout=30).status_code == 500
+
+
+def test_a_request_past_the_time_limit_is_ended(lm):
+    """RELIABILITY.md S10: --max-request-seconds ends a generation that runs too long, with a clear error."""
+    body = {"model": MODEL_ID, "messages": USER, "max_tokens": 4000, "temperature": 0}
+    with running_server(lm, max_request_seconds=0.5) as base:
+        started = time.perf_counter()
+        whole = httpx.post(base + CHAT, json=body, timeout=30)
+        assert whole.status_code == 504 and time.perf_counter() - started < 10
+        error = whole.json()["error"]
+        assert error["code"] == "timeout" and "0.5 s" in error["message"]
+        payloads = stream(base, CHAT, body)
+        assert payloads[-1]["error"]["code"] == "timeout" and "[DONE]" not in payloads
+        assert any(p.get("choices") and p["choices"][0]["delta"].get("content") for p in payloads[:-1])
+        assert wait_until(lambda: metric(base, "llmkit_requests_running") == 0, 2.0)
+        assert metric(base, "llmkit_requests_cancelled_total") == 0  # ended by the server, not by a client
