@@ -5,8 +5,8 @@ read the same input share one set of calibration statistics and one quantised ma
 layer whose in_features the group size divides is quantised, the LM head included (a tied head gets
 its own codes; the embedding keeps its weight); the others stay in full precision and are named in
 the report. The calibrated methods go one transformer block at a time, as GPTQ does: each block's
-layers see inputs computed by the blocks before it as already quantised, and the forward stops after
-the block being measured. The head comes last.
+layers see inputs computed by the blocks before it as already quantised, each block's inputs kept
+for the next (llmkit.quant.calibrate.CalibrationPass). The head comes last.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, WeightFormat, is_quantized,
                                      quantized_layer)
 from llmkit.quant.awq import InputSample, awq_quantize
-from llmkit.quant.calibrate import collect_inputs
+from llmkit.quant.calibrate import CalibrationPass
 from llmkit.quant.gptq import Hessian, gptq_quantize
 from llmkit.quant.scheme import QuantScheme
 
@@ -61,9 +61,10 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, *, calibration: Tensor
             else:
                 parts = name.split(".")
                 targets.setdefault(".".join(parts[:3]) if parts[:2] == ["stack", "blocks"] else name, []).append(name)
+    passes = CalibrationPass(model, calibration) if scheme.method != "rtn" else None
     for index, (unit, names) in enumerate(targets.items()):
         started = time.perf_counter()
-        stats = _measure(model, unit, names, scheme, calibration) if scheme.method != "rtn" else {}
+        stats = _measure(model, unit, names, scheme, passes) if passes is not None else {}
         for name in names:
             _replace(model, name, scheme, stats.get(name))
         report.quantized += len(names)
@@ -90,11 +91,11 @@ def _replace(model: nn.Module, name: str, scheme: QuantScheme, stats: Any) -> No
     setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
-def _measure(model: nn.Module, unit: str, names: list[str], scheme: QuantScheme, calibration: Tensor) -> dict:
-    """Run the calibration set up to the end of `unit`, collecting its layers' input statistics."""
+def _measure(model: nn.Module, unit: str, names: list[str], scheme: QuantScheme, passes: CalibrationPass) -> dict:
+    """Run the calibration set through `unit`, collecting its layers' input statistics."""
     stats = {}
     for name in names:
         linear = model.get_submodule(name)
         stats[name] = Hessian(linear.in_features) if scheme.method == "gptq" else InputSample(linear.in_features)
-    collect_inputs(model, unit, stats, calibration)
+    passes.collect(unit, stats)
     return stats

@@ -334,3 +334,24 @@ def test_without_held_zeros_the_same_fine_tune_fills_them_in(trained, tmp_path):
     (tmp_path / "run").mkdir()
     recovery_finetune(lm, [tmp_path / "data.txt"], tmp_path / "run", recovery_config(2), pruning={}, hold=False)
     assert all(int((W == 0).sum()) < W.numel() // 2 for W in pruned_weights(lm.model).values())
+
+
+def test_the_calibration_pass_feeds_each_block_what_a_whole_forward_would(trained):
+    """CalibrationPass keeps each block's inputs for the next instead of rerunning the model from the
+    embedding (what collect_inputs does): the statistics must not change, earlier blocks pruned or not."""
+    from llmkit.quant.calibrate import CalibrationPass, collect_inputs
+
+    model, calibration = fresh(trained).model, trained["calibration"][:6]
+    passes = CalibrationPass(model, calibration)
+    for index, block in enumerate(["stack.blocks.0", "stack.blocks.1"]):
+        names = [f"{block}.attn.q_proj", f"{block}.mlp.down_proj"]
+        kept, whole = {n: Hessian(model.get_submodule(n).in_features) for n in names}, \
+            {n: Hessian(model.get_submodule(n).in_features) for n in names}
+        passes.collect(block, kept)
+        collect_inputs(model, block, whole, calibration)
+        for name in names:
+            torch.testing.assert_close(kept[name].value(), whole[name].value(), rtol=1e-5, atol=1e-6)  # same fp32 ops
+        with torch.no_grad():  # compress this block before the next is measured, as the methods do
+            for name in names:
+                model.get_submodule(name).weight.mul_(0.5)
+    assert passes.position == 1

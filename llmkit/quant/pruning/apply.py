@@ -2,7 +2,7 @@
 
 Every linear layer inside a block is pruned (attention q/k/v/o, MLP gate/up/down); the embedding and
 the LM head keep all their weights, as in the Wanda and SparseGPT papers. The calibrated methods go
-one block at a time (llmkit.quant.calibrate.collect_inputs, the path GPTQ and AWQ take): a block's
+one block at a time (llmkit.quant.calibrate.CalibrationPass, the path GPTQ and AWQ take): a block's
 layers see inputs computed by the blocks before it as already pruned, and layers that read the same
 input (q/k/v; gate/up) share one statistic. A layer whose width 4 does not divide stays dense under
 2:4 and is named in the report. Unstructured and 2:4 pruning set weights to zero and keep the
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from llmkit.errors import ConfigError
 from llmkit.layers.quantized import is_quantized
-from llmkit.quant.calibrate import collect_inputs
+from llmkit.quant.calibrate import CalibrationPass
 from llmkit.quant.gptq import Hessian
 from llmkit.quant.pruning.masks import InputNorms, global_masks, scores, unstructured_mask
 from llmkit.quant.pruning.scheme import PruneScheme
@@ -104,13 +104,14 @@ def prune_model(model: nn.Module, scheme: PruneScheme, *, calibration: Tensor | 
     if scheme.scope == "global":
         _prune_global(model, blocks, scheme, report)
     else:
+        passes = CalibrationPass(model, calibration) if scheme.calibrated else None
         keep_units: list[Tensor] = []
         for index, (block, names) in enumerate(blocks.items()):
             started = time.perf_counter()
             if scheme.structured:
-                keep_units.append(_prune_units(model, block, scheme, calibration))
+                keep_units.append(_prune_units(model, block, scheme, passes))
             else:
-                _prune_block(model, block, names, scheme, calibration, report)
+                _prune_block(model, block, names, scheme, passes, report)
             if on_event is not None:
                 on_event("unit", {"index": index + 1, "total": len(blocks), "name": block,
                                   "layers": 1 if scheme.structured else len(names),
@@ -127,9 +128,9 @@ def prune_model(model: nn.Module, scheme: PruneScheme, *, calibration: Tensor | 
 
 
 def _statistics(model: nn.Module, block: str, names: list[str], scheme: PruneScheme,
-                calibration: Tensor | None) -> dict[str, Any]:
+                passes: CalibrationPass | None) -> dict[str, Any]:
     """Per layer name: the input statistic its method reads (shared among layers reading one input)."""
-    if not scheme.calibrated:
+    if passes is None:
         return {}
     measured, stats = {}, {}
     for name in names:
@@ -140,13 +141,13 @@ def _statistics(model: nn.Module, block: str, names: list[str], scheme: PruneSch
             K = model.get_submodule(source).in_features
             measured[source] = Hessian(K) if scheme.method == "sparsegpt" else InputNorms(K)
         stats[name] = measured[source]
-    collect_inputs(model, block, measured, calibration)
+    passes.collect(block, measured)
     return stats
 
 
 def _prune_block(model: nn.Module, block: str, names: list[str], scheme: PruneScheme,
-                 calibration: Tensor | None, report: PruneReport) -> None:
-    stats = _statistics(model, block, names, scheme, calibration)
+                 passes: CalibrationPass | None, report: PruneReport) -> None:
+    stats = _statistics(model, block, names, scheme, passes)
     for name in names:
         linear = model.get_submodule(name)
         if scheme.pattern == "2:4" and linear.in_features % 4:
@@ -173,12 +174,12 @@ def _prune_global(model: nn.Module, blocks: dict[str, list[str]], scheme: PruneS
     report.layers = len(names)
 
 
-def _prune_units(model: nn.Module, block: str, scheme: PruneScheme, calibration: Tensor | None) -> Tensor:
+def _prune_units(model: nn.Module, block: str, scheme: PruneScheme, passes: CalibrationPass | None) -> Tensor:
     """Choose one block's heads or neurons to remove, zero (and for sparsegpt, compensate) their output
     columns; returns the keep-mask over units."""
     out_name = f"{block}.{OUTPUT_LAYER[scheme.pattern]}"
     out = model.get_submodule(out_name)
-    stats = _statistics(model, block, [out_name], scheme, calibration)
+    stats = _statistics(model, block, [out_name], scheme, passes)
     stat = stats.get(out_name)
     norms = None if stat is None else stat.value() if isinstance(stat, InputNorms) else stat.sum.diagonal().sqrt().float()
     cfg = model.cfg
