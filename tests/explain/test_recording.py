@@ -138,3 +138,23 @@ def test_one_knockout_per_batch_row_equals_each_knockout_alone():
         # the same computation in a batch of 5 instead of 1: matmul blocking may differ by fp32 rounding
         torch.testing.assert_close(batch[row], alone, atol=1e-5, rtol=1e-5)
     assert not torch.equal(batch[0], batch[-1])
+
+
+def test_the_fast_path_never_consults_a_probe_and_nothing_stays_hooked():
+    s = subject("llama-tiny")
+    fast = s.run()
+
+    def explode(weights):
+        raise AssertionError("the sdpa kernel called the probe")
+
+    layers = [m for m in s.model.modules() if isinstance(m, Attention)]
+    try:
+        for m in layers:
+            m.probe = explode  # impl stays "sdpa": the fused kernel must not look at it
+        assert torch.equal(s.run(), fast)
+    finally:
+        for m in layers:
+            m.probe = None
+    with recording(s.model):
+        s.run()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in s.model.modules())

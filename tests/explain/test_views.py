@@ -132,3 +132,12 @@ def test_sampling_view_stages_and_tokens():
         assert kept["top_k"] <= 50 and kept["top_p"] <= kept["top_k"]
         drawn = next(c for c in step["candidates"] if c["id"] == step["drawn"])
         assert drawn["min_p"] > 0  # the drawn token survived every stage
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "t5-tiny", "rwkv-tiny", "mamba-tiny"])
+def test_sampling_view_text_is_what_generate_writes(name):
+    lm = tiny_lm(name)
+    options = dict(max_new_tokens=5, seed=9, temperature=1.1, top_k=30, repetition_penalty=1.2)
+    result = run_view("sampling", Subject.create(lm, "猫坐在"), **options)
+    expected = lm.generate("猫坐在", **options)
+    assert result.data["text"] == (expected if lm.config.arch == "encoder-decoder" else "猫坐在" + expected)
