@@ -177,7 +177,7 @@ def test_sparsegpt_layer_error_is_below_magnitude_and_wanda(pattern):
     for rows in (X, held_out):
         e_sparse, e_magnitude, e_wanda = (layer_error(rows, W, w) for w in (sparse, magnitude, wanda))
         print(f"{pattern}: SparseGPT/magnitude {e_sparse / e_magnitude:.3f}, SparseGPT/Wanda {e_sparse / e_wanda:.3f}")
-        assert e_sparse < 0.5 * e_magnitude and e_sparse < 0.5 * e_wanda  # measured ~0.1: error feedback
+        assert e_sparse < 0.5 * e_magnitude and e_sparse < 0.5 * e_wanda  # measured 0.02–0.05: error feedback
     zeros = (sparse == 0).reshape(-1, 4).sum(1) if pattern == "2:4" else (sparse == 0).sum(1)
     assert torch.equal(zeros, torch.full_like(zeros, 2 if pattern == "2:4" else K // 2))
 
