@@ -140,7 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predict", default=None, metavar="WORD",
                    help="knockout: the word whose prediction is measured (default: 垫子 / mat, else the last token)")
     p.add_argument("--every-head", action="store_true",
-                   help="knockout: also remove every head alone and map the effect (layers × heads forwards)")
+                   help="knockout: also remove every head alone and map the effect (one batched forward per layer)")
     p.add_argument("--top", type=int, default=None, metavar="N",
                    help="attention: heads shown (default 8); knockout: ranked heads removed (default 3)")
     p.add_argument("--context", type=int, default=None, metavar="N",
