@@ -14,7 +14,8 @@ A state holds the rows of a continuous batch (llmkit/inference/rows.py) and answ
 - `reorder(index)`: row i becomes a copy of row index[i] (beam search's hypotheses).
 
 The families:
-- `AttentionState` (Transformer decoder-only): a KV cache per row on a shared timeline;
+- `AttentionState` (Transformer decoder-only): a KV cache per row on a shared timeline (optionally a
+  `PrefixCache`: the keys and values of recent prompts, whose common beginnings are copied, not computed);
 - `RecurrentState` (RWKV, Mamba): a fixed-size state per row, so rows batch with no padding at all;
 - `Seq2SeqState` (T5, BART): the encoder runs at prefill; each row's cross-attention keys/values are
   kept in the state beside its decoder self-attention cache;
@@ -25,6 +26,7 @@ The families:
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -144,6 +146,56 @@ class DecodingState:
         return ids.to(self.device), (mask.to(self.device) if mask is not None else None)
 
 
+class PrefixCache:
+    """Keys and values of recent prompts, so that a prompt beginning like one of them (the same system
+    prompt, the next turn of a chat) prefills only what differs. A position's keys and values depend
+    only on the tokens up to it, so any common beginning of two prompts can be copied. The least
+    recently used prompts are forgotten once more than `max_tokens` positions are held."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[tuple[int, ...], dict[str, Tensor]] = OrderedDict()
+        self.held = 0
+        self.reused = 0  # positions copied instead of computed, in all
+
+    def restore(self, prompt: list[int], cache: KVCache) -> int:
+        """Copy the longest cached beginning of `prompt` (leaving at least its last token to compute)
+        into `cache`, a one-row cache at position 0; returns its length."""
+        best, found = 0, None
+        for key in self.entries:
+            n = _common_prefix(key, prompt)
+            if n > best:
+                best, found = n, key
+        best = min(best, len(prompt) - 1)
+        if best == 0:
+            return 0
+        self.entries.move_to_end(found)
+        for name, tensor in cache.buffers().items():
+            tensor.narrow(3, 0, best).copy_(self.entries[found][name].narrow(3, 0, best))
+        cache.pos = best
+        self.reused += best
+        return best
+
+    def keep(self, prompt: list[int], cache: KVCache) -> None:
+        key = tuple(prompt)
+        if key in self.entries or len(key) > self.max_tokens:
+            return
+        self.entries[key] = {name: t.narrow(3, 0, len(key)).clone() for name, t in cache.buffers().items()}
+        self.held += len(key)
+        while self.held > self.max_tokens:
+            oldest, _ = self.entries.popitem(last=False)
+            self.held -= len(oldest)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def attention_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.dtype, device) -> KVCache:
     """A full KV cache (int8 where `model.kv_cache == "int8"`). Never the sliding window's ring buffer:
     rows of a continuous batch move on a shared timeline, which a ring's slot arithmetic cannot follow."""
@@ -153,20 +205,29 @@ def attention_cache(model: nn.Module, batch: int, max_len: int, *, dtype: torch.
 
 
 class AttentionState(DecodingState):
+    prefix_cache: PrefixCache | None = None  # set by the scheduler when prompts' beginnings are reused
+
     def prefill(self, prompts: Sequence[Sequence[int]]) -> Prefill:
         ids, mask = self._ids(prompts)
         cache = attention_cache(self.model, len(prompts), ids.shape[1], dtype=self.dtype, device=self.device)
+        reused = 0
+        if self.prefix_cache is not None and len(prompts) == 1:  # one unpadded row: positions from 0
+            reused = self.prefix_cache.restore(list(prompts[0]), cache)
 
         def run(a: int, b: int) -> Tensor:
+            a, b = a + reused, b + reused
             return self.model(ids[:, a:b], attention_mask=None if mask is None else mask[:, :b], cache=cache,
                               last_only=True)[:, -1]
 
         def parts() -> dict:
+            if self.prefix_cache is not None and len(prompts) == 1:
+                self.prefix_cache.keep(list(prompts[0]), cache)
             out = {name: (t, 1, 3) for name, t in cache.buffers().items()}
             out["mask"] = (torch.ones_like(ids) if mask is None else mask, 0, 1)
             return out
 
-        return Prefill([len(p) for p in prompts], ids.shape[1], ids.shape[1], run, parts, cache)
+        width = ids.shape[1]
+        return Prefill([len(p) for p in prompts], width, width - reused, run, parts, cache)
 
     def step(self, tokens: Tensor, reserve: int) -> Tensor:
         return self.extend(tokens[:, None], reserve)[:, -1]

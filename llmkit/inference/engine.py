@@ -110,9 +110,11 @@ class Handle:
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queued: int = 32,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0) -> None:
         """`eos_ids` default to the tokenizer's EOS (pass `lm.eos_ids` for a model with its own, e.g. a
-        chat model's end-of-turn token)."""
+        chat model's end-of-turn token). `prefix_cache_tokens` > 0 keeps recent prompts' keys and values
+        (that many positions at most, held until evicted) so a prompt that begins like one of them (a
+        shared system prompt, a chat's next turn) prefills only the rest; Transformer decoders."""
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
             raise GenerationError(f"max_queued must be an integer ≥ 0, got {max_queued!r}")
         if eos_ids is None:
@@ -120,13 +122,13 @@ class Engine:
         if pad_id is None:
             pad_id = (tokenizer.pad_id if tokenizer is not None else None) or 0
         self._session = Session(model, tokenizer, max_batch=max_batch, eos_ids=eos_ids, pad_id=pad_id,
-                                prefill_chunk=prefill_chunk)
+                                prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
         self.max_batch, self.max_queued = max_batch, max_queued
         self._lock = threading.Condition()
         self._incoming: list[Handle] = []
         self._live: set[Handle] = set()  # submitted and not finished
         self._closed = False
-        self._stats = dict(running=0, queued=0, requests_total=0, tokens_total=0, steps=0)
+        self._stats = dict(running=0, queued=0, requests_total=0, tokens_total=0, steps=0, prefix_tokens_reused=0)
         self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
         self._thread.start()
 
@@ -154,7 +156,8 @@ class Engine:
         return handle
 
     def stats(self) -> dict:
-        """running, queued, requests_total, tokens_total (and steps: decode steps run)."""
+        """running, queued, requests_total, tokens_total (and steps: decode steps run; prefix_tokens_reused:
+        prompt positions copied from the prefix cache instead of computed)."""
         with self._lock:
             return dict(self._stats)
 
@@ -223,6 +226,8 @@ class Engine:
                 tokens += 1
             handle._put(event)
         with self._lock:
+            prefixes = getattr(scheduler.state, "prefix_cache", None)
             self._stats.update(running=len(scheduler.running) + len(scheduler.joining),
-                               queued=len(scheduler.waiting) + len(self._incoming), steps=scheduler.steps)
+                               queued=len(scheduler.waiting) + len(self._incoming), steps=scheduler.steps,
+                               prefix_tokens_reused=prefixes.reused if prefixes is not None else 0)
             self._stats["tokens_total"] += tokens

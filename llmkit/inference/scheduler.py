@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import GenerationError
-from llmkit.inference.decoding_state import decoding_state
+from llmkit.inference.decoding_state import AttentionState, PrefixCache, decoding_state
 from llmkit.inference.sampling import PenaltyState, SamplingParams, sample
 
 PREFILL_CHUNK = 256  # prompt positions per prefill chunk while other rows decode (latency vs throughput)
@@ -75,10 +75,15 @@ def check_max_new_tokens(n: object, *, minimum: int = 0) -> None:
 
 class Scheduler:
     def __init__(self, model: nn.Module, *, max_batch: int, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0) -> None:
+        """`prefix_cache_tokens` > 0 keeps the keys and values of recent prompts (up to that many positions,
+        Transformer decoders) and prefills only what a new prompt does not share with one of them; requests
+        are then prefilled one at a time (a padded group has no common positions to copy)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise GenerationError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
         self.state = decoding_state(model, max_rows=max_batch, pad_id=pad_id, use_cache=use_cache)
+        if prefix_cache_tokens > 0 and isinstance(self.state, AttentionState):
+            self.state.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.eos = set(eos_ids)
         self.waiting: deque[Request] = deque()
@@ -161,6 +166,8 @@ class Scheduler:
     def _prefill_work(self) -> list[Emitted]:
         if self.prefill is None:
             free = self.max_batch - len(self.running)
+            if getattr(self.state, "prefix_cache", None) is not None:
+                free = min(free, 1)
             while self.waiting and len(self.joining) < free:
                 self.joining.append(self.waiting.popleft())
             if not self.joining:

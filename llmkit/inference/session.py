@@ -44,9 +44,10 @@ class Session:
     """A Scheduler whose requests carry stop strings and produce events."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int, eos_ids: Sequence[int] = (),
-                 pad_id: int = 0, use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK) -> None:
-        self.scheduler = Scheduler(model, max_batch=max_batch, eos_ids=eos_ids, pad_id=pad_id,
-                                   use_cache=use_cache, prefill_chunk=prefill_chunk)
+                 pad_id: int = 0, use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_tokens: int = 0) -> None:
+        self.scheduler = Scheduler(model, max_batch=max_batch, eos_ids=eos_ids, pad_id=pad_id, use_cache=use_cache,
+                                   prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
         self.tokenizer = tokenizer
         self.streams: dict[Request, TextStream] = {}
 

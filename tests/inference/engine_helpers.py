@@ -15,7 +15,7 @@ VOCAB = 97
 # 8 prompts of different lengths, joining a running batch at different decode steps
 LENGTHS = [3, 9, 1, 14, 6, 20, 2, 11]
 JOIN_AT = [0, 0, 2, 3, 3, 5, 7, 9]
-MAX_NEW = [8, 5, 10, 6, 9, 4, 7, 6]
+MAX_NEW = [8, 9, 10, 6, 9, 4, 7, 6]
 
 
 def tiny(name: str, **overrides) -> torch.nn.Module:

@@ -152,3 +152,28 @@ def test_int4_layers_serve_a_batch_in_bf16():
     assert report.int4_linears > 0 and report.int8_linears == 1
     out = generate(model, prompts(lengths=[5, 2, 9]), max_new_tokens=6, params=GREEDY)
     assert [len(o) for o in out] == [6, 6, 6]
+
+
+@torch.inference_mode()
+def test_a_shared_prompt_beginning_is_computed_once():
+    """With a prefix cache, a prompt that begins like an earlier one (a system prompt, the next turn of a
+    chat) prefills only the rest, and still gets the tokens it gets alone."""
+    model = tiny("llama-tiny")
+    system, a, b = prompts(lengths=[20, 6, 9], seed=7)
+    scheduler = Scheduler(model, max_batch=3, prefix_cache_tokens=200)
+    first, second = Request(system + a, 8, GREEDY), Request(system + b, 8, GREEDY)
+    third = Request(system + a + [5, 6, 7], 8, GREEDY)  # the next turn: all of `first`'s prompt is shared
+    for r in (first, second, third):
+        scheduler.add(r)
+    while scheduler.busy:
+        scheduler.step()
+    cache = scheduler.state.prefix_cache
+    assert cache.reused == 20 + 26 and cache.held == 26 + 29 + 29
+    for r in (first, second, third):
+        assert r.generated == generate(model, [r.prompt], max_new_tokens=8, params=GREEDY)[0]
+    small = Scheduler(model, max_batch=1, prefix_cache_tokens=30)  # room for one prompt: the oldest goes
+    for r in (Request(system + a, 2, GREEDY), Request(system + b, 2, GREEDY)):
+        small.add(r)
+    while small.busy:
+        small.step()
+    assert list(small.state.prefix_cache.entries) == [tuple(system + b)]
