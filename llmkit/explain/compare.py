@@ -14,10 +14,13 @@ def compare_view(left: ViewResult, right: ViewResult, left_name: str, right_name
     def draw(plt):
         shown = [p for p in pictures if p is not None]
         images = [plt.imread(io.BytesIO(p), format="png") for p in shown]
-        height = max(i.shape[0] for i in images) / 110
-        fig, axes = plt.subplots(1, len(images), figsize=(sum(i.shape[1] for i in images) / 110, height + 0.4),
-                                 squeeze=False)
-        for ax, image, name in zip(axes[0], images, (left_name, right_name)):
+        tall, wide = max(i.shape[0] for i in images) / 110, max(i.shape[1] for i in images) / 110
+        stacked = wide > 1.3 * tall  # wide figures one above the other, tall ones side by side
+        fig, axes = plt.subplots(len(images) if stacked else 1, 1 if stacked else len(images), squeeze=False,
+                                 figsize=(wide, len(images) * (tall + 0.4)) if stacked else
+                                 (len(images) * wide, tall + 0.4))
+        axes = axes[:, 0] if stacked else axes[0]
+        for ax, image, name in zip(axes, images, (left_name, right_name)):
             ax.imshow(image)
             ax.set_title(name, fontsize=10)
             ax.axis("off")
