@@ -10,6 +10,7 @@ text from the last 4 (the same kind of text, none of it trained or calibrated on
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -265,6 +266,9 @@ def test_saved_and_reloaded_pruned_model_gives_identical_logits(scheme, trained,
     lm.model, report = prune_model(lm.model, scheme, calibration=trained["calibration"])
     out = save_pruned(lm, tmp_path / "pruned", {**scheme.to_json(), **report.to_json()})
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as the umask allows, not mkdtemp's 0700
     loaded = llmkit.load(out)
     assert loaded.config == lm.model.cfg
     x = trained["held_out"][:3, :40]

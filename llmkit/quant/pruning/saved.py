@@ -36,6 +36,9 @@ def new_directory(out: Path) -> Iterator[Path]:
     removed when it does not."""
     check_destination(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model readable by its writer alone
     try:
         yield tmp
         if out.exists():
