@@ -35,8 +35,8 @@ def parse_edge(text: str) -> tuple[str, str]:
 def view_options(view: str, args: argparse.Namespace) -> dict:
     from llmkit.cli import sampling_from
 
-    keys = [k for k in (args.keys or "").split(",") if k] or None
-    top = {} if args.top is None else {"top": args.top}
+    keys = [k for k in (getattr(args, "keys", None) or "").split(",") if k] or None
+    top = {} if getattr(args, "top", None) is None else {"top": args.top}
     if view == "attention":
         return dict(query=args.query, keys=keys, **top)
     if view == "knockout":
@@ -64,11 +64,9 @@ def cmd_explain(args: argparse.Namespace) -> None:
     from llmkit.inference.sampling import SamplingParams
 
     view = args.other_view if args.view == "compare" else args.view
-    if view == "compare":
-        raise ConfigError("--view compare: choose the view to compare (tokens, attention, …)")
-    if args.top is not None and not 1 <= args.top <= 10_000:
+    if getattr(args, "top", None) is not None and not 1 <= args.top <= 10_000:
         raise ConfigError(f"--top must be in [1, 10000], got {args.top}")
-    if args.context is not None and not 1 <= args.context <= 1 << 24:
+    if getattr(args, "context", None) is not None and not 1 <= args.context <= 1 << 24:
         raise ConfigError(f"--context must be in [1, {1 << 24}], got {args.context}")
     if view == "sampling":
         from llmkit.cli import sampling_from
@@ -110,52 +108,94 @@ def _side_names(args: argparse.Namespace, left: str, lm, right: str, other_lm) -
     return left, right
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `explain` to the `llmkit` parser."""
+VIEWS = ("tokens", "attention", "knockout", "sampling", "logit-lens", "cache", "positions", "compare")
+
+
+def _focus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--query", default=None, metavar="WORD",
+                   help="the word whose attention is ranked (default for the article's sentence: 坐; for "
+                        "'The cat sat on the mat.': sat)")
+    p.add_argument("--keys", default=None, metavar="W1,W2",
+                   help="the words it should attend to (default: 猫,垫子 / cat,mat)")
+
+
+def _top_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--top", type=int, default=None, metavar="N", help=what)
+
+
+def _knockout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--edge", type=parse_edge, action="append", metavar="Q:K",
+                   help="remove the attention of word Q to word K in every layer and head (repeatable)")
+    p.add_argument("--predict", default=None, metavar="WORD",
+                   help="the word whose prediction is measured (default: 垫子 / mat, else the last token)")
+    p.add_argument("--every-head", action="store_true",
+                   help="also remove every head alone and map the effect (one batched forward per layer)")
+
+
+def _head_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--head", type=parse_head, action="append", metavar="L.H", help=what)
+
+
+def _view_flags(view: str, p: argparse.ArgumentParser) -> None:
+    """The flags view `view` reads (compare reads those of every view it may compare)."""
     from llmkit.cli import add_sampling_flags
+
+    if view in ("attention", "knockout", "compare"):
+        _focus_flags(p)
+        _top_flag(p, "attention: heads shown (default 8); knockout: ranked heads removed (default 3)")
+    if view in ("knockout", "compare"):
+        _knockout_flags(p)
+    if view in ("knockout", "positions", "compare"):
+        _head_flag(p, "knockout: a head to remove (L.* = every head of layer L; repeatable; default: the --top "
+                      "heads ranked for --query/--keys); positions: the RoPE head to plot (default 0.0)")
+    if view in ("sampling", "compare"):
+        add_sampling_flags(p, max_new_tokens=8)
+    if view in ("cache", "compare"):
+        p.add_argument("--context", type=int, default=None, metavar="N",
+                       help="the context length to size the cache for (default: the model's)")
+    if view == "compare":
+        p.add_argument("--view", dest="other_view", default="attention", choices=VIEWS[:-1],
+                       help="which view (default: attention)")
+        p.add_argument("--other", default=None, metavar="PATH", help="the second model (default: --model)")
+        p.add_argument("--other-quantize", choices=("none", "int4"), default=None,
+                       help="--quantize for the second model (e.g. fp32 against int4)")
+        p.add_argument("--other-dtype", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                       help="--dtype for the second model")
+
+
+VIEW_SUMMARIES = {
+    "tokens": "text → byte-level BPE pieces and ids, CJK shown as characters",
+    "attention": "per layer and head maps; heads ranked by how much --query attends to --keys",
+    "knockout": "remove heads or edges and show Δ log p of --predict",
+    "sampling": "each stage of the sampling chain at every generated token",
+    "logit-lens": "the next-token guess read out after every layer",
+    "cache": "KV-cache bytes by layer for the model's own layout, against a full multi-head cache",
+    "positions": "RoPE score against offset, ALiBi slopes, T5 buckets, learned tables",
+    "compare": "one view (--view) for --model and --other side by side",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `explain VIEW` to the `llmkit` parser: one sub-command per view, each with only its own flags."""
     from llmkit.commands.speed import add_speed_flags
 
     p = sub.add_parser("explain", help="see inside a model: tokens, attention, knockout, sampling, logit lens, "
                                        "cache, positions (JSON + PNG + offline HTML)",
                        description="Draw one of the article's intuitions on a real model. " + VIEW_HELP)
-    p.add_argument("view", choices=("tokens", "attention", "knockout", "sampling", "logit-lens", "cache",
-                                    "positions", "compare"), help="the view")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="a run, checkpoint, Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--text", default="猫坐在垫子上", help="the sentence to look at (default: 猫坐在垫子上)")
-    p.add_argument("--target", default=None, metavar="TEXT",
-                   help="encoder-decoder models: the decoder's text (default: the same as --text)")
-    p.add_argument("--out", default="runs/explain", metavar="DIR", help="where VIEW.json/.png/.html go "
-                                                                          "(default: runs/explain)")
-    p.add_argument("--query", default=None, metavar="WORD",
-                   help="attention/knockout: the word whose attention is ranked (default for the article's "
-                        "sentence: 坐; for 'The cat sat on the mat.': sat)")
-    p.add_argument("--keys", default=None, metavar="W1,W2",
-                   help="the words it should attend to (default: 猫,垫子 / cat,mat)")
-    p.add_argument("--head", type=parse_head, action="append", metavar="L.H",
-                   help="knockout: a head to remove (L.* = every head of layer L; repeatable; default: the --top "
-                        "heads ranked for --query/--keys); positions: the RoPE head to plot (default 0.0)")
-    p.add_argument("--edge", type=parse_edge, action="append", metavar="Q:K",
-                   help="knockout: remove the attention of word Q to word K in every layer and head (repeatable)")
-    p.add_argument("--predict", default=None, metavar="WORD",
-                   help="knockout: the word whose prediction is measured (default: 垫子 / mat, else the last token)")
-    p.add_argument("--every-head", action="store_true",
-                   help="knockout: also remove every head alone and map the effect (one batched forward per layer)")
-    p.add_argument("--top", type=int, default=None, metavar="N",
-                   help="attention: heads shown (default 8); knockout: ranked heads removed (default 3)")
-    p.add_argument("--context", type=int, default=None, metavar="N",
-                   help="cache: context length to size the cache for (default: the model's)")
-    p.add_argument("--view", dest="other_view", default="attention", metavar="VIEW",
-                   help="compare: which view (default: attention)")
-    p.add_argument("--other", default=None, metavar="PATH", help="compare: the second model (default: --model)")
-    p.add_argument("--other-quantize", choices=("none", "int4"), default=None,
-                   help="compare: --quantize for the second model (e.g. fp32 against int4)")
-    p.add_argument("--other-dtype", default=None, choices=("auto", "fp32", "bf16", "fp16"),
-                   help="compare: --dtype for the second model")
-    add_sampling_flags(p, max_new_tokens=8)
-    add_speed_flags(p)
-    # A view is a measurement: fp32 unless asked (auto may pick bf16, whose maps differ by machine).
-    dtype = next(a for a in p._actions if a.dest == "dtype")
-    dtype.help = dtype.help.replace("(default: auto)", "(default here: fp32; give the same --dtype to "
-                                                         "`llmkit generate` to compare samples)")
-    p.set_defaults(handler=cmd_explain, dtype="fp32")
+    views = p.add_subparsers(dest="view", required=True, metavar="VIEW")
+    for view in VIEWS:
+        v = views.add_parser(view, help=VIEW_SUMMARIES[view], description=VIEW_SUMMARIES[view])
+        v.add_argument("--model", default=None, metavar="PATH",
+                       help="a run, checkpoint, Hugging Face directory or .gguf (default: SmolLM2-135M-Instruct)")
+        v.add_argument("--text", default="猫坐在垫子上", help="the sentence to look at (default: 猫坐在垫子上)")
+        v.add_argument("--target", default=None, metavar="TEXT",
+                       help="encoder-decoder models: the decoder's text (default: the same as --text)")
+        v.add_argument("--out", default="runs/explain", metavar="DIR",
+                       help="where VIEW.json/.png/.html go (default: runs/explain)")
+        _view_flags(view, v)
+        add_speed_flags(v)
+        # A view is a measurement: fp32 unless asked (auto may pick bf16, whose maps differ by machine).
+        dtype = next(a for a in v._actions if a.dest == "dtype")
+        dtype.help = dtype.help.replace("(default: auto)", "(default here: fp32; give the same --dtype to "
+                                                             "`llmkit generate` to compare samples)")
+        v.set_defaults(handler=cmd_explain, dtype="fp32")

@@ -69,3 +69,11 @@ def test_errors_are_one_line(models, tmp_path, args, message):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("view,flag", [("tokens", ["--temperature", "0.5"]), ("cache", ["--query", "x"]),
+                                       ("attention", ["--context", "8"]), ("logit-lens", ["--every-head"])])
+def test_a_view_registers_only_the_flags_it_reads(view, flag):
+    """A flag of another view is an argparse error (exit 2, naming it), not silently ignored."""
+    result = run("explain", view, *flag)
+    assert result.returncode == 2 and "unrecognized arguments: " + flag[0] in result.stderr, result.stderr
