@@ -359,3 +359,27 @@ def test_the_calibration_pass_feeds_each_block_what_a_whole_forward_would(traine
             for name in names:
                 model.get_submodule(name).weight.mul_(0.5)
     assert passes.position == 1
+
+
+@pytest.mark.parametrize("pattern", ["heads", "neurons"])
+def test_structured_pruning_of_a_gpt2_style_model_with_biases(pattern):
+    """Biases on q/k/v and the up projection go with their rows; multi-head attention loses single heads."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=96, max_seq_len=32, d_model=48, n_layers=2, n_heads=4, bias=True,
+                                    norm="layernorm", mlp="gelu", position="learned", tie_embeddings=False,
+                                    init_std=0.1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)  # non-zero biases, so dropping the wrong ones would show
+    masked, report = prune_model(copy.deepcopy(model), PruneScheme("magnitude", pattern, 0.25), shrink_model=False)
+    smaller = shrink(copy.deepcopy(masked), report.keep_units, pattern)
+    if pattern == "heads":
+        assert (smaller.cfg.n_heads, smaller.cfg.n_kv_heads, smaller.cfg.head_dim) == (3, 3, 12)
+        assert smaller.stack.blocks[0].attn.k_proj.bias.shape == (36,)
+    else:
+        assert smaller.cfg.d_ff == 144 and smaller.stack.blocks[0].mlp.up_proj.bias.shape == (144,)
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(x), masked(x), rtol=1e-5, atol=1e-5)  # fp32 rounding only
+        assert not torch.allclose(masked(x), model(x), atol=1e-3)  # something was removed
