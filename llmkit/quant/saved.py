@@ -13,12 +13,13 @@ failed run leaves nothing at DIR. Nothing is pickled: safetensors and JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -53,18 +54,30 @@ def save_quantized(lm: Any, out: str | Path) -> Path:
     tensors = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
     if lm.model.cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # the embedding's own tensor, under a second name (a kept head)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with new_directory(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "llmkit-quantized"})
         lm.tokenizer.save(tmp)
         (tmp / "config.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def new_directory(out: Path) -> Iterator[Path]:
+    """A temporary directory beside `out`, renamed to `out` when the block ends without an error and
+    removed when it does not: a refused or failed run leaves nothing at `out`."""
+    check_destination(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model readable by its writer alone
+    try:
+        yield tmp
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def load_quantized_model(meta: dict, tensors: dict[str, Tensor], *, where: str) -> nn.Module:

@@ -2,6 +2,7 @@
 bit for bit; no full-precision copy of a quantised layer on disk; damaged files refused in one line."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -54,6 +55,9 @@ def test_saved_and_reloaded_quantised_model_gives_identical_logits(name, tokeniz
     assert report.quantized == 2 * 4 + 1 and not report.kept  # qkv, o, gate_up, down per block, and the head
     assert isinstance(lm.model.lm_head, Int8Linear if scheme.bits == 8 else Int4Linear)
     out = save_quantized(lm, tmp_path / "q")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable as the umask allows, not mkdtemp's 0700
     loaded = llmkit.load(out)
     assert loaded.model.quantization == scheme
     saved = load_file(out / "model.safetensors")

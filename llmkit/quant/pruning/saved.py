@@ -14,39 +14,16 @@ nothing at DIR.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from safetensors.torch import save_file
 
 import llmkit
 from llmkit.io.finetuned import chat_info_json
 from llmkit.io.weights import model_tensors
-from llmkit.quant.saved import check_destination
-
-
-@contextlib.contextmanager
-def new_directory(out: Path) -> Iterator[Path]:
-    """A temporary directory beside `out`, renamed to `out` when the block ends without an error and
-    removed when it does not."""
-    check_destination(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model readable by its writer alone
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from llmkit.quant.saved import new_directory
 
 
 def pruned_meta(lm: Any, pruning: dict[str, Any] | None) -> dict[str, Any]:
