@@ -205,6 +205,7 @@ class Scheduler:
             except GenerationError as exc:
                 r.finish_reason, r.error = "error", str(exc)
         out = []
+        scores = self._logprobs(requests, logits, chosen)
         for i in sorted(chosen):
             r, token = requests[i], chosen[i]
             if token in self.eos:
@@ -214,7 +215,7 @@ class Scheduler:
             if r.penalty.seen is not None:
                 r.penalty.record(torch.tensor([[token]], device=logits.device),
                                  torch.zeros(1, dtype=torch.bool, device=logits.device))
-            out.append(Emitted(r, token, *self._logprobs(r, logits[i], token)))
+            out.append(Emitted(r, token, *scores.get(i, (None, []))))
             if len(r.generated) >= r.limit:
                 r.finish_reason = "length"
             else:
@@ -222,13 +223,16 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _logprobs(request: Request, logits: Tensor, token: int) -> tuple[float | None, list[tuple[int, float]]]:
-        """The chosen token's log-probability and the top k, from the model's raw logits."""
-        if request.logprobs is None:
-            return None, []
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = []
-        if request.logprobs > 0:
-            values, ids = logprobs.topk(min(request.logprobs, logprobs.shape[-1]))
-            top = list(zip(ids.tolist(), values.tolist()))
-        return float(logprobs[token]), top
+    def _logprobs(requests: list[Request], logits: Tensor, chosen: dict[int, int]
+                  ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """For the rows whose requests asked: the chosen token's log-probability and the top k, from the
+        model's raw logits (one log-softmax and one top-k for all of them)."""
+        rows = [i for i in sorted(chosen) if requests[i].logprobs is not None]
+        if not rows:
+            return {}
+        logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+        picked = logprobs.gather(1, torch.tensor([[chosen[i]] for i in rows], device=logits.device)).squeeze(1)
+        k = min(max(requests[i].logprobs for i in rows), logprobs.shape[-1])
+        values, ids = logprobs.topk(k) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+        values, ids, picked = values.tolist(), ids.tolist(), picked.tolist()
+        return {i: (picked[j], list(zip(ids[j], values[j]))[:requests[i].logprobs]) for j, i in enumerate(rows)}
