@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
     add_speed_flags(gen)
     gen.add_argument("--num-beams", type=int, default=1,
-                     help="beam search with this many beams (encoder-decoder models; default: 1, no beam search)")
+                     help="beam search with this many beams, for decoder-only and encoder-decoder models (a "
+                          "decoder's best beam is printed after the prompt; default: 1, no beam search)")
     gen.add_argument("--length-penalty", type=float, default=1.0,
                      help="beam search: > 0 favours longer outputs, < 0 shorter ones (default: 1.0)")
 
