@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,13 +28,11 @@ from post_training_helpers import save_tiny_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
 from gguf_tiny import write_gguf  # noqa: E402
 
+from bounded_llmkit import run_bounded  # noqa: E402
+
 TIME_LIMIT = 30  # CPU seconds per process (importing torch is ~2 s; a template render stops at 2 s)
 WALL_LIMIT = 300  # seconds: a hang detector only
 MEMORY_LIMIT = 1 << 30  # RLIMIT_AS per process; these runs peak near 300 MB resident
-SHIM = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
-        "resource.setrlimit(resource.RLIMIT_CPU, ({1}, {1})); "
-        "sys.argv = ['llmkit', *sys.argv[1:]]; runpy.run_module('llmkit', run_name='__main__')"
-        ).format(MEMORY_LIMIT, TIME_LIMIT)
 NOT_UTF8 = "caf\udce9 \udcff"  # the bytes b"caf\xe9 \xff" (Latin-1, not UTF-8) as Python's argv holds them
 TEMPLATES = {
     "center": "{{ 'x'|center(2000000000) }}",
@@ -164,13 +160,8 @@ WORKING = {
 
 
 def run(argv: list, cwd: Path) -> dict:
-    try:
-        proc = subprocess.run([sys.executable, "-c", SHIM, *map(str, argv)], cwd=cwd, capture_output=True,
-                              timeout=WALL_LIMIT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, stdout, stderr = None, b"", exc.stderr or b""
-    return dict(rc=rc, stdout=stdout.decode(errors="replace"), stderr=stderr.decode(errors="replace"), argv=argv)
+    r = run_bounded(argv, cwd, memory=MEMORY_LIMIT, cpu_s=TIME_LIMIT, wall_s=WALL_LIMIT)
+    return dict(rc=r.rc, stdout=r.stdout, stderr=r.stderr, argv=r.argv)
 
 
 @pytest.fixture(scope="module")

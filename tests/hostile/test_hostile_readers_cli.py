@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from bounded_llmkit import run_bounded
 from post_training_helpers import save_tiny_model
 
 CPU_LIMIT = 30  # seconds of CPU per process (RLIMIT_CPU: the kernel kills it past that); a run takes ~2 s
@@ -29,10 +28,6 @@ MEMORY_LIMIT = 1 << 30  # RLIMIT_AS per process; an error exit peaks near 230 MB
 # A process that blocks (on a FIFO) uses no CPU, so a wall-clock limit catches it instead; it is
 # generous because the test machine's cores are shared and a 2-second run can take 20 s of wall time.
 WALL_LIMIT = 240
-# Applied inside the child before llmkit is imported (a preexec_fn is unsafe with the thread pool).
-SHIM = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, ({0}, {0})); "
-        "resource.setrlimit(resource.RLIMIT_CPU, ({1}, {1})); sys.argv = ['llmkit', *sys.argv[1:]]; "
-        "runpy.run_module('llmkit', run_name='__main__')").format(MEMORY_LIMIT, CPU_LIMIT)
 DEEP = "[" * 100_000
 HUGE_INT = "9" * 5000
 SFT = {"instruction": "Add 2 and 3.", "output": "5"}
@@ -213,13 +208,8 @@ def run_case(name: str, models: dict[str, Path], root: Path) -> dict:
     case.mkdir()
     argv, needle = CASES[name](models, case)
     before = tree(case)
-    try:
-        proc = subprocess.run([sys.executable, "-c", SHIM, *map(str, argv)], cwd=case, capture_output=True,
-                              text=True, timeout=WALL_LIMIT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        rc, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed it
-        rc, stderr = None, (exc.stderr or b"").decode(errors="replace")
-    return dict(rc=rc, stderr=stderr, needle=needle, new_files=sorted(tree(case) - before), argv=argv)
+    r = run_bounded(argv, case, memory=MEMORY_LIMIT, cpu_s=CPU_LIMIT, wall_s=WALL_LIMIT)
+    return dict(rc=r.rc, stderr=r.stderr, needle=needle, new_files=sorted(tree(case) - before), argv=argv)
 
 
 @pytest.fixture(scope="module")

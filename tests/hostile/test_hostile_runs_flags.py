@@ -12,14 +12,11 @@ mean the input reached the internal-error guard instead of being refused where i
 from __future__ import annotations
 
 import json
-import os
-import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from bounded_llmkit import Outcome, run_bounded
 from conftest import make_corpus
 
 MEMORY_BOUND = 3 << 30  # bytes of address space per process
@@ -29,26 +26,17 @@ TINY = ("--preset", "gpt2-tiny", "--seq-len", "32", "--batch-size", "4", "--step
 
 
 def run_llmkit(args, cwd: Path, *, env: dict | None = None, limit: int | None = MEMORY_BOUND,
-               code: str | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    """`python -m llmkit ARGS` (or `python -c CODE`) in `cwd` under the address-space bound; the
-    result and the CPU seconds it used (robust to a busy machine; a hang is caught by the timeout)."""
-    def bound() -> None:
-        if limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-    argv = [sys.executable, "-c", code] if code else [sys.executable, "-m", "llmkit", *map(str, args)]
-    full_env = {**{k: v for k, v in os.environ.items() if k not in ("LLMKIT_FAULT_AT", "LLMKIT_DEBUG")},
-                "OMP_NUM_THREADS": "1", **(env or {})}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    result = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, errors="replace",
-                            timeout=120, preexec_fn=bound)  # a hang fails here
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return result, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+               code: str | None = None) -> tuple[Outcome, float]:
+    """`llmkit ARGS` (or the Python program CODE) in `cwd` under the address-space bound; the outcome
+    and the CPU seconds it used (robust to a busy machine; a hang is caught by the wall-clock limit)."""
+    result = run_bounded(list(args), cwd, memory=limit, cpu_s=None, wall_s=120, env=env, code=code)
+    assert result.rc is not None, f"still running after 120 s: {result.argv}"
+    return result, result.cpu_s
 
 
-def assert_refused(result: subprocess.CompletedProcess, seconds: float, needle: str) -> None:
+def assert_refused(result: Outcome, seconds: float, needle: str) -> None:
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.rc == 2, f"exit {result.rc}: {result.stderr[-2000:]}"
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     assert needle in lines[0], lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -161,10 +149,10 @@ def test_internal_error_is_one_line_asking_for_a_report(workdir: Path, error: st
     code = FAILING_HANDLER.format(error=error)
     result, _ = run_llmkit((), workdir, code=code)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1, result.stderr
+    assert result.rc == 1, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"error: internal error in 'llmkit presets': {name}: ")
     assert "please report this" in lines[0] and "LLMKIT_DEBUG=1" in lines[0]
     debug, _ = run_llmkit((), workdir, code=code, env={"LLMKIT_DEBUG": "1"})
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(
+    assert debug.rc == 1 and "Traceback" in debug.stderr and debug.stderr.rstrip().endswith(
         lines[0].split(" — ")[-1])
