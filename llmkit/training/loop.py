@@ -227,14 +227,14 @@ class Trainer:
         mine = range(world.rank, cfg.grad_accum, world.size)  # micro-batches r, r + N, …: disjoint data
         total_loss, tokens = 0.0, 0
         extra: dict[str, float] = {}  # the objective's own metrics (reward accuracy, DPO margins), averaged
-        for i, micro in enumerate(mine):
+        for micro in mine:
             batch = to_device(self.get_batch(step * cfg.grad_accum + micro), self.runtime.device)
-            # DDP averages gradients over the ranks once, after this rank's last micro-batch
-            sync = i == len(mine) - 1 or not hasattr(self.objective, "no_sync")
-            with contextlib.nullcontext() if sync else self.objective.no_sync():
-                with self.runtime.autocast():
-                    loss, metrics = self.objective(batch)
-                (loss / len(mine)).backward()
+            with self.runtime.autocast():
+                loss, metrics = self.objective(batch)
+            # Under DDP every backward averages the accumulated gradients over the ranks; the part
+            # already averaged is the same on every rank, so the sum stays right. (DDP's no_sync would
+            # save those all-reduces, but its static graph — needed for unused weights — refuses it.)
+            (loss / len(mine)).backward()
             total_loss += float(loss.detach()) / len(mine)
             tokens += int(metrics.get("tokens", 0))
             for key, value in metrics.items():
