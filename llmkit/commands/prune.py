@@ -59,8 +59,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     import llmkit
     from llmkit.commands.progress import Progress
-    from llmkit.commands.quantize import refuse_heads
-    from llmkit.quant.calibrate import model_calibration, sample_length, text_calibration
+    from llmkit.commands.quantize import calibration_from_flags, refuse_heads
     from llmkit.quant.pruning.apply import check_prunable, prune_model
     from llmkit.quant.pruning.saved import new_directory, write_pruned
     from llmkit.runtime import set_threads
@@ -71,18 +70,7 @@ def cmd_prune(args: argparse.Namespace) -> None:
     lm = llmkit.load(args.model, dtype="fp32")  # on the CPU: masks are chosen from full-precision weights
     check_prunable(lm.model, scheme)
     refuse_heads(lm, "llmkit prune")
-    calibration = None
-    if scheme.calibrated:
-        length = sample_length(lm.config.max_seq_len)
-        if args.calibration is not None:
-            calibration = text_calibration(lm, args.calibration, samples=args.calibration_samples, length=length)
-            source = f"{args.calibration}"
-        else:
-            progress.say(f"calibration: sampling {args.calibration_samples} sequences of {length} tokens "
-                         "from the model (no --calibration given) …")
-            calibration = model_calibration(lm, samples=args.calibration_samples, length=length, seed=args.seed)
-            source = "the model's own samples"
-        progress.say(f"calibration: {calibration.shape[0]} × {calibration.shape[1]} tokens from {source}")
+    calibration = calibration_from_flags(lm, args, progress) if scheme.calibrated else None
 
     def on_unit(kind: str, info: dict) -> None:
         progress.say(f"{scheme.method}: {info['name']} ({info['layers']} linear) done, {info['index']}/"

@@ -21,7 +21,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from llmkit.commands.progress import Progress
     from llmkit.errors import ConfigError
     from llmkit.quant.apply import check_quantizable, quantize_model
-    from llmkit.quant.calibrate import model_calibration, sample_length, text_calibration
     from llmkit.quant.saved import check_destination, save_quantized
     from llmkit.quant.scheme import QuantScheme
     from llmkit.runtime import set_threads
@@ -41,18 +40,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     lm = llmkit.load(args.model, dtype="fp32")  # on the CPU: codes are chosen from full-precision weights
     check_quantizable(lm.model)
     refuse_heads(lm)
-    calibration = None
-    if scheme.method != "rtn":
-        length = sample_length(lm.config.max_seq_len)
-        if args.calibration is not None:
-            calibration = text_calibration(lm, args.calibration, samples=args.calibration_samples, length=length)
-            source = f"{args.calibration}"
-        else:
-            progress.say(f"calibration: sampling {args.calibration_samples} sequences of {length} tokens "
-                         "from the model (no --calibration given) …")
-            calibration = model_calibration(lm, samples=args.calibration_samples, length=length, seed=args.seed)
-            source = "the model's own samples"
-        progress.say(f"calibration: {calibration.shape[0]} × {calibration.shape[1]} tokens from {source}")
+    calibration = calibration_from_flags(lm, args, progress) if scheme.method != "rtn" else None
 
     def on_event(kind: str, info: dict) -> None:
         if scheme.method != "rtn":
@@ -81,6 +69,24 @@ def refuse_heads(lm, command: str = "llmkit quantize") -> None:
     if isinstance(meta, dict) and meta.get("heads"):
         raise ConfigError(f"{lm.path}: a model with extra heads ({', '.join(map(str, meta['heads']))}); "
                           f"{command} writes language models only")
+
+
+def calibration_from_flags(lm, args: argparse.Namespace, progress):
+    """The calibration token rows of --calibration (text) or, without it, sampled from the model itself
+    (--calibration-samples of them, seeded by --seed); what `quantize` and `prune` both read."""
+    from llmkit.quant.calibrate import model_calibration, sample_length, text_calibration
+
+    length = sample_length(lm.config.max_seq_len)
+    if args.calibration is not None:
+        calibration = text_calibration(lm, args.calibration, samples=args.calibration_samples, length=length)
+        source = f"{args.calibration}"
+    else:
+        progress.say(f"calibration: sampling {args.calibration_samples} sequences of {length} tokens "
+                     "from the model (no --calibration given) …")
+        calibration = model_calibration(lm, samples=args.calibration_samples, length=length, seed=args.seed)
+        source = "the model's own samples"
+    progress.say(f"calibration: {calibration.shape[0]} × {calibration.shape[1]} tokens from {source}")
+    return calibration
 
 
 def register(sub: argparse._SubParsersAction) -> None:
