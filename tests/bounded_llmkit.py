@@ -49,3 +49,22 @@ def run_bounded(args: list, cwd: str | Path, *, memory: int | None = 1 << 30, cp
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return Outcome(rc, stdout.decode(errors="replace"), stderr.decode(errors="replace"),
                    (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), argv)
+
+
+def llmkit_argv(*args) -> list[str]:
+    """The venv's `llmkit` entry point (or `python -m llmkit.cli`) with ARGS."""
+    script = Path(sys.executable).with_name("llmkit")
+    return [*([str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]), *map(str, args)]
+
+
+def run_all(commands: dict[str, list], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Start every command at once (each pays ~2 s importing torch), then collect them (no bounds:
+    for commands given good input)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen(llmkit_argv(*argv), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name, argv in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return results

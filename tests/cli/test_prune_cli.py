@@ -3,10 +3,6 @@ fine-tune), each output loaded by `llmkit.load` and run by `generate`; bad flags
 line (in process, through llmkit.cli.main) and leave nothing behind."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ import torch
 import llmkit
 from llmkit.cli import main
 from llmkit.quant.pruning.apply import block_linears
+from bounded_llmkit import run_all
 from tests.conftest import make_corpus
 
 PRUNED = {  # name → flags
@@ -42,23 +39,6 @@ BAD = {  # name → (flags after --model RUN, what the error line says)
     "model_missing": (("--model", "{root}/no_model"), "no such model"),
     "out_taken": (("--out", "{root}/taken"), "not an empty directory"),
 }
-
-
-def llmkit_argv(*args) -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [*([str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]), *map(str, args)]
-
-
-def run_all(commands: dict[str, list], cwd: Path) -> dict[str, subprocess.CompletedProcess]:
-    """Start every command at once (each pays ~2 s importing torch), then collect them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {name: subprocess.Popen(llmkit_argv(*argv), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for name, argv in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return results
 
 
 @pytest.fixture(scope="module")
