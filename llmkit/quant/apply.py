@@ -36,12 +36,18 @@ class QuantReport:
 
 
 def check_quantizable(model: nn.Module) -> None:
+    require_full_precision_decoder(model, "llmkit quantize", "the model is already quantised; quantise the "
+                                                             "full-precision model it came from")
+
+
+def require_full_precision_decoder(model: nn.Module, command: str, if_quantized: str) -> None:
+    """What quantize and prune both take: a decoder-only transformer whose layers are not quantised."""
     cfg = getattr(model, "cfg", None)
     if cfg is None or cfg.arch != "decoder" or cfg.body != "transformer":
         what = "this model" if cfg is None else f"a {cfg.arch} {cfg.body} model"
-        raise ConfigError(f"llmkit quantize takes decoder-only transformers; {what} is not one")
+        raise ConfigError(f"{command} takes decoder-only transformers; {what} is not one")
     if any(is_quantized(m) for m in model.modules()):
-        raise ConfigError("the model is already quantised; quantise the full-precision model it came from")
+        raise ConfigError(if_quantized)
 
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, *, calibration: Tensor | None = None,

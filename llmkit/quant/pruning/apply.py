@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import ConfigError
-from llmkit.layers.quantized import is_quantized
+from llmkit.quant.apply import require_full_precision_decoder
 from llmkit.quant.calibrate import CalibrationPass
 from llmkit.quant.gptq import Hessian
 from llmkit.quant.pruning.masks import InputNorms, global_masks, scores, unstructured_mask
@@ -66,12 +66,9 @@ def block_linears(model: nn.Module) -> dict[str, list[str]]:
 
 def check_prunable(model: nn.Module, scheme: PruneScheme) -> None:
     """Refuse, in one line, a model the scheme cannot prune (before any calibration work)."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or cfg.arch != "decoder" or cfg.body != "transformer":
-        what = "this model" if cfg is None else f"a {cfg.arch} {cfg.body} model"
-        raise ConfigError(f"llmkit prune takes decoder-only transformers; {what} is not one")
-    if any(is_quantized(m) for m in model.modules()):
-        raise ConfigError("the model is quantised; prune the full-precision model it came from (then quantise)")
+    require_full_precision_decoder(model, "llmkit prune", "the model is quantised; prune the full-precision "
+                                                          "model it came from (then quantise)")
+    cfg = model.cfg
     if cfg.share_layers:
         raise ConfigError("the model shares one block's weights across layers; llmkit prune prunes each layer's own")
     if scheme.structured:
