@@ -10,7 +10,9 @@ middleware, so it sees unknown paths and streamed responses too.
    page asks its user for the key and keeps it in memory.
 3. Headers on every response: Content-Security-Policy `default-src 'self'` (the page can load and
    fetch nothing from elsewhere, and an injected tag could not either), nosniff, no framing, no
-   referrer. No CORS header is ever sent, so other origins' scripts cannot read any answer.
+   referrer. No CORS header is ever sent, so other origins' scripts cannot read any answer. A route
+   that sets one of these headers itself keeps its own: the /explain pages send theirs (`default-src
+   'none'`: no fetch at all, their one inline script and style allowed by hash, data: images).
 4. Counting responses by route and status for /metrics.
 """
 
@@ -51,7 +53,9 @@ class Guard:
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                own = message.get("headers", [])
+                named = {name.lower() for name, _ in own}
+                message["headers"] = [*own, *(h for h in SECURITY_HEADERS if h[0] not in named)]
                 self.metrics.responses[(route, message["status"])] += 1
             await send(message)
 
