@@ -32,6 +32,6 @@ demo: .venv/.base
 	.venv/bin/llmkit demo
 
 test: .venv/.system
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 .PHONY: demo test

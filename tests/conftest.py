@@ -1,5 +1,6 @@
 """Shared test setup: a fixed seed and thread count, and a small real corpus."""
 
+import os
 import random
 import shutil
 import sysconfig
@@ -8,15 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker gets one of the two cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    """Every test starts from the same RNG state on two CPU threads."""
-    torch.set_num_threads(2)
+    """Every test starts from the same RNG state and thread count."""
+    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     yield
 
