@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 
 
 def load(path: str | Path, *, device: "str | torch.device" = "cpu",
-         dtype: "str | torch.dtype | None" = None) -> "LanguageModel":
-    """Load a model and its tokenizer; device "auto"|"cpu"|"cuda"|…, dtype None|"auto"|"fp32"|"bf16"|"fp16"
-    (see `llmkit.api.load`; `lm.runtime.describe()` says what was chosen and why)."""
+         dtype: "str | torch.dtype | None" = None, quantize: str | None = None) -> "LanguageModel":
+    """Load a model and its tokenizer; device "auto"|"cpu"|"cuda"|…, dtype None|"auto"|"fp32"|"bf16"|"fp16",
+    quantize None|"int4" (see `llmkit.api.load`; `lm.runtime.describe()` says what was chosen and why)."""
     from llmkit.api import load as _load  # deferred: `import llmkit` stays cheap for the CLI
 
-    return _load(path, device=device, dtype=dtype)
+    return _load(path, device=device, dtype=dtype, quantize=quantize)

@@ -51,7 +51,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> "LanguageModel":
+         dtype: str | torch.dtype | None = None, quantize: str | None = None) -> "LanguageModel":
     """Load a model and its tokenizer.
 
     Args:
@@ -63,11 +63,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
         dtype: the weights' dtype: "auto" (the fastest safe one here, by llmkit.runtime.choose_dtype
             on the model's decoding shapes), "fp32", "bf16", "fp16" or a torch dtype; None (the
             default) keeps float32 for Hugging Face and GGUF weights, and llmkit checkpoints as stored.
+        quantize: "int4" when the model is loaded to generate with 4-bit weights (as `--quantize int4`
+            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1 and
+            Q8_0 layers then keep the file's own codes, with no full-precision copy in memory; for
+            decoding only. Other models load as without it.
     The choice, with its reason, is `lm.runtime` (`lm.runtime.describe()` says it in one line).
     """
     where = resolve_device(device)  # first: an absent device is an error before any file is read
     if is_gguf_file(path):
-        g = load_gguf(path)
+        g = load_gguf(path, keep_quantized=quantize == "int4" and where.type == "cpu")
         return LanguageModel(g.model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
                              chat_template=g.chat_template).placed(where, dtype)
     if is_hf_dir(path) and not (Path(path) / "manifest.json").exists():

@@ -126,9 +126,12 @@ PROBE_ROWS = 2048  # enough rows that casting the weights (autocast) costs what 
 
 
 def linear_shapes(model: nn.Module, rows: int) -> list[Shape]:
-    """The distinct (rows, in, out) products of the model's linear layers: the probe's shapes."""
+    """The distinct (rows, in, out) products of the model's linear layers: the probe's shapes. Quantised
+    layers count: their many-row products (prefill) multiply by the dequantised weight in the chosen dtype."""
+    from llmkit.layers.quantized import is_quantized  # deferred: it loads the native kernels' module
+
     shapes = {(min(rows, PROBE_ROWS), m.in_features, m.out_features) for m in model.modules()
-              if isinstance(m, nn.Linear) and m.weight.device.type != "meta"}
+              if (isinstance(m, nn.Linear) and m.weight.device.type != "meta") or is_quantized(m)}
     return sorted(shapes, key=lambda s: s[1] * s[2], reverse=True)[:4]  # the largest carry the time
 
 

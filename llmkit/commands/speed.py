@@ -51,7 +51,7 @@ def load_with_flags(path: str | Path, args: argparse.Namespace):
 
     resolve_device(args.device)  # an absent device is the one error line, before anything is read
     set_threads(args.threads)
-    return llmkit.load(path, device=args.device, dtype=args.dtype)
+    return llmkit.load(path, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None))
 
 
 def place(model, args: argparse.Namespace, *, rows: int):

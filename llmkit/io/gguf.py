@@ -22,7 +22,8 @@ from torch import Tensor
 
 from llmkit.config import ModelConfig
 from llmkit.errors import ConfigError, ModelFormatError
-from llmkit.io.gguf_reader import Header, TensorInfo, is_gguf_file, read_header, read_tensor
+from llmkit.io.gguf_kept import keep_blocks
+from llmkit.io.gguf_reader import Header, TensorInfo, is_gguf_file, read_header, read_tensor, read_tensor_into
 from llmkit.io.gguf_tokenizer import tokenizer_from_gguf
 from llmkit.io.hf_config import MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH
 from llmkit.io.weights import check_finite, model_tensors
@@ -191,10 +192,12 @@ def unpermute_rope(w: Tensor, n_heads: int) -> Tensor:
     return w.transpose(1, 2).reshape(n_heads * D, *w.shape[3:])  # (H, 2, D/2, C) → (H·D, C)
 
 
-def load_gguf(path: str | Path) -> GGUFModel:
+def load_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
     """Load a GGUF file: an llmkit CausalLM in eval mode with float32 weights (quantised tensors are
     dequantised), its tokenizer, prefix and EOS ids, and its chat template. Header, config, tensor
-    shapes and types, and tokenizer are all checked before the model's weights are allocated."""
+    shapes and types, and tokenizer are all checked before the model's weights are allocated.
+    `keep_quantized`: linear layers stored as Q4_0, Q4_1 or Q8_0 become int4/int8 layers holding the
+    file's own codes (llmkit/io/gguf_kept.py), for decoding only; the rest loads as before."""
     path = Path(path)
     where = str(path)
     header = read_header(path)
@@ -207,13 +210,25 @@ def load_gguf(path: str | Path) -> GGUFModel:
     state = model_tensors(model)  # shares storage with the parameters; a tied head is the embedding
     assert {n: tuple(t.shape) for n, t in state.items()} == {
         n: tuple(reversed(i.dims)) for n, i in plan.items()}, "tensor_names disagrees with CausalLM"
+
+    def reordered(name: str) -> bool:  # rows llama.cpp permuted for its interleaved RoPE
+        return permuted and name.endswith(("q_proj.weight", "k_proj.weight"))
+
+    def unpermute(name: str, t: Tensor) -> Tensor:
+        return unpermute_rope(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads) if reordered(name) else t
+
     data = np.memmap(path, dtype=np.uint8, mode="r")
     with torch.no_grad():
+        kept = keep_blocks(model, plan, data, unpermute=unpermute, where=where) if keep_quantized else set()
         for name, info in plan.items():
+            if name in kept:  # its layer holds the file's codes; its float32 tensor was never written
+                continue
+            if not reordered(name):  # rows stay in place: dequantised straight into the parameter
+                read_tensor_into(state[name], data, info)
+                check_finite(info.name, state[name], where)  # a NaN scale or weight would load silently
+                continue
             t = read_tensor(data, info)
-            check_finite(info.name, t, where)  # a NaN scale or weight would load silently
-            if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
-                t = unpermute_rope(t, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads)
-            state[name].copy_(t)
-    del data
+            check_finite(info.name, t, where)
+            state[name].copy_(unpermute(name, t))
+    del data, state
     return GGUFModel(model.eval(), tok.tokenizer, tok.prefix_ids, tok.eos_ids, tok.chat_template)

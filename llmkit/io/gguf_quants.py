@@ -40,3 +40,34 @@ def dequantize_simple(raw: np.ndarray, qtype: QT) -> Tensor | None:
         else:
             out = torch.addcmul(blocks[:, 2:4].contiguous().view(torch.float16).float(), q, scale)
     return out.reshape(*raw.shape[:-1], -1)
+
+
+# The block types whose codes llmkit's int4/int8 layers hold as they are (one scale, and an offset,
+# per group of 32 weights of a row: llmkit/layers/quantized.py), and their bits.
+KEPT_BITS = {QT.Q8_0: 8, QT.Q4_0: 4, QT.Q4_1: 4}
+
+
+def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`raw` (rows, blocks·bytes per block) uint8 → codes (rows, blocks·32) and float32 scale and
+    offset (rows, blocks) in the form of llmkit's quantised layers, or None for other types:
+
+        int8 (Q8_0):  w = code · scale                      code = q ∈ −127..127
+        int4:         w = (code − 8) · scale + offset       Q4_0: code = q, offset = 0
+                                                            Q4_1: code = q, offset = m + 8·d
+
+    The codes are the file's own; the scales and offsets are its fp16 numbers (the layers store them
+    in bf16, as they store any other model's)."""
+    if qtype not in KEPT_BITS:
+        return None
+    type_size, header = _SIMPLE[qtype]
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, type_size)  # (rows, blocks, bytes)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # (rows, blocks)
+    payload = blocks[..., header:]
+    if qtype == QT.Q8_0:
+        return payload.contiguous().view(torch.int8).reshape(rows, -1), d, torch.zeros_like(d)
+    codes = torch.cat([payload & 0x0F, payload >> 4], dim=-1).reshape(rows, -1)  # per block: 0–15, then 16–31
+    if qtype == QT.Q4_0:
+        return codes, d, torch.zeros_like(d)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    return codes, d, m + 8 * d
