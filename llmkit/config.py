@@ -45,6 +45,7 @@ LIMITS = {"vocab_size": 1 << 22, "max_seq_len": 1 << 24, "d_model": 1 << 16, "n_
           "n_decoder_layers": 1024, "relative_buckets": 1 << 12, "relative_max_distance": 1 << 24,
           "decoder_start_token_id": 1 << 22, "attention_window": 1 << 24, "attention_global_tokens": 1 << 24,
           "attention_block_size": 1 << 16, "attention_random_blocks": 1 << 16, "attention_seed": (1 << 63) - 1,
+          "attention_dense_up_to": 1 << 24,
           "ssm_state": 1 << 12, "conv_kernel": 1 << 10, "ssm_conv": 1 << 10, "ssm_expand": 64, "ssm_dt_rank": 1 << 16,
           "rwkv_attention_dim": 1 << 16}
 
@@ -170,6 +171,13 @@ class ModelConfig:
     attention_block_size: int = 16
     attention_random_blocks: int = 0
     attention_seed: int = 0
+    # transformers' Longformer and BigBird (encoders; llmkit/io/hf_longformer.py, hf_bigbird.py). Positions the
+    # attention mask marks 2 are global too. Longformer: global queries, and the keys and values they read, have
+    # their own q/k/v projections (attention_global_projections). BigBird: the block holding the last position is
+    # global (attention_global_last_block), and a sequence of at most attention_dense_up_to tokens attends fully.
+    attention_global_projections: bool = False
+    attention_global_last_block: bool = False
+    attention_dense_up_to: int = 0
     # --- linear-time bodies (RWKV, Mamba) ---
     # Mamba (Gu & Dao 2023): each block widens to ssm_expand·d_model channels, runs a causal depthwise
     # conv of width ssm_conv, then a selective scan with an ssm_state-sized state per channel whose
@@ -286,13 +294,17 @@ class ModelConfig:
 
     def _check_attention_pattern(self) -> None:
         pattern, window = self.attention_pattern, self.attention_window
-        for name in ("attention_global_tokens", "attention_random_blocks", "attention_seed"):
+        for name in ("attention_global_tokens", "attention_random_blocks", "attention_seed", "attention_dense_up_to"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.attention_block_size <= 0:
             raise ConfigError(f"ModelConfig.attention_block_size must be > 0, got {self.attention_block_size!r}")
         if window is not None and window <= 0:
             raise ConfigError(f"ModelConfig.attention_window must be a positive integer or None, got {window!r}")
+        for name, wanted in (("attention_global_projections", "longformer"), ("attention_global_last_block", "bigbird"),
+                             ("attention_dense_up_to", "bigbird")):
+            if getattr(self, name) and (pattern != wanted or self.arch != "encoder"):  # they read the whole sequence
+                raise ConfigError(f"ModelConfig.{name} needs attention_pattern={wanted!r} and arch='encoder'")
         if pattern == "full":
             if window is not None or self.attention_global_tokens or self.attention_random_blocks:
                 raise ConfigError("ModelConfig.attention_window/attention_global_tokens/attention_random_blocks "
@@ -307,9 +319,11 @@ class ModelConfig:
         if pattern == "sliding_window" and (self.attention_global_tokens or self.attention_random_blocks):
             raise ConfigError("ModelConfig.attention_pattern='sliding_window' takes no global tokens or random "
                               "blocks; use 'longformer' or 'bigbird'")
-        if pattern == "longformer" and (not self.attention_global_tokens or self.attention_random_blocks):
+        # an encoder's globals may all come from its attention mask (2 = global, as transformers' Longformer)
+        if pattern == "longformer" and ((not self.attention_global_tokens and self.arch != "encoder")
+                                        or self.attention_random_blocks):
             raise ConfigError("ModelConfig.attention_pattern='longformer' needs attention_global_tokens >= 1 "
-                              "and no random blocks (use 'bigbird')")
+                              "(an encoder's may come from its attention mask) and no random blocks (use 'bigbird')")
         if pattern == "bigbird" and window % self.attention_block_size:
             raise ConfigError(f"ModelConfig.attention_window={window} must be a multiple of "
                               f"attention_block_size={self.attention_block_size} for 'bigbird'")
@@ -418,6 +432,8 @@ class ModelConfig:
             attn += d
         if self.qk_norm:
             attn += 2 * self.head_dim
+        if self.attention_global_projections:  # Longformer's own q/k/v for global queries
+            attn += d * q_out + 2 * d * kv_out + (q_out + 2 * kv_out if self.qkv_bias else 0)
         mlp = (3 if self.gated_mlp else 2) * d * f + ((2 if self.gated_mlp else 1) * f + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         if self.position == "disentangled" and not self.share_position_projections:  # own position q/k projections
