@@ -17,17 +17,24 @@ LOCAL_CHUNK, each against only the keys it can reach — its window, the global 
 blocks (all keys for a chunk holding a global query) — so no (T, T) tensor exists and memory grows
 like T·(chunk + W + G + r·b) instead of T². Within a chunk the mask is the same rule on the gathered
 keys; the reference path builds the dense mask from it; tests prove them equal.
+
+transformers' Longformer and BigBird (encoders; tests/io/test_hf_longformer_bigbird.py) are settings of the
+same rule: globals are also the positions the attention mask marks 2 (Longformer's convention) and the
+block holding the last position (BigBird's last block, `attention_global_last_block`); Longformer's global
+queries, and the keys and values they read, have their own projections (`GlobalProjections`); a BigBird
+sequence of at most `attention_dense_up_to` tokens attends fully, as transformers falls back to full attention.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
 from llmkit.layers.attention import attend, causal_mask
+from llmkit.layers.linear import Linear
 from llmkit.layers.position import alibi_bias
 
 LOCAL_CHUNK = 128  # queries per block of the local kernel: big enough for fast matmuls, small for memory
@@ -38,13 +45,27 @@ def within_window(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
     return (q_pos[..., :, None] - k_pos[..., None, :]).abs() < window
 
 
+def global_flags(cfg: ModelConfig, pos: Tensor, index: Tensor, seq_len: int, marks: Tensor | None = None) -> Tensor:
+    """(B, n) bool: which of these positions (B, n) at buffer indices (n,) are global — the first
+    attention_global_tokens, those the attention mask marks 2 (`marks`), and with attention_global_last_block
+    the block holding the sequence's last index (seq_len - 1), as transformers' BigBird pads to whole blocks."""
+    flags = pos < cfg.attention_global_tokens
+    if marks is not None:
+        flags = flags | marks
+    if cfg.attention_global_last_block:
+        size = cfg.attention_block_size
+        flags = flags | (index // size == (seq_len - 1) // size)
+    return flags
+
+
 def pattern_mask(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, *, causal: bool,
-                 table: Tensor | None = None) -> Tensor:
+                 table: Tensor | None = None, q_global: Tensor | None = None,
+                 k_global: Tensor | None = None) -> Tensor:
     """(B, Tq, Tk) bool for query positions (B, Tq) and key positions (B, Tk) (B may be 1); causality
     is left to the caller, except that BigBird draws a causal model's random blocks from earlier ones.
     `table`: BigBird's random blocks for the whole sequence, when the keys given are only some of its
-    keys (the blocked kernel); by default drawn for the blocks these positions span."""
-    global_tokens = cfg.attention_global_tokens
+    keys (the blocked kernel); by default drawn for the blocks these positions span. `q_global`/`k_global`:
+    which queries and keys are global (`global_flags`); by default the first attention_global_tokens."""
     if cfg.attention_pattern == "bigbird":
         size = cfg.attention_block_size
         q_block, k_block = q_pos // size, k_pos // size
@@ -55,9 +76,9 @@ def pattern_mask(cfg: ModelConfig, q_pos: Tensor, k_pos: Tensor, *, causal: bool
             mask |= table.to(q_pos.device)[q_block[:, :, None], k_block[:, None, :]]
     else:
         mask = within_window(q_pos, k_pos, cfg.attention_window)
-    if global_tokens:
-        mask |= (q_pos[:, :, None] < global_tokens) | (k_pos[:, None, :] < global_tokens)
-    return mask
+    if q_global is None:
+        q_global, k_global = q_pos < cfg.attention_global_tokens, k_pos < cfg.attention_global_tokens
+    return mask | q_global[:, :, None] | k_global[:, None, :]
 
 
 def random_blocks(cfg: ModelConfig, n_query_blocks: int, n_key_blocks: int, *, causal: bool) -> Tensor:
@@ -108,8 +129,11 @@ class LocalWindow:
 @dataclass
 class PatternBlocks:
     """Longformer's and BigBird's patterns for the blocked kernel: the model's pattern settings, causality,
-    where queries and keys start (absolute indices), ALiBi slopes, and BigBird's random-block table for
-    the whole sequence (drawn once per forward, so every chunk reads the same draw as the dense mask)."""
+    where queries and keys start (absolute indices), ALiBi slopes, BigBird's random-block table for the
+    whole sequence (drawn once per forward, so every chunk reads the same draw as the dense mask), the
+    sequence's length (where BigBird's last block is; 0: where the keys end) and, for a bidirectional model
+    given an attention mask, which positions are real and which it marks global, (B, seq_len) bool each:
+    then the mask is per row, (B, 1, Tq, Tk), for a chunk's queries only."""
 
     cfg: ModelConfig
     causal: bool
@@ -117,34 +141,53 @@ class PatternBlocks:
     k_start: int
     slopes: Tensor | None = None
     table: Tensor | None = None
+    seq_len: int = 0
+    real: Tensor | None = None
+    marks: Tensor | None = None
 
     def with_table(self, q_end: int, k_end: int) -> "PatternBlocks":
-        cfg = self.cfg
+        cfg, blocks = self.cfg, replace(self, seq_len=self.seq_len or k_end)
         if cfg.attention_pattern != "bigbird" or not cfg.attention_random_blocks or self.table is not None:
-            return self
+            return blocks
         size = cfg.attention_block_size
-        table = random_blocks(cfg, (q_end - 1) // size + 1, (k_end - 1) // size + 1, causal=self.causal)
-        return PatternBlocks(cfg, self.causal, self.q_start, self.k_start, self.slopes, table)
+        return replace(blocks, table=random_blocks(cfg, (q_end - 1) // size + 1, (k_end - 1) // size + 1,
+                                                   causal=self.causal))
 
     def mask_and_bias(self, q_index: Tensor, k_index: Tensor) -> tuple[Tensor, Tensor | None]:
-        mask = pattern_mask(self.cfg, q_index[None], k_index[None], causal=self.causal, table=self.table)[0]
+        seq_len, marks = self.seq_len or self.k_start + len(k_index), self.marks
+        q_global = global_flags(self.cfg, q_index[None], q_index, seq_len, None if marks is None else marks[:, q_index])
+        k_global = global_flags(self.cfg, k_index[None], k_index, seq_len, None if marks is None else marks[:, k_index])
+        mask = pattern_mask(self.cfg, q_index[None], k_index[None], causal=self.causal, table=self.table,
+                            q_global=q_global, k_global=k_global)
         if self.causal:
             mask &= causal_mask(q_index, k_index)
+        if self.real is not None:  # padding is never a key; a padded query sees itself (not NaN)
+            mask = (mask & self.real[:, None, k_index]) | (q_index[:, None] == k_index[None, :])
         bias = alibi_bias(self.slopes, q_index, k_index) if self.slopes is not None else None
-        return mask, bias
+        return (mask[:, None] if self.real is not None or marks is not None else mask[0]), bias
 
     def reach(self, q_index: Tensor, n_keys: int) -> slice | Tensor:
         """The keys (positions in the key tensor) some query of q_index may see — a superset is harmless,
         the mask decides: the window around the chunk, the global tokens, the chunk's random blocks; every
-        key when the chunk holds a global query (those see all)."""
+        key when the chunk holds a global query (those see all), unless global queries have their own
+        projections (their rows are recomputed by GlobalQueries, whatever this chunk gives them)."""
         cfg = self.cfg
         q_first, q_last = int(q_index[0]), int(q_index[-1])
         k_end = self.k_start + n_keys
         end = min(q_last + 1, k_end) if self.causal else k_end
-        if q_first < cfg.attention_global_tokens:
+        last_block = ((self.seq_len or k_end) - 1) // cfg.attention_block_size * cfg.attention_block_size
+        marked = None if self.marks is None else self.marks.any(0).cpu()  # global in some row
+        holds_global = (q_first < cfg.attention_global_tokens
+                        or (cfg.attention_global_last_block and q_last >= last_block)
+                        or (marked is not None and bool(marked[q_first:q_last + 1].any())))
+        if holds_global and not cfg.attention_global_projections:
             return slice(0, end - self.k_start)
         seen = torch.zeros(k_end, dtype=torch.bool)
         seen[:cfg.attention_global_tokens] = True
+        if marked is not None:
+            seen |= marked[:k_end]
+        if cfg.attention_global_last_block:
+            seen[last_block:] = True
         if cfg.attention_pattern == "bigbird":
             size, blocks = cfg.attention_block_size, cfg.attention_window // cfg.attention_block_size
             q_first_block, q_last_block = q_first // size, q_last // size
@@ -157,6 +200,49 @@ class PatternBlocks:
             seen[max(q_first - cfg.attention_window + 1, 0):q_last + cfg.attention_window] = True
         seen[end:] = False
         return seen[self.k_start:].nonzero().flatten()
+
+
+class GlobalProjections(nn.Module):
+    """transformers' Longformer: the query, key and value projections that global queries use (its
+    query_global, key_global, value_global). The other queries read global keys through the ordinary ones."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+
+
+@dataclass
+class GlobalQueries:
+    """Which queries are global, per row (B or 1, T) bool, and which keys are real (B, T) bool (None: all)."""
+
+    rows: Tensor
+    keys: Tensor | None
+
+    def attend(self, y: Tensor, x: Tensor, proj: GlobalProjections, *, scale: float | None, impl: str,
+               dropout: float = 0.0) -> Tensor:
+        """y (B, H, T, D) with every global query's row replaced by its attention over all real keys through
+        the global projections of x (B, T, C). Only global rows are computed: (B, H, G, T) scores, G the
+        most global queries of a row — memory linear in T."""
+        B, T, C = x.shape
+        rows = self.rows.expand(B, T)
+        counts = rows.sum(1)
+        G = int(counts.max())
+        if G == 0:
+            return y
+        H, Hkv, D = proj.n_heads, proj.n_kv_heads, proj.head_dim
+        # each row's global positions first, in order (then its other positions, whose rows stay as they are)
+        order = torch.sort((~rows).int(), dim=1, stable=True).indices[:, :G]  # (B, G)
+        q = proj.q_proj(x.gather(1, order[..., None].expand(B, G, C))).view(B, G, H, D).transpose(1, 2)
+        k = proj.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = proj.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)
+        mask = None if self.keys is None else self.keys[:, None, None, :]
+        out = attend(q, k, v, mask=mask, scale=scale, impl=impl, dropout=dropout)  # (B, H, G, D)
+        index = order[:, None, :, None].expand(B, H, G, D)
+        is_global = (torch.arange(G, device=x.device)[None] < counts[:, None])[:, None, :, None]
+        return y.scatter(2, index, torch.where(is_global, out.to(y.dtype), y.gather(2, index)))
 
 
 def attend_local(q: Tensor, k: Tensor, v: Tensor, local: LocalWindow | PatternBlocks, *, impl: str = "sdpa",
@@ -194,30 +280,50 @@ def attend_local(q: Tensor, k: Tensor, v: Tensor, local: LocalWindow | PatternBl
 def pattern_attention_args(cfg: ModelConfig, *, causal: bool, offset: int, T: int, key_start: int,
                            key_mask: Tensor | None, slopes: Tensor | None, device) -> dict:
     """Mask, bias and causality for queries at indices offset..offset+T-1 over keys key_start..offset+T-1
-    (key_start > 0 when a ring-buffer cache holds only the window).
+    (key_start > 0 when a ring-buffer cache holds only the window); with global projections, which
+    queries are global (`global_queries`, for Attention). `key_mask` (B, offset+T): 0 padding, 1 a real
+    token, 2 a global one (transformers' Longformer convention).
 
     Without padding every pattern goes to the blocked kernel (a LocalWindow, or PatternBlocks for
-    Longformer and BigBird); a padded batch gets a dense (B, 1, T, Tk) mask over positions (counted from
-    each row's first real token, so they differ by row) — quadratic only in a padded prefill, since
-    a decoding step has T = 1."""
-    if key_mask is None:
+    Longformer and BigBird), and so does a padded bidirectional Longformer or BigBird (the blocks mask by
+    row); a padded causal batch, or a padded sliding window, gets a dense (B, 1, T, Tk) mask over positions
+    (counted from each row's first real token, so they differ by row) — quadratic only in a padded
+    prefill, since a decoding step has T = 1."""
+    seq_len = offset + T
+    q_index = torch.arange(offset, seq_len, device=device)
+    k_index = torch.arange(key_start, seq_len, device=device)
+    real = None if key_mask is None else key_mask > 0
+    if seq_len <= cfg.attention_dense_up_to:  # transformers' BigBird: a short sequence attends fully
+        mask = None if real is None else (real[:, None, None, k_index] | (q_index[:, None] == k_index[None, :]))
+        return dict(bias=dense_alibi(slopes, q_index, k_index), mask=mask, causal=causal, local=None)
+    extra = {}
+    if key_mask is None or (not causal and cfg.attention_pattern != "sliding_window"):
+        # a bidirectional model's positions are its indices, padded or not: the blocks take the mask by row
+        marks = None if key_mask is None else key_mask == 2
         local = (LocalWindow(cfg.attention_window, causal, offset, key_start, slopes)
                  if cfg.attention_pattern == "sliding_window" else
-                 PatternBlocks(cfg, causal, offset, key_start, slopes))
-        return dict(bias=None, mask=None, causal=False, local=local)
-    q_index = torch.arange(offset, offset + T, device=device)
-    k_index = torch.arange(key_start, offset + T, device=device)
-    if key_mask is None:
-        q_pos, k_pos = q_index[None], k_index[None]
-    else:
-        counted = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, offset + T): positions
-        q_pos, k_pos = counted[:, q_index], counted[:, k_index]
-    mask = pattern_mask(cfg, q_pos, k_pos, causal=causal)  # (B, T, Tk)
+                 PatternBlocks(cfg, causal, offset, key_start, slopes, seq_len=seq_len, real=real, marks=marks))
+        if cfg.attention_global_projections:
+            rows = global_flags(cfg, q_index[None], q_index, seq_len, None if marks is None else marks[:, q_index])
+            extra["global_queries"] = GlobalQueries(rows if real is None else rows & real[:, q_index],
+                                                    None if real is None else real[:, k_index])
+        return dict(bias=None, mask=None, causal=False, local=local, **extra)
+    counted = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, offset + T): positions
+    q_pos, k_pos = counted[:, q_index], counted[:, k_index]
+    marks = key_mask == 2
+    q_global = global_flags(cfg, q_pos, q_index, seq_len, marks[:, q_index])
+    k_global = global_flags(cfg, k_pos, k_index, seq_len, marks[:, k_index])
+    mask = pattern_mask(cfg, q_pos, k_pos, causal=causal, q_global=q_global, k_global=k_global)  # (B, T, Tk)
     if causal:
         mask &= causal_mask(q_index, k_index)
-    if key_mask is not None:
-        # padding is never a key; a padded query row would see nothing (NaN softmax), so it sees itself
-        mask &= key_mask[:, None, k_index].bool()
-        mask |= q_index[:, None] == k_index[None, :]
-    bias = alibi_bias(slopes, q_index, k_index) if slopes is not None else None
-    return dict(bias=bias, mask=mask[:, None], causal=False, local=None)
+    # padding is never a key; a padded query row would see nothing (NaN softmax), so it sees itself
+    mask &= real[:, None, k_index]
+    mask |= q_index[:, None] == k_index[None, :]
+    if cfg.attention_global_projections:
+        extra["global_queries"] = GlobalQueries(q_global & real[:, q_index], real[:, k_index])
+    return dict(bias=dense_alibi(slopes, q_index, k_index), mask=mask[:, None], causal=False, local=None, **extra)
+
+
+def dense_alibi(slopes: Tensor | None, q_index: Tensor, k_index: Tensor) -> Tensor | None:
+    """ALiBi's (H, Tq, Tk) bias for the dense paths (the blocked kernel builds it per chunk instead)."""
+    return alibi_bias(slopes, q_index, k_index) if slopes is not None else None
