@@ -101,10 +101,18 @@ class Attention(nn.Module):
         if cfg.position == "disentangled":
             self.disentangled = DisentangledScores(cfg)
             self.scale = self.disentangled.scale
+        # transformers' Longformer: global queries, and the keys and values they read, have their own
+        # projections (llmkit/layers/sparse.py recomputes those rows with them)
+        self.global_proj = None
+        if cfg.attention_global_projections:
+            from llmkit.layers.sparse import GlobalProjections
+
+            self.global_proj = GlobalProjections(cfg)
 
     def forward(self, x: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, bias: Tensor | None = None,
                 mask: Tensor | None = None, causal: bool = False, cache=None, layer: int = 0,
-                memory: Tensor | None = None, local=None, relative: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                memory: Tensor | None = None, local=None, relative: tuple[Tensor, Tensor] | None = None,
+                global_queries=None) -> Tensor:
         """Self-attention over x; or, given `memory` (B, S, C), cross-attention (T5, BART decoders):
         queries from x, keys and values from memory, the encoder output. With a cache, cross-attention
         keys/values are projected once per request (`cache.memory_kv`) and reused at every step.
@@ -132,6 +140,8 @@ class Attention(nn.Module):
         else:
             y = attend(q, k, v, causal=causal, mask=mask, bias=bias, impl=self.impl, scale=self.scale,
                        dropout=dropout, probe=self.probe)
+        if global_queries is not None:  # Longformer's global rows, through the global projections
+            y = global_queries.attend(y, x, self.global_proj, scale=self.scale, impl=self.impl, dropout=dropout)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
         # (dropout only where it does something: decoding runs this ~30 times a token)
         return self.resid_dropout(y) if self.training and self.dropout else y
