@@ -9,15 +9,12 @@ import os
 import sys
 from typing import Any
 
-# PPO moves a trained policy a little: a small learning rate, no warmup, checkpoints every 20 steps.
-PPO_DEFAULTS = dict(steps=100, lr=1e-5, warmup_steps=0, eval_interval=20, log_interval=1)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     from llmkit.cli import add_dataclass_flags
     from llmkit.commands.post_training import add_skip_bad_lines_flag
     from llmkit.training.config import TrainConfig
-    from llmkit.training.ppo import PPOConfig
+    from llmkit.training.ppo import PPO_TRAIN_DEFAULTS, PPOConfig
 
     p = sub.add_parser("ppo", help="RLHF: optimise a policy against a reward model or a reward function (PPO)")
     p.add_argument("--policy", required=True, metavar="PATH",
@@ -32,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feed prompts as plain text (default: as a user turn in the model's chat template)")
     p.add_argument("--config", metavar="FILE", help="JSON file of training fields")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    add_dataclass_flags(p, TrainConfig, defaults=PPO_DEFAULTS)
+    add_dataclass_flags(p, TrainConfig, defaults=PPO_TRAIN_DEFAULTS)
     add_dataclass_flags(p, PPOConfig)
     p.set_defaults(handler=cmd_ppo)
 
@@ -70,20 +67,21 @@ def cmd_ppo(args: argparse.Namespace) -> None:
         sys.path.insert(0, os.getcwd())  # --reward my_rewards:fn finds ./my_rewards.py, as `python -m` would
     progress = Progress(fields=ppo_fields)
 
-    def on_start(info: dict[str, Any]) -> None:
-        print_skipped(info["skipped"], progress.say)
-        for note in info.get("warnings", ()):  # what a resume passed over (llmkit.io.run_dir)
-            progress.say(f"warning: {note}")
-        progress.say(f"ppo: {info['prompts']} prompts; steps {info['step']} → {info['steps']}")
-        progress.on_event("start", {"step": info["step"], "steps": info["steps"]})
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "prompts":
+            print_skipped(info["skipped"], progress.say)
+            progress.say(f"ppo: {info['prompts']} prompts")
+        else:
+            progress.on_event(kind, info)
 
     try:
         trainer = train_ppo(args.policy, args.reward, args.prompts, args.out, cfg, ppo, chat=not args.plain_prompts,
-                            resume=args.resume, skip_bad_lines=args.skip_bad_lines, on_start=on_start,
+                            resume=args.resume, skip_bad_lines=args.skip_bad_lines, on_event=on_event,
                             on_step=progress.on_step)
     finally:
         progress.close()
-    plot_reward_kl(trainer.metrics_path, trainer.out_dir / "reward_kl.png")
+    if trainer.world.main:  # under torchrun, rank 0 alone writes
+        plot_reward_kl(trainer.metrics_path, trainer.out_dir / "reward_kl.png")
     print(f"saved to {args.out} (metrics.jsonl, reward_kl.png, checkpoints/)", file=sys.stderr)
 
 

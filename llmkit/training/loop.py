@@ -1,12 +1,13 @@
-"""The one training loop: every objective (pretraining now; SFT, reward, DPO, MLM later) differs only
-in `get_batch` and `loss_fn(model, batch) -> (loss, metrics)`.
+"""The one training loop: every objective (pretraining, SFT, reward, DPO, MLM, seq2seq, PPO) differs
+only in its data — `get_batch(index)`, or a Collector that gathers each step's own (PPO's rollouts) —
+and `loss_fn(model, batch) -> (loss, metrics)`.
 
-Per optimizer step: the step's learning rate, `grad_accum` micro-batches (moved to the model's
-device, under the run's one autocast context, llmkit/runtime.py), a non-finite guard on loss and
+Per step: the step's learning rate, then its optimizer updates — one, or as many as a Collector
+returns (PPO: epochs × minibatches) — each over `grad_accum` micro-batches (moved to the model's
+device, under the run's one autocast context, llmkit/runtime.py), with a non-finite guard on loss and
 gradient norm (nothing non-finite reaches the weights), gradient clipping, AdamW. Every
-`eval_interval` steps: evaluation, then an atomic checkpoint that holds all exact resume needs —
-weights, AdamW moments, RNG state, the step (which fixes the data position: batches are a pure
-function of their index) and the run's plan (its length and warm-up, which fix the learning rate).
+`eval_interval` steps: evaluation, then an atomic checkpoint that holds all exact resume needs
+(llmkit/training/trainer_checkpoint.py).
 
 With `time_budget`, the length is planned from timed steps (llmkit/training/budget.py) and remade at
 each log line and checkpoint from the measured speeds, until the learning rate starts to decay; the
@@ -25,22 +26,21 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from llmkit.errors import CheckpointError, NonFiniteError
-from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
-from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
-from llmkit.io.weights import check_model_tensors, load_model_tensors, model_tensors
+from llmkit.errors import ConfigError, NonFiniteError
+from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir
 from llmkit.runtime import Runtime, make_runtime, to_device
-from llmkit.training import distributed
+from llmkit.training import distributed, trainer_checkpoint
 from llmkit.training.budget import Speeds, plan_steps, warmup_for
 from llmkit.training.config import TrainConfig
-from llmkit.training.optim import build_optimizer, decay_steps, load_optimizer_tensors, lr_at, optimizer_tensors
+from llmkit.training.optim import build_optimizer, decay_steps, lr_at
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
+MicroBatches = Callable[[int], Any]  # one optimizer update's data: micro-batch i (0 ≤ i < grad_accum) → batch
 Event = Callable[[dict[str, Any]], None]
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -50,7 +50,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     consecutive_skips: int = 0
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # updates skipped as non-finite (one per step, but a collector's step has several)
     # The plan of a budgeted run (None otherwise): total steps and warm-up, whether the decay has
     # begun (then the plan no longer changes), and the budget's seconds used so far.
     planned_steps: int | None = None
@@ -58,6 +58,25 @@ class TrainState:
     plan_final: bool = False
     elapsed_s: float = 0.0
     speeds: dict[str, float] | None = None  # the measured Speeds the plan was last made from
+
+
+class Collector(Protocol):
+    """An objective that gathers its own data before each step (PPO: roll out the policy, score the
+    responses, compute advantages) instead of reading `get_batch`. The Trainer keeps the learning
+    rate, the optimizer updates, logging, progress and checkpoints; the collector adds its own state."""
+
+    def collect(self, step: int, runtime: Runtime) -> list[MicroBatches]:
+        """Gather step `step`'s data (on `runtime`'s device; its autocast is the updates'); one entry
+        per optimizer update of the step, in order."""
+
+    def finish(self) -> dict[str, float]:
+        """After the step's updates: the step's own metrics (PPO: its rollout's score, KL, …)."""
+
+    def checkpoint(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        """Extra tensor files and train_state.json fields for a checkpoint (every rank calls it)."""
+
+    def restore(self, path: Path, saved: dict[str, Any]) -> None:
+        """Read back what `checkpoint` wrote, from the checkpoint at `path` (train_state.json: `saved`)."""
 
 
 class Objective(nn.Module):
@@ -74,18 +93,28 @@ class Objective(nn.Module):
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, cfg: TrainConfig, *, loss_fn: LossFn, get_batch: Callable[[int], Any],
-                 out_dir: str | Path, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    def __init__(self, model: nn.Module, cfg: TrainConfig, *, loss_fn: LossFn, out_dir: str | Path,
+                 get_batch: Callable[[int], Any] | None = None, collector: Collector | None = None,
+                 weights: nn.Module | None = None,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  checkpoint_json: dict[str, Any] | None = None, checkpoint_files: dict[str, Path] | None = None,
                  fingerprint: dict[str, Any] | None = None, runtime: Runtime | None = None,
                  clock: Callable[[], float] = time.perf_counter, started_at: float | None = None,
                  fsdp: bool = False) -> None:
-        """`runtime`: device and precision (default: chosen from cfg.device/dtype/threads by
-        llmkit.runtime on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
-        `started_at`: the clock reading when the run's work began (data preparation counts
-        against --time-budget too); default: now. `fsdp`: under torchrun, shard the model, its
-        gradients and AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP)."""
-        self.model, self.cfg, self.get_batch = model, cfg, get_batch
+        """Data: `get_batch(index)` (the run's micro-batch `index`), or a `collector` (see Collector).
+        `weights`: the part of `model` saved as model.safetensors (default: all; PPO saves the policy
+        without its value head). `runtime`: device and precision (default: chosen from cfg.device/
+        dtype/threads on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
+        `started_at`: the clock reading when the run's work began (data preparation counts against
+        --time-budget too); default: now. `fsdp`: under torchrun, shard the model, its gradients and
+        AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP)."""
+        assert (get_batch is None) != (collector is None), "a Trainer reads get_batch or a collector"
+        assert weights is None or not fsdp, "FSDP checkpoints the whole model"
+        if collector is not None and cfg.time_budget is not None:
+            raise ConfigError("--time-budget plans steps from timed batches; it does not apply to a run that "
+                              "collects its own data each step (PPO): use --steps and --max-minutes")
+        self.model, self.cfg, self.get_batch, self.collector = model, cfg, get_batch, collector
+        self.weights = model if weights is None else weights
         self.out_dir = Path(out_dir)
         self.evaluate = evaluate
         self.checkpoint_json = checkpoint_json or {}
@@ -131,27 +160,8 @@ class Trainer:
         return self.out_dir / "checkpoints"
 
     def save(self) -> Path:
-        """Checkpoint the run (rank 0 writes; every rank's RNG state goes into it; the others wait)."""
-        self.state.speeds = dataclasses.asdict(self.speeds) if self.speeds is not None else None
-        rng = {("torch_cpu" if rank == 0 else f"torch_cpu_rank{rank}"): state
-               for rank, state in enumerate(distributed.gather_rng_states())}
-        path = self.checkpoint_root / f"step-{self.state.step:08d}"
-        opt_tensors, groups = optimizer_tensors(self.optimizer)
-        weights = model_tensors(self.model)
-        if self.sharded:  # gathered whole (collectives: every rank takes part), so the format is the usual one
-            opt_tensors, weights = distributed.full_tensors(opt_tensors), distributed.full_model_tensors(self.model)
-        if self.world.main:
-            train_state = dict(vars(self.state), train_config=self.cfg.to_dict(), fingerprint=self.fingerprint,
-                               optimizer_groups=groups, runtime=self.runtime.to_dict(), world_size=self.world.size,
-                               sharded=self.sharded)
-            path = save_checkpoint(
-                self.checkpoint_root, self.state.step,
-                tensors={"model.safetensors": weights, "optimizer.safetensors": opt_tensors,
-                         "rng.safetensors": rng},
-                json_files={**self.checkpoint_json, "train_state.json": train_state},
-                copy_files=self.checkpoint_files, keep=self.cfg.keep_checkpoints)
-        distributed.barrier()  # nobody reads or resumes a checkpoint before it is complete
-        return path
+        """Checkpoint the run (llmkit/training/trainer_checkpoint.py: rank 0 writes, the others wait)."""
+        return trainer_checkpoint.save(self)
 
     def resume(self, notify: Notify | None = None) -> Path | None:
         """Load the newest complete checkpoint under out_dir; None when there is none yet.
@@ -164,71 +174,29 @@ class Trainer:
             path, notes = find_resume_checkpoint(self.checkpoint_root)  # (reads only: every rank finds the same)
             for note in notes:
                 say("warning", {"message": note})
-            if path is None:
-                self._repair_metrics(0, say)
-                return None
-            self._load(path)
-            self._repair_metrics(self.state.step, say)
+            if path is not None:
+                trainer_checkpoint.load(self, path)
+            trainer_checkpoint.repair_metrics_log(self, say)
         return path
 
     def _run_dir_lock(self):
         """The run directory's lock (llmkit.io.run_dir), held by rank 0 for the whole run."""
         return hold_run_dir(self.out_dir) if self.world.main else contextlib.nullcontext(self.out_dir)
 
-    def _load(self, path: Path) -> None:
-        saved = read_json(path / "train_state.json")
-        mismatched = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
-        if mismatched:
-            raise CheckpointError(f"{path}: cannot resume, {', '.join(mismatched)} changed since the checkpoint")
-        weights, moments = load_tensors(path / "model.safetensors"), load_tensors(path / "optimizer.safetensors")
-        if self.sharded:  # every rank read the whole tensors; each keeps its shard
-            check_model_tensors(self.model, weights, where=str(path))
-            distributed.load_full_model_tensors(self.model, weights)
-            moments = distributed.shard_like([p for g in self.optimizer.param_groups for p in g["params"]], moments)
-        else:
-            load_model_tensors(self.model, weights, where=str(path))
-        load_optimizer_tensors(self.optimizer, moments, saved["optimizer_groups"])
-        rng = load_tensors(path / "rng.safetensors")
-        # a rank the saving run did not have (resumed with more ranks) starts from rank 0's state
-        torch.set_rng_state(rng.get(f"torch_cpu_rank{self.world.rank}", rng["torch_cpu"]))
-        self.state = TrainState(**{k: saved[k] for k in vars(TrainState()) if k in saved})
-        if self.cfg.time_budget is None and self.state.planned_steps is not None:
-            self.state.plan_final = True  # resumed without a budget: finish the plan as it stands
-        previous = saved.get("runtime", {})
-        if (self.cfg.dtype == "auto" and previous.get("dtype") in ("fp32", "bf16")
-                and previous.get("device", "").split(":")[0] == self.runtime.device.type
-                and previous["dtype"] != self.runtime.dtype):
-            # `auto` keeps the precision the run started with, so resuming repeats its numbers
-            self.runtime = dataclasses.replace(self.runtime, dtype=previous["dtype"],
-                                               reason="as chosen when the run started")
-
-    def _repair_metrics(self, step: int, say: Notify) -> None:
-        """Cut metrics.jsonl to whole rows up to `step`: the log then reads as one uninterrupted run."""
-        if not self.world.main:
-            return
-        counts = repair_metrics(self.metrics_path, step)
-        if counts["after_step"]:
-            why = ("of an attempt that stopped before its first checkpoint" if step == 0 else
-                   f"logged after step {step}, the checkpoint resumed from")
-            say("warning", {"message": f"{self.metrics_path}: dropped {counts['after_step']} row(s) {why}"})
-        if counts["unreadable"]:
-            say("warning", {"message": f"{self.metrics_path}: dropped {counts['unreadable']} unreadable line(s) "
-                                       "(a write cut short by a crash)"})
-
     def log(self, row: dict[str, Any]) -> None:
         if self.world.main:
             append_metrics(self.metrics_path, row)
 
     # -- the loop -------------------------------------------------------------------------------
-    def _micro_batches(self, step: int) -> tuple[float, int, dict[str, float], list[bool]]:
-        """Forward and backward over this rank's share of step `step`'s micro-batches; (mean loss, tokens,
+    def _micro_batches(self, batch_at: MicroBatches) -> tuple[float, int, dict[str, float], list[bool]]:
+        """Forward and backward over this rank's share of one update's micro-batches; (mean loss, tokens,
         metrics — each over every rank — and which ranks' own losses were non-finite)."""
         cfg, world = self.cfg, self.world
         mine = range(world.rank, cfg.grad_accum, world.size)  # micro-batches r, r + N, …: disjoint data
         total_loss, tokens = 0.0, 0
         extra: dict[str, float] = {}  # the objective's own metrics (reward accuracy, DPO margins), averaged
         for micro in mine:
-            batch = to_device(self.get_batch(step * cfg.grad_accum + micro), self.runtime.device)
+            batch = to_device(batch_at(micro), self.runtime.device)
             with self.runtime.autocast():
                 loss, metrics = self.objective(batch)
             # Under DDP every backward averages the accumulated gradients over the ranks; the part
@@ -248,13 +216,32 @@ class Trainer:
             extra = dict(zip(keys, values[2:]))
         return total_loss, tokens, extra, nonfinite
 
-    def train_step(self) -> dict[str, float] | None:
-        """One optimizer step; returns its metrics, or None when a non-finite step was skipped."""
+    def _batches_of(self, step: int) -> MicroBatches:
+        return lambda micro: self.get_batch(step * self.cfg.grad_accum + micro)
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One step: its optimizer update (a collector's: its updates, in order); returns its metrics, or
+        None when it had no update (non-finite ones are skipped, see update)."""
         cfg, step = self.cfg, self.state.step
         lr = lr_at(step, cfg, steps=self.total_steps, warmup=self.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, tokens, extra, nonfinite_ranks = self._micro_batches(step)
+        updates = [self._batches_of(step)] if self.collector is None else self.collector.collect(step, self.runtime)
+        done = [m for m in map(self.update, updates) if m is not None]
+        own = self.collector.finish() if self.collector is not None else {}
+        self.state.step += 1
+        if not done:
+            return None
+        extra = {key: sum(m["extra"][key] for m in done) / len(done) for key in done[0]["extra"]}
+        return {"train_loss": sum(m["train_loss"] for m in done) / len(done), "lr": lr,
+                "grad_norm": sum(m["grad_norm"] for m in done) / len(done),
+                "tokens": sum(m["tokens"] for m in done), "extra": {**own, **extra}}
+
+    def update(self, batch_at: MicroBatches) -> dict[str, Any] | None:
+        """One optimizer update over `grad_accum` micro-batches: its metrics, or None when its loss or
+        gradient norm was non-finite and it was skipped (--skip-nonfinite-steps; else NonFiniteError)."""
+        cfg, step = self.cfg, self.state.step
+        total_loss, tokens, extra, nonfinite_ranks = self._micro_batches(batch_at)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # (FSDP: a DTensor)
@@ -273,14 +260,12 @@ class Trainer:
                                      f"stopped before the update{hint}")
             self.state.consecutive_skips += 1
             self.state.skipped_steps += 1
-            self.state.step += 1
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
         self.state.consecutive_skips = 0
         self.state.tokens_seen += tokens
-        return {"train_loss": total_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "extra": extra}
+        return {"train_loss": total_loss, "grad_norm": grad_norm, "tokens": tokens, "extra": extra}
 
     # -- budgets ----------------------------------------------------------------------------------
     def _probe_speeds(self) -> Speeds:
@@ -290,7 +275,7 @@ class Trainer:
         times = []
         for _ in range(2):  # the first pass pays for kernel selection and first touches of memory
             start = self.clock()
-            self._micro_batches(self.state.step)
+            self._micro_batches(self._batches_of(self.state.step))
             self.optimizer.zero_grad(set_to_none=True)
             times.append(self.clock() - start)
         torch.set_rng_state(rng)
@@ -349,7 +334,7 @@ class Trainer:
         notify = on_event or (lambda kind, info: None)
         with self._run_dir_lock():
             if self.state.step == 0:  # rows of an attempt that died before its first checkpoint
-                self._repair_metrics(0, notify)
+                trainer_checkpoint.repair_metrics_log(self, notify)
             return self._run(on_step, on_eval, notify)
 
     def _run(self, on_step: Event | None, on_eval: Event | None, notify: Notify) -> TrainState:

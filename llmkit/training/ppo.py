@@ -1,41 +1,44 @@
-"""PPO for language models (RLHF): the outer loop behind `llmkit ppo`.
+"""PPO for language models (RLHF): what `llmkit ppo` runs through the one Trainer (training/loop.py).
 
-Per step: a rollout batch of prompts (seeded by the step, so a resumed run sees the same ones) →
-responses, scores, KL-penalised per-token rewards and advantages (training/ppo_rollout.py) →
-`ppo_epochs` passes over shuffled minibatches, each one AdamW step on the clipped policy loss +
-vf_coef × clipped value loss → one metrics.jsonl row → a checkpoint every `eval_interval` steps.
-The optimizer, learning-rate schedule, non-finite policy and checkpoint format are the shared ones
-(training/optim.py, io/checkpoint.py); a checkpoint's `model.safetensors` holds the policy LM
-alone, so the output directory loads with `llmkit.load`; the value head and AdamW moments sit next
-to it for resume. The frozen reference is the --policy model, loaded again.
+PPO is a Collector of the Trainer: before each step it rolls out a batch of prompts (chosen by the
+step's seed, so a resumed run sees the same ones) → responses, scores, KL-penalised per-token
+rewards and advantages (training/ppo_rollout.py), and hands back `ppo_epochs` passes over shuffled
+minibatches, each one optimizer update of the clipped policy loss + vf_coef × clipped value loss.
+The Trainer owns everything else: learning rate, accumulation, clipping, the non-finite guard,
+autocast, metrics.jsonl (one row per step), progress, checkpoints and resume. A checkpoint's
+`model.safetensors` holds the policy LM alone, so the output directory loads with `llmkit.load`;
+the value head (and the KL coefficient) sit next to it for resume. The frozen reference is the
+--policy model, loaded again, and never saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import llmkit
-from llmkit.errors import CheckpointError, ConfigError, NonFiniteError
-from llmkit.io.checkpoint import list_checkpoints, load_tensors, read_json, save_checkpoint
-from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir, repair_metrics
+from llmkit.errors import ConfigError
+from llmkit.io.checkpoint import list_checkpoints, load_tensors
 from llmkit.io.finetuned import chat_info_json
-from llmkit.io.weights import load_model_tensors, model_tensors
+from llmkit.io.run_dir import hold_run_dir
+from llmkit.runtime import Runtime, make_runtime, set_threads
+from llmkit.training import distributed
 from llmkit.training.config import TrainConfig, check_ranges, knob
-from llmkit.training.optim import build_optimizer, load_optimizer_tensors, lr_at, optimizer_tensors
+from llmkit.training.loop import MicroBatches, Trainer
 from llmkit.training.ppo_math import AdaptiveKLController
-from llmkit.training.ppo_rollout import Experience, PolicyWithValue, RewardFn, make_experience, ppo_minibatch_loss
-from llmkit.runtime import set_threads
+from llmkit.training.ppo_rollout import (Experience, PolicyWithValue, RewardFn, ppo_minibatch_loss, sample_and_score,
+                                         score_experience)
 
 Event = Callable[[dict[str, Any]], None]
+Notify = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -80,6 +83,16 @@ class PPOConfig:
             raise ConfigError(f"--kl-estimator must be k1 or k3, got {self.kl_estimator!r}")
 
 
+# PPO moves a trained policy a little: a small learning rate, no warm-up, a checkpoint every 20 steps,
+# a metrics row every step. (`llmkit ppo`'s defaults; TrainConfig's own for the knobs not named.)
+PPO_TRAIN_DEFAULTS = dict(steps=100, lr=1e-5, warmup_steps=0, eval_interval=20, log_interval=1)
+# TrainConfig knobs PPO never reads, so `llmkit ppo` has no flag for them: the model is the policy's,
+# the data are sampled (no batches of records, no held-out split, no evaluation batches), and its step
+# time depends on the responses, so no --time-budget plan (loop.Trainer refuses one for a collector).
+NOT_PPO_KNOBS = ("preset", "depth", "batch_size", "seq_len", "eval_batches", "vocab_size", "tokenizer_sample_bytes",
+                 "val_fraction", "time_budget", "mlm_masking")
+
+
 @dataclass
 class PromptSet:
     """Prompts as the user wrote them (given to the reward) and as the policy reads them (ids)."""
@@ -87,158 +100,63 @@ class PromptSet:
     ids: list[list[int]]
 
 
-class PPOTrainer:
-    def __init__(self, lm: "llmkit.LanguageModel", ref: nn.Module, reward_fn: RewardFn, prompts: PromptSet,
-                 out_dir: str | Path, cfg: TrainConfig, ppo: PPOConfig, *, stop_id: int,
-                 fingerprint: dict[str, Any] | None = None,
-                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
-        self.lm, self.ref, self.reward_fn, self.prompts = lm, ref.eval().requires_grad_(False), reward_fn, prompts
+class PPOCollector:
+    """PPO's side of the Trainer (loop.Collector): the rollout before each step, the step's minibatch
+    updates, and the state a checkpoint needs beyond the Trainer's (value head, KL coefficient).
+
+    Every source of randomness in a step is seeded by the step (prompt choice, sampling, minibatch
+    order), so nothing about the rollouts needs saving for an exact resume."""
+
+    def __init__(self, lm: "llmkit.LanguageModel", policy: PolicyWithValue, ref: nn.Module, reward_fn: RewardFn,
+                 prompts: PromptSet, cfg: TrainConfig, ppo: PPOConfig, *, stop_id: int) -> None:
+        self.lm, self.policy, self.ref, self.reward_fn, self.prompts = lm, policy, ref, reward_fn, prompts
         self.cfg, self.ppo, self.stop_id = cfg, ppo, stop_id
-        self.out_dir = Path(out_dir)
-        self.policy = PolicyWithValue(lm.model)
-        self.optimizer = build_optimizer(self.policy, cfg)
-        self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target or 1.0, ppo.kl_horizon)
-        self.step, self.skipped, self.consecutive_skips = 0, 0, 0
-        self.fingerprint = fingerprint or {}
-        self.evaluate = evaluate
-        self.metrics_path = self.out_dir / "metrics.jsonl"
-        self.resume_notes: list[str] = []
+        self.experience: Experience | None = None
 
-    # -- checkpoints (the shared format; see the module docstring) -------------------------------
-    def save(self) -> Path:
-        opt_tensors, groups = optimizer_tensors(self.optimizer)
-        tok_file = self.lm.tokenizer.save(self.out_dir)
-        state = {"step": self.step, "kl_coef": self.kl.value, "skipped_steps": self.skipped,
-                 "train_config": self.cfg.to_dict(), "ppo_config": asdict(self.ppo),
-                 "fingerprint": self.fingerprint, "optimizer_groups": groups}
-        return save_checkpoint(
-            self.out_dir / "checkpoints", self.step,
-            tensors={"model.safetensors": model_tensors(self.lm.model),
-                     "value_head.safetensors": self.policy.value_head.state_dict(),
-                     "optimizer.safetensors": opt_tensors,
-                     "rng.safetensors": {"torch_cpu": torch.get_rng_state()}},
-            json_files={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                        "model": self.lm.model.cfg.to_dict(), "chat": chat_info_json(self.lm),
-                                        "trained_with": "ppo", "started_from": str(self.lm.path)},
-                        "train_state.json": state},
-            copy_files={"tokenizer.json": tok_file}, keep=self.cfg.keep_checkpoints)
+    def loss(self, policy: nn.Module, batch: Experience) -> tuple[Tensor, dict[str, float]]:
+        return ppo_minibatch_loss(policy, batch, self.ppo)
 
-    def resume(self) -> Path | None:
-        """Load the newest complete checkpoint (None: there is none yet); what the resume passes
-        over is kept in `resume_notes` (see llmkit.io.run_dir.find_resume_checkpoint)."""
-        with hold_run_dir(self.out_dir):
-            path, self.resume_notes = find_resume_checkpoint(self.out_dir / "checkpoints")
-            if path is not None:
-                self._load(path)
-            counts = repair_metrics(self.metrics_path, self.step)  # the log reads as one run
-            if counts["after_step"] or counts["unreadable"]:
-                self.resume_notes.append(f"{self.metrics_path}: dropped {counts['after_step']} row(s) past step "
-                                         f"{self.step} and {counts['unreadable']} unreadable line(s)")
-        return path
-
-    def _load(self, path: Path) -> None:
-        saved = read_json(path / "train_state.json")
-        changed = [k for k in self.fingerprint if saved.get("fingerprint", {}).get(k) != self.fingerprint[k]]
-        if changed:
-            raise CheckpointError(f"{path}: cannot resume, {', '.join(changed)} changed since the checkpoint")
-        load_model_tensors(self.lm.model, load_tensors(path / "model.safetensors"), where=str(path))
-        self.lm.model.tie_weights()
-        self.policy.value_head.load_state_dict(load_tensors(path / "value_head.safetensors"))
-        load_optimizer_tensors(self.optimizer, load_tensors(path / "optimizer.safetensors"), saved["optimizer_groups"])
-        torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch_cpu"])
-        self.step, self.kl.value, self.skipped = saved["step"], saved["kl_coef"], saved["skipped_steps"]
-
-    def log(self, row: dict[str, Any]) -> None:
-        append_metrics(self.metrics_path, row)
-
-    # -- one PPO step ------------------------------------------------------------------------------
-    def rollout(self) -> Experience:
-        rows = random.Random(self.cfg.seed * 1_000_003 + self.step).choices(range(len(self.prompts.ids)),
-                                                                            k=self.ppo.rollout_batch)
+    def rollout(self, step: int, runtime: Runtime) -> Experience:
+        rows = random.Random(self.cfg.seed * 1_000_003 + step).choices(range(len(self.prompts.ids)),
+                                                                       k=self.ppo.rollout_batch)
+        prompts, texts = [self.prompts.ids[i] for i in rows], [self.prompts.texts[i] for i in rows]
         tok = self.lm.tokenizer
-        return make_experience(self.policy, self.ref, [self.prompts.ids[i] for i in rows],
-                               [self.prompts.texts[i] for i in rows], self.reward_fn, tok.decode,
-                               stop_id=self.stop_id, pad_id=tok.pad_id or 0, seed=self.cfg.seed + self.step,
-                               kl_coef=self.kl.value, cfg=self.ppo)
+        pad_id = tok.pad_id or 0
+        samples = sample_and_score(self.policy.lm, prompts, texts, self.reward_fn, tok.decode, stop_id=self.stop_id,
+                                   pad_id=pad_id, seed=self.cfg.seed + step, cfg=self.ppo)
+        # the log-probs that the updates' ratios compare with come from the updates' precision
+        with runtime.autocast():
+            return score_experience(self.policy, self.ref, prompts, samples, pad_id=pad_id, kl_coef=self.kl.value,
+                                    cfg=self.ppo)
 
-    def optimize(self, exp: Experience, lr: float) -> dict[str, float]:
-        """ppo_epochs × (rollout_batch / minibatch_size) AdamW steps; the minibatch means."""
+    def collect(self, step: int, runtime: Runtime) -> list[MicroBatches]:
+        """Roll out, then ppo_epochs passes over the batch in shuffled minibatches (one update each),
+        each minibatch cut into grad_accum micro-batches."""
+        exp = self.experience = self.rollout(step, runtime)
         self.policy.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        totals: dict[str, float] = {}
-        updates = 0
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        order = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        updates = []
         for _ in range(self.ppo.ppo_epochs):
             perm = torch.randperm(len(exp.ids), generator=order)
             for first in range(0, len(perm), self.ppo.minibatch_size):
-                loss, metrics = ppo_minibatch_loss(self.policy, exp.select(perm[first:first + self.ppo.minibatch_size]),
-                                                   self.ppo)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-                if not (math.isfinite(float(loss.detach())) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)  # nothing non-finite reaches the weights
-                    self.skipped += 1
-                    self.consecutive_skips += 1
-                    if self.consecutive_skips > self.cfg.skip_nonfinite_steps:
-                        raise NonFiniteError(f"step {self.step + 1}: PPO loss or gradient norm is non-finite "
-                                             f"({float(loss.detach())}, {grad_norm}); stopped before the update")
-                    continue
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.consecutive_skips = 0
-                updates += 1
-                for k, v in {**metrics, "grad_norm": grad_norm}.items():
-                    totals[k] = totals.get(k, 0.0) + v
-        return {k: v / max(updates, 1) for k, v in totals.items()}
+                parts = perm[first:first + self.ppo.minibatch_size].tensor_split(self.cfg.grad_accum)
+                updates.append(lambda micro, parts=parts: exp.select(parts[micro]))
+        return updates
 
-    def train_step(self) -> dict[str, Any]:
-        started = time.perf_counter()
-        lr = lr_at(self.step, self.cfg)
-        exp = self.rollout()
-        metrics = self.optimize(exp, lr)
+    def finish(self) -> dict[str, float]:
+        stats = self.experience.stats
         if self.ppo.kl_target is not None:
-            self.kl.update(exp.stats["kl"], self.ppo.rollout_batch)
-        self.step += 1
-        row = {"step": self.step, **exp.stats, **metrics, "lr": lr, "seconds": time.perf_counter() - started}
-        self.log(row)
-        return row
+            self.kl.update(stats["kl"], self.ppo.rollout_batch)
+        return stats
 
-    def run(self, *, on_step: Event | None = None, on_eval: Event | None = None) -> int:
-        with hold_run_dir(self.out_dir):  # one writer per run directory
-            if self.step == 0:  # rows of an attempt that died before its first checkpoint
-                repair_metrics(self.metrics_path, 0)
-            return self._run(on_step, on_eval)
+    def checkpoint(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        return ({"value_head.safetensors": self.policy.value_head.state_dict()},
+                {"kl_coef": self.kl.value, "ppo_config": asdict(self.ppo)})
 
-    def _run(self, on_step: Event | None, on_eval: Event | None) -> int:
-        started = time.perf_counter()
-        try:
-            while self.step < self.cfg.steps:
-                row = self.train_step()
-                if on_step is not None:
-                    on_step(row)
-                out_of_time = (self.cfg.max_minutes is not None
-                               and time.perf_counter() - started > self.cfg.max_minutes * 60)
-                if self.step % self.cfg.eval_interval == 0 or self.step == self.cfg.steps or out_of_time:
-                    self.evaluate_and_save(on_eval)
-                if out_of_time:
-                    break
-        except KeyboardInterrupt:
-            if self.step > 0:
-                self.save()
-            raise
-        return self.step
-
-    def evaluate_and_save(self, on_eval: Event | None = None) -> None:
-        if self.evaluate is not None:
-            self.lm.model.eval()
-            row = {"step": self.step, **self.evaluate(self.lm.model)}
-            self.log(row)
-            if on_eval is not None:
-                on_eval(row)
-        self.save()
+    def restore(self, path: Path, saved: dict[str, Any]) -> None:
+        self.policy.value_head.load_state_dict(load_tensors(path / "value_head.safetensors"))
+        self.kl.value = saved["kl_coef"]
 
 
 def encode_prompts(lm: "llmkit.LanguageModel", texts: Sequence[str], *, chat: bool,
@@ -269,20 +187,32 @@ def stop_token(lm: "llmkit.LanguageModel", *, chat: bool) -> int:
     return lm.eos_ids[0]
 
 
+def check_batches(cfg: TrainConfig, ppo: PPOConfig) -> None:
+    """Every minibatch must cut into grad_accum micro-batches of equal size (no empty one)."""
+    if cfg.grad_accum > 1 and (ppo.minibatch_size % cfg.grad_accum or ppo.rollout_batch % ppo.minibatch_size):
+        raise ConfigError(f"--grad-accum {cfg.grad_accum} cuts each minibatch into equal micro-batches: "
+                          f"--minibatch-size ({ppo.minibatch_size}) must be a multiple of it and divide "
+                          f"--rollout-batch ({ppo.rollout_batch})")
+
+
 def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | Sequence[str], out_dir: str | Path,
               cfg: TrainConfig, ppo: PPOConfig, *, chat: bool = True, resume: bool = False,
               skip_bad_lines: int = 0, evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
-              on_start: Event | None = None, on_step: Event | None = None, on_eval: Event | None = None,
-              ) -> PPOTrainer:
+              on_event: Notify | None = None, on_step: Event | None = None, on_eval: Event | None = None,
+              ) -> Trainer:
     """Run PPO from the model at `policy` against `reward` (a reward model directory, `module:function`,
     or a RewardFn) on `prompts` (a JSONL file of {"prompt"} objects, or the texts); see the module
     docstring. Everything is checked before the output directory is created; `skip_bad_lines` bad
-    lines of the prompts file may be dropped (their errors reach `on_start` as "skipped")."""
+    lines of the prompts file may be dropped. `on_event(kind, info)` gets "prompts" (count, the
+    skipped lines' errors), then the Trainer's events (resume, runtime, start, warnings, …)."""
     from llmkit.data.records import read_prompts
     from llmkit.training.rewards import load_reward
 
     out_dir = Path(out_dir)
+    emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
+    distributed.check_split(cfg.grad_accum)
+    check_batches(cfg, ppo)
     if not resume and list_checkpoints(out_dir / "checkpoints"):
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
@@ -295,22 +225,34 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     lm = llmkit.load(policy)
     ref = llmkit.load(policy).model  # the frozen reference: the starting policy, also after a resume
     prompt_set = encode_prompts(lm, texts, chat=chat, where=where)
+    runtime = make_runtime(cfg.device, cfg.dtype, cfg.threads, model=lm.model, training=True,
+                           rows=ppo.minibatch_size // cfg.grad_accum * lm.model.cfg.max_seq_len)
+    ref.to(runtime.device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
+    model = PolicyWithValue(lm.model)
+    collector = PPOCollector(lm, model, ref, reward_fn, prompt_set, cfg, ppo, stop_id=stop_token(lm, chat=chat))
     fingerprint = {"policy": str(Path(policy).resolve()), "reward": reward if isinstance(reward, str) else "function",
                    "prompts": [len(texts), hash_texts(texts)], "ppo": asdict(ppo), "chat": chat}
-    trainer = PPOTrainer(lm, ref, reward_fn, prompt_set, out_dir, cfg, ppo, stop_id=stop_token(lm, chat=chat),
-                         fingerprint=fingerprint, evaluate=evaluate)
-    created = not out_dir.exists()
-    with hold_run_dir(out_dir):
+    meta = {"format": "llmkit", "version": llmkit.__version__, "model": lm.model.cfg.to_dict(),
+            "chat": chat_info_json(lm), "trained_with": "ppo", "started_from": str(lm.path)}
+    trainer = Trainer(model, cfg, loss_fn=collector.loss, collector=collector, weights=lm.model, out_dir=out_dir,
+                      evaluate=(lambda m: evaluate(m.lm)) if evaluate is not None else None,
+                      checkpoint_json={"config.json": meta},
+                      checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
+                      fingerprint=fingerprint, runtime=runtime)
+    main, created = trainer.world.main, not out_dir.exists()
+    with hold_run_dir(out_dir) if main else contextlib.nullcontext():  # rank 0 alone writes
         try:
+            if main:
+                lm.tokenizer.save(out_dir)
+            emit("prompts", {"prompts": len(texts), "skipped": skipped})
             if resume:
-                trainer.resume()
-            if on_start is not None:
-                on_start({"step": trainer.step, "steps": cfg.steps, "prompts": len(texts), "skipped": skipped,
-                          "warnings": trainer.resume_notes})
-            trainer.run(on_step=on_step, on_eval=on_eval)
+                path = trainer.resume(emit)
+                emit("resume", {"path": str(path) if path else None, "step": trainer.state.step})
+            trainer.announce(emit)
+            trainer.run(on_step=on_step, on_eval=on_eval, on_event=emit)
         except Exception:
-            if created and not list_checkpoints(out_dir / "checkpoints"):
+            if main and created and not list_checkpoints(out_dir / "checkpoints"):
                 shutil.rmtree(out_dir, ignore_errors=True)  # failed before its first checkpoint: leave nothing
             raise
     return trainer

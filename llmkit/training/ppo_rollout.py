@@ -6,7 +6,8 @@ would make the samples leave the policy's own distribution, and the KL estimate 
 one forward pass of the policy (log-probs and values) and one of the frozen reference (log-probs)
 over prompt + response; the reward function scores the decoded texts; responses that never emit
 the stop token lose `no_eos_penalty`; the KL penalty is added per token; GAE gives advantages,
-which are whitened over the batch.
+which are whitened over the batch. Two halves: `sample_and_score` works row by row (under torchrun
+each rank takes its share of the rows), `score_experience` on the whole batch.
 """
 
 from __future__ import annotations
@@ -86,12 +87,15 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
 
 
 def sample_responses(lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                     temperature: float, stop_id: int, pad_id: int, seed: int) -> tuple[list[list[int]], list[bool]]:
-    """Sampled responses, each ending with `stop_id` when the policy chose to stop, and whether it did.
+                     temperature: float, stop_id: int, pad_id: int, seed: int,
+                     width: int | None = None) -> tuple[list[list[int]], list[bool]]:
+    """Sampled responses, each ending with `stop_id` when the policy chose to stop, and whether it did;
+    row i samples with seed + i (llmkit.inference.generate).
 
-    The budget is capped so that prompt + response + stop token fit the context; a response shorter
-    than the budget therefore ended with the stop token."""
-    width = max(len(p) for p in prompts)
+    The budget is capped so that prompt + response + stop token fit the context (`width`: the widest
+    prompt of the whole batch when these rows are part of one, default: of these rows); a response
+    shorter than the budget therefore ended with the stop token."""
+    width = max(len(p) for p in prompts) if width is None else width
     budget = min(max_new_tokens, lm.cfg.max_seq_len - width)
     outs = generate(lm, prompts, max_new_tokens=budget, params=SamplingParams(temperature=temperature),
                     eos_ids=[stop_id], pad_id=pad_id, seed=seed)
@@ -99,20 +103,50 @@ def sample_responses(lm: nn.Module, prompts: Sequence[Sequence[int]], *, max_new
     return [o + [stop_id] if e else o for o, e in zip(outs, ended)], ended
 
 
+@dataclass
+class Samples:
+    """Rollout rows before the forward passes: responses (stop token included when they ended), whether
+    each ended, and the reward function's score of each."""
+    responses: list[list[int]]
+    ended: list[bool]
+    scores: list[float]
+
+
+@torch.no_grad()
+def sample_and_score(lm: nn.Module, prompts: Sequence[Sequence[int]], prompt_texts: Sequence[str],
+                     reward_fn: RewardFn, decode: Callable[[list[int]], str], *, stop_id: int, pad_id: int,
+                     seed: int, cfg, width: int | None = None) -> Samples:
+    """Sample a response to each prompt (row i with seed + i) and score the decoded texts (cfg: a PPOConfig)."""
+    lm.eval()
+    responses, ended = sample_responses(lm, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                        stop_id=stop_id, pad_id=pad_id, seed=seed, width=width)
+    texts = [decode(r[:-1] if e else r) for r, e in zip(responses, ended)]
+    return Samples(responses, ended, [float(s) for s in reward_fn(list(prompt_texts), texts)])
+
+
 @torch.no_grad()
 def make_experience(policy: PolicyWithValue, ref: nn.Module, prompts: Sequence[Sequence[int]],
                     prompt_texts: Sequence[str], reward_fn: RewardFn, decode: Callable[[list[int]], str], *,
                     stop_id: int, pad_id: int, seed: int, kl_coef: float, cfg) -> Experience:
     """Roll out, score and compute advantages for one batch of prompts (cfg is a PPOConfig)."""
+    samples = sample_and_score(policy.lm, prompts, prompt_texts, reward_fn, decode, stop_id=stop_id, pad_id=pad_id,
+                               seed=seed, cfg=cfg)
+    return score_experience(policy, ref, prompts, samples, pad_id=pad_id, kl_coef=kl_coef, cfg=cfg)
+
+
+@torch.no_grad()
+def score_experience(policy: PolicyWithValue, ref: nn.Module, prompts: Sequence[Sequence[int]], samples: Samples,
+                     *, pad_id: int, kl_coef: float, cfg) -> Experience:
+    """The whole batch's forward passes (policy log-probs and values, reference log-probs), KL-penalised
+    rewards, GAE advantages whitened over the batch, and its statistics."""
     policy.eval()
-    responses, ended = sample_responses(policy.lm, prompts, max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, stop_id=stop_id, pad_id=pad_id, seed=seed)
-    texts = [decode(r[:-1] if e else r) for r, e in zip(responses, ended)]
-    scores = torch.tensor([float(s) for s in reward_fn(list(prompt_texts), texts)], dtype=torch.float32)
-    ended_t = torch.tensor(ended)
+    device = next(policy.parameters()).device
+    scores = torch.tensor(samples.scores, dtype=torch.float32, device=device)
+    ended_t = torch.tensor(samples.ended, device=device)
     scores_after_penalty = scores - cfg.no_eos_penalty * (~ended_t).float()
 
-    ids, attention, start, mask = pack(prompts, responses, pad_id)
+    ids, attention, start, mask = (t.to(device) if isinstance(t, Tensor) else t
+                                   for t in pack(prompts, samples.responses, pad_id))
     assert bool((mask.sum(1) > 0).all()), "every response holds at least one token (RELIABILITY T7)"
     logits, values = policy(ids, attention, start)
     logprobs = pm.token_logprobs(logits, ids[:, start:])
@@ -148,5 +182,6 @@ def ppo_minibatch_loss(policy: PolicyWithValue, batch: Experience, cfg) -> tuple
     with torch.no_grad():
         approx_kl = float(pm.masked_mean(0.5 * (logprobs - batch.logprobs) ** 2, batch.mask))
     loss = pg_loss + cfg.vf_coef * vf_loss
-    return loss, {"policy_loss": float(pg_loss.detach()), "value_loss": float(vf_loss.detach()),
-                  "clip_fraction": float(pg_clip), "value_clip_fraction": float(vf_clip), "approx_kl": approx_kl}
+    return loss, {"tokens": float(batch.mask.sum()), "policy_loss": float(pg_loss.detach()),
+                  "value_loss": float(vf_loss.detach()), "clip_fraction": float(pg_clip),
+                  "value_clip_fraction": float(vf_clip), "approx_kl": approx_kl}

@@ -146,7 +146,10 @@ def test_kl_penalty_is_zero_when_policy_equals_reference(tiny):
     assert exp.stats["response_length"] > 0
 
 
-FAST = dict(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, seed=0, threads=1, eval_interval=5)
+# a metrics row every step (the Trainer logs every --log-interval steps); fp32 pinned: PPO ran in fp32 before
+# it ran on the Trainer, and dtype auto may choose bf16 on a CPU with native bf16
+FAST = dict(lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, seed=0, threads=1, eval_interval=5, log_interval=1,
+            dtype="fp32")
 TOY = PPOConfig(rollout_batch=16, minibatch_size=8, ppo_epochs=2, max_new_tokens=8, kl_coef=0.0,
                 no_eos_penalty=0.0)
 # The learning test samples twice TOY's responses per step (32, two minibatches of 16). With 16 the seeded run
