@@ -52,26 +52,35 @@ def view_options(view: str, args: argparse.Namespace) -> dict:
     return {}
 
 
-def cmd_explain(args: argparse.Namespace) -> None:
-    """Run one view (or compare two models on one) and write its JSON, PNG and HTML."""
-    from llmkit.cli import default_chat_model
-    from llmkit.commands.speed import check_text_flags, load_for_generation
+def check_view_flags(view: str, args: argparse.Namespace) -> None:
+    """The values argparse cannot check alone, refused before anything is loaded (the server's /explain
+    checks its query parameters with this too)."""
     from llmkit.errors import ConfigError
-    from llmkit.explain import run_view
-    from llmkit.explain.figures import cjk_font
-    from llmkit.explain.page import write_view
-    from llmkit.explain.subject import Subject
-    from llmkit.inference.sampling import SamplingParams
 
-    view = args.other_view if args.view == "compare" else args.view
     if getattr(args, "top", None) is not None and not 1 <= args.top <= 10_000:
         raise ConfigError(f"--top must be in [1, 10000], got {args.top}")
     if getattr(args, "context", None) is not None and not 1 <= args.context <= 1 << 24:
         raise ConfigError(f"--context must be in [1, {1 << 24}], got {args.context}")
+    if getattr(args, "tuned_steps", None) is not None and not 1 <= args.tuned_steps <= 1_000_000:
+        raise ConfigError(f"--tuned-steps must be in [1, 1000000], got {args.tuned_steps}")
     if view == "sampling":
         from llmkit.cli import sampling_from
+        from llmkit.inference.sampling import SamplingParams
 
-        SamplingParams(**sampling_from(args))  # bad values are refused before anything is loaded
+        SamplingParams(**sampling_from(args))
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    """Run one view (or compare two models on one) and write its JSON, PNG and HTML."""
+    from llmkit.cli import default_chat_model
+    from llmkit.commands.speed import check_text_flags, load_for_generation
+    from llmkit.explain import run_view
+    from llmkit.explain.figures import cjk_font
+    from llmkit.explain.page import write_view
+    from llmkit.explain.subject import Subject
+
+    view = args.other_view if args.view == "compare" else args.view
+    check_view_flags(view, args)
     args.prompt = args.text
     check_text_flags(args)
     options = view_options(view, args)
@@ -91,6 +100,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
         result = compare_view(run_view(view, subject, **options), run_view(view, other, **options),
                               left_name, right_name)
     else:
+        if view == "logit-lens" and args.tuned:
+            options["tuned"] = _tuned_lens(lm, args)
         result = run_view(view, subject, **options)
     written = write_view(result, args.out)
     for line in result.lines:
@@ -99,6 +110,20 @@ def cmd_explain(args: argparse.Namespace) -> None:
     if font is None and written.get("png"):
         print(f"warning: {why}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in written.values()), file=sys.stderr)
+
+
+def _tuned_lens(lm, args: argparse.Namespace):
+    """The tuned lens of --tuned: trained (or resumed, or reloaded) in OUT/tuned-lens by the training loop."""
+    from llmkit.commands.progress import Progress
+    from llmkit.explain.tuned_lens import default_texts, fit_tuned_lens, read_texts
+
+    texts, data = read_texts(args.tuned_data) if args.tuned_data else default_texts()
+    progress = Progress()
+    try:
+        return fit_tuned_lens(lm, Path(args.out) / "tuned-lens", steps=args.tuned_steps, texts=texts, data=data,
+                              on_event=progress.on_event, on_step=progress.on_step)
+    finally:
+        progress.close()
 
 
 def _side_names(args: argparse.Namespace, left: str, lm, right: str, other_lm) -> tuple[str, str]:
@@ -153,6 +178,15 @@ def _view_flags(view: str, p: argparse.ArgumentParser) -> None:
     if view in ("cache", "compare"):
         p.add_argument("--context", type=int, default=None, metavar="N",
                        help="the context length to size the cache for (default: the model's)")
+    if view == "logit-lens":
+        p.add_argument("--tuned", action="store_true",
+                       help="also train a tuned lens (one affine map per layer, the one training loop, KL to the "
+                            "model's own distribution; kept in OUT/tuned-lens and reused) and show it beside")
+        p.add_argument("--tuned-steps", type=int, default=200, metavar="N",
+                       help="--tuned: optimizer steps of 4 × 128 tokens (default: 200)")
+        p.add_argument("--tuned-data", action="append", metavar="PATH",
+                       help="--tuned: text files or directories to train on (repeatable; default: the Python "
+                            "standard library's top-level modules); a tenth is held out")
     if view == "compare":
         p.add_argument("--view", dest="other_view", default="attention", choices=VIEWS[:-1],
                        help="which view (default: attention)")

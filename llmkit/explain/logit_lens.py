@@ -32,26 +32,22 @@ def readout(model) -> tuple[object, Callable[[Tensor], Tensor]]:
 
 
 @torch.inference_mode()
-def lens_logits(subject: Subject) -> tuple[list[Tensor], Tensor]:
-    """Per layer (embeddings first), the (T, vocab) logits read out there; and the model's own logits."""
-    blocks, head = readout(subject.model)
-    seen: list[Tensor] = []
-    first = next(iter(blocks))
-    # forward hooks only for this one forward; a shared block (ALBERT) fires once per layer
-    hooks = [first.register_forward_pre_hook(lambda module, args: seen.append(args[0]) if not seen else None)]
-    hooks += [b.register_forward_hook(lambda module, args, out: seen.append(out)) for b in dict.fromkeys(blocks)]
-    try:
+def lens_logits(subject: Subject) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """Per layer (embeddings first), the (T, vocab) logits read out there; the model's own logits; and
+    the (1, T, d) residual stream at each read-out point."""
+    from llmkit.explain.tuned_lens import capturing
+
+    _, head = readout(subject.model)
+    with capturing(subject.model) as seen:  # forward hooks for this one forward only
         logits = subject.logits()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [head(h)[0].float() for h in seen], logits
+    return [head(h)[0].float() for h in seen], logits, seen
 
 
-def logit_lens_view(subject: Subject, *, top: int = 5) -> ViewResult:
+def logit_lens_view(subject: Subject, *, top: int = 5, tuned=None) -> ViewResult:
+    """`tuned`: a TunedLensFit (llmkit/explain/tuned_lens.py) to read out beside the plain lens."""
     subject.require_logits("logit-lens")
     tok = subject.lm.tokenizer
-    layers, final = lens_logits(subject)
+    layers, final, stream = lens_logits(subject)
     ids, pieces = subject.predicted_side()
     names = ["embeddings"] + [f"layer {i}" for i in range(len(layers) - 1)]
     encoder = subject.arch == "encoder"  # masked LM: each position predicts itself, not the next token
@@ -90,7 +86,46 @@ def logit_lens_view(subject: Subject, *, top: int = 5) -> ViewResult:
     tables = [{"title": f"top-{top} at the last position ({cols[-1]}), by layer",
                "columns": ["layer", *[f"#{i + 1}" for i in range(top)]],
                "rows": [[n, *[f"{t} {p:.3f}" for t, p in row]] for n, row in zip(names, final_top)]}]
-    return ViewResult("logit-lens", f"Logit lens: {subject.name}",
-                      "Each layer refines a guess at the next token: read the residual stream through the "
-                      "final norm and the LM head after every layer (预测下一个词).", data, draw,
-                      tables=tables, heatmaps=heatmaps, lines=lines)
+    result = ViewResult("logit-lens", f"Logit lens: {subject.name}",
+                        "Each layer refines a guess at the next token: read the residual stream through the "
+                        "final norm and the LM head after every layer (预测下一个词).", data, draw,
+                        tables=tables, heatmaps=heatmaps, lines=lines)
+    if tuned is not None:
+        add_tuned_lens(result, subject, tuned, stream, final, names, actual)
+    return result
+
+
+@torch.inference_mode()
+def add_tuned_lens(result: ViewResult, subject: Subject, fit, stream: list[Tensor], final: Tensor,
+                   names: list[str], actual: list[int | None]) -> None:
+    """The tuned lens's read-outs beside the plain ones: p(next) per layer, and the KL of each lens to the
+    model's own distribution on this text and on the held-out tokens."""
+    from llmkit.explain.tuned_lens import kl_to_final
+
+    tok = subject.lm.tokenizer
+    _, head = readout(subject.model)
+    tuned = [head(fit.lens(i, h))[0].float() for i, h in enumerate(stream)]
+    kl_plain = [float(kl_to_final(final, head(h)[0])) for h in stream]
+    kl_tuned = [float(kl_to_final(final, l)) for l in tuned]
+    probs = [l.softmax(-1) for l in tuned]
+    p_next = [[float(p[t, a]) if a is not None else None for t, a in enumerate(actual)] for p in probs]
+    result.data["tuned_lens"] = {
+        "steps": fit.steps, "train_tokens": fit.train_tokens, "data": fit.data, "checkpoint": str(fit.directory),
+        "held_out_tokens": fit.held_out_tokens, "top1": [[id_label(tok, int(i)) for i in p.argmax(-1)] for p in probs],
+        "p_next": p_next, "kl_logit_lens": kl_plain, "kl_tuned_lens": kl_tuned,
+        "held_out_kl_logit_lens": fit.held_out_kl_plain, "held_out_kl_tuned_lens": fit.held_out_kl_tuned}
+    result.heatmaps[0]["maps"].append({"name": "p(next), tuned lens", "values": p_next})
+    result.tables.append({"title": "KL(model ‖ read-out) in nats by layer: logit lens and tuned lens, on this "
+                                   f"text and on {fit.held_out_tokens} held-out tokens",
+                          "columns": ["layer", "logit lens", "tuned lens", "held out: logit", "held out: tuned"],
+                          "rows": [[n, a, b, c, d] for n, a, b, c, d in zip(
+                              names, kl_plain, kl_tuned, fit.held_out_kl_plain, fit.held_out_kl_tuned)]})
+    result.lines.append(f"tuned lens ({fit.steps} steps on {fit.train_tokens:,} tokens of {fit.data}; "
+                        f"{fit.directory}): mean KL to the model's distribution, logit lens → tuned lens: "
+                        f"this text {sum(kl_plain[:-1]) / max(len(kl_plain) - 1, 1):.3f} → "
+                        f"{sum(kl_tuned[:-1]) / max(len(kl_tuned) - 1, 1):.3f}, held out "
+                        f"{sum(fit.held_out_kl_plain[:-1]) / max(len(kl_plain) - 1, 1):.3f} → "
+                        f"{sum(fit.held_out_kl_tuned[:-1]) / max(len(kl_tuned) - 1, 1):.3f} nats (before the last layer)")
+    result.notes.append("Tuned lens (Belrose et al. 2023): one affine map per layer, trained with llmkit's training "
+                        "loop to make the read-out match the model's own distribution; it starts as the identity "
+                        "(the logit lens); the last layer, the model's own output, is read without one.")

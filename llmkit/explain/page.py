@@ -3,13 +3,17 @@ self-contained page that works offline.
 
 The page loads nothing: its data is inline JSON (with <, > and & escaped, so no text can close the
 script element), its script and style are inline, the figure is a data: URI, and a
-Content-Security-Policy forbids every other source. Model text reaches the page only through
-`textContent` and canvas `fillText`, never as HTML.
+Content-Security-Policy forbids every other source. The policy allows the page's own script and style
+by their SHA-256 hashes, not any inline code: were some text ever to slip out of its escaping, the
+browser still would not run it. Model text reaches the page only through `textContent` and canvas
+`fillText`, never as HTML. `llmkit serve` sends the same page, and the same policy as a header
+(llmkit/serve/explain_routes.py).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -22,13 +26,20 @@ from llmkit.explain.figures import figure_style
 from llmkit.explain.page_script import SCRIPT
 from llmkit.io.checkpoint import atomic_write_bytes
 
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 STYLE = """body{font-family:system-ui,"DejaVu Sans","WenQuanYi Zen Hei",sans-serif;margin:1.5em;max-width:1200px}
 h1{font-size:1.4em}.intuition{background:#f4f6fa;border-left:4px solid #4C72B0;padding:.6em 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px;font-size:.9em}
 th{background:#eef}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
 .map{margin:1em 0}.map select{margin:0 .5em}canvas{border:1px solid #ddd}.hover{font-family:monospace;min-height:1.2em}
 .note{color:#555;font-size:.9em}"""
+
+
+def csp_hash(code: str) -> str:
+    """A CSP source that allows exactly this inline <script> or <style> text."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(code.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+CSP = f"default-src 'none'; img-src data:; style-src {csp_hash(STYLE)}; script-src {csp_hash(SCRIPT)}"
 
 
 @dataclass
@@ -90,15 +101,19 @@ def render_html(result: ViewResult, png: bytes | None) -> str:
 """
 
 
+def json_document(result: ViewResult) -> bytes:
+    """VIEW.json's bytes: the view's name, title, data and notes."""
+    document = rounded({"view": result.view, "title": result.title, "data": result.data, "notes": result.notes})
+    return json.dumps(document, ensure_ascii=False, indent=1, allow_nan=False).encode("utf-8")
+
+
 def write_view(result: ViewResult, out_dir: str | Path) -> dict[str, Path]:
     """Write VIEW.json, VIEW.png (when the view draws one) and VIEW.html into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    document = rounded({"view": result.view, "title": result.title, "data": result.data, "notes": result.notes})
     written["json"] = out / f"{result.view}.json"
-    atomic_write_bytes(written["json"], json.dumps(document, ensure_ascii=False, indent=1,
-                                                   allow_nan=False).encode("utf-8"))
+    atomic_write_bytes(written["json"], json_document(result))
     png = render_png(result)
     if png is not None:
         written["png"] = out / f"{result.view}.png"

@@ -26,7 +26,7 @@ def subject(name="llama-tiny", text=TEXT, **overrides) -> Subject:
                                   "bert-tiny"])
 def test_logit_lens_last_layer_is_the_models_logits(name):
     s = subject(name)
-    layers, logits = lens_logits(s)
+    layers, logits, _ = lens_logits(s)
     depth = s.cfg.decoder_layers if s.arch == "encoder-decoder" else s.cfg.n_layers
     assert len(layers) == depth + 1
     assert torch.equal(layers[-1], logits)
