@@ -10,8 +10,10 @@ states gathered into one checkpoint — each a no-op in a single process.
 
 How the work is split (llmkit/training/loop.py): a step's `grad_accum` micro-batches are dealt out
 across the ranks (rank r takes micro-batches r, r + N, …), so the global batch, the data order, the
-schedule and the logged losses do not depend on N; DDP averages the gradients. Rank 0 alone writes
-checkpoints, metrics and plots, and holds the run directory's lock.
+schedule and the logged losses do not depend on N; DDP averages the gradients. PPO (llmkit/training/
+ppo.py) also splits each rollout: rank r samples and scores its block of the rollout's rows (each row
+with the seed it has in one process), and `gather_rows` gives every rank the whole batch. Rank 0
+alone writes checkpoints, metrics and plots, and holds the run directory's lock.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from llmkit.errors import ConfigError
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
 FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
                     "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
-# the commands that run under torchrun so far (the pretraining and the fine-tunes that share llmkit/training/
-# finetune.py); the others refuse in one line
-COMMANDS = ("train", "sft", "reward", "dpo")
+# the commands that run under torchrun so far (the pretraining, the fine-tunes that share llmkit/training/
+# finetune.py, and PPO); the others refuse in one line
+COMMANDS = ("train", "sft", "reward", "dpo", "ppo")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,38 @@ def gather_flags(flag: bool) -> list[bool]:
     t[w.rank] = float(flag)
     dist.all_reduce(t)
     return [bool(x) for x in t.tolist()]
+
+
+def gather_rows(rows: list[list[float]]) -> list[list[float]]:
+    """Every rank's rows of numbers (any count, any lengths), concatenated in rank order, on every rank:
+    what each rank computed for its share of a batch. Plain tensors of agreed sizes, nothing pickled;
+    float64 holds token ids and scores exactly."""
+    if world().size == 1:
+        return rows
+    device = _device()
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device)
+    flat = torch.tensor([x for r in rows for x in r], dtype=torch.float64, device=device)
+    out = []
+    for rank_lengths, rank_flat in zip(_gather_1d(lengths), _gather_1d(flat)):
+        offset = 0
+        for n in rank_lengths.tolist():
+            out.append(rank_flat[offset:offset + n].tolist())
+            offset += n
+    return out
+
+
+def _gather_1d(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's 1-D tensor (lengths may differ), in rank order: sizes first, then the tensors padded
+    to the longest (a collective's tensors have one shape)."""
+    size = torch.tensor([t.numel()], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world().size)]
+    dist.all_gather(sizes, size)
+    longest = max(1, *(int(s) for s in sizes))
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
+    padded[:t.numel()] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[:int(n)].cpu() for part, n in zip(parts, sizes)]
 
 
 def gather_rng_states() -> list[torch.Tensor]:

@@ -34,8 +34,8 @@ from llmkit.training import distributed
 from llmkit.training.config import TrainConfig, check_ranges, knob
 from llmkit.training.loop import MicroBatches, Trainer
 from llmkit.training.ppo_math import AdaptiveKLController
-from llmkit.training.ppo_rollout import (Experience, PolicyWithValue, RewardFn, ppo_minibatch_loss, sample_and_score,
-                                         score_experience)
+from llmkit.training.ppo_rollout import (Experience, PolicyWithValue, RewardFn, Samples, ppo_minibatch_loss,
+                                         sample_and_score, score_experience)
 
 Event = Callable[[dict[str, Any]], None]
 Notify = Callable[[str, dict[str, Any]], None]
@@ -123,8 +123,14 @@ class PPOCollector:
         prompts, texts = [self.prompts.ids[i] for i in rows], [self.prompts.texts[i] for i in rows]
         tok = self.lm.tokenizer
         pad_id = tok.pad_id or 0
-        samples = sample_and_score(self.policy.lm, prompts, texts, self.reward_fn, tok.decode, stop_id=self.stop_id,
-                                   pad_id=pad_id, seed=self.cfg.seed + step, cfg=self.ppo)
+        # Under torchrun rank r samples and scores block r of the rows, each row with the seed it has in
+        # one process (seed + row) and the whole batch's context budget; every rank then holds it all.
+        world = distributed.world()
+        first, last = world.rank * len(rows) // world.size, (world.rank + 1) * len(rows) // world.size
+        share = sample_and_score(self.policy.lm, prompts[first:last], texts[first:last], self.reward_fn, tok.decode,
+                                 stop_id=self.stop_id, pad_id=pad_id, seed=self.cfg.seed + step + first,
+                                 cfg=self.ppo, width=max(len(p) for p in prompts))
+        samples = gather_samples(share)
         # the log-probs that the updates' ratios compare with come from the updates' precision
         with runtime.autocast():
             return score_experience(self.policy, self.ref, prompts, samples, pad_id=pad_id, kl_coef=self.kl.value,
@@ -157,6 +163,16 @@ class PPOCollector:
     def restore(self, path: Path, saved: dict[str, Any]) -> None:
         self.policy.value_head.load_state_dict(load_tensors(path / "value_head.safetensors"))
         self.kl.value = saved["kl_coef"]
+
+
+def gather_samples(share: Samples) -> Samples:
+    """Every rank's share of a rollout, on every rank, in rank order (the rows' own order)."""
+    if distributed.world().size == 1:
+        return share
+    responses = distributed.gather_rows([[float(t) for t in r] for r in share.responses])
+    flags_scores = distributed.gather_rows([[float(e), s] for e, s in zip(share.ended, share.scores)])
+    return Samples([[int(t) for t in r] for r in responses], [bool(e) for e, _ in flags_scores],
+                   [s for _, s in flags_scores])
 
 
 def encode_prompts(lm: "llmkit.LanguageModel", texts: Sequence[str], *, chat: bool,

@@ -6,6 +6,7 @@ Real torchrun subprocesses (`--standalone`: a free loopback port each), a tiny L
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -177,11 +178,10 @@ def test_a_step_that_cannot_be_dealt_out_is_refused_in_one_line(runs):
 
 def test_a_command_without_distributed_support_says_so(runs):
     root, _, _ = runs
-    result = run("ppo", "--policy", "one", "--reward", "rewards:score", "--prompts", "prompts.jsonl", "--out", "ppo",
-                 ranks=2, cwd=root)
+    result = run("rlhf-demo", "--out", "demo", ranks=2, cwd=root)
     assert result.returncode != 0
-    assert "error: llmkit ppo does not run under torchrun yet" in result.stderr, result.stderr
-    assert not (root / "ppo").exists()
+    assert "error: llmkit rlhf-demo does not run under torchrun yet" in result.stderr, result.stderr
+    assert not (root / "demo").exists()
 
 
 def test_killing_one_rank_stops_the_other_with_an_error(runs):
@@ -257,3 +257,79 @@ def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command):
     one, two = losses(root / f"{command}-one"), losses(root / f"{command}-two")
     assert [row[:2] for row in two] == [row[:2] for row in one] and len(one) >= 4
     assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)
+
+
+PPO = dict(steps=3, rollout_batch=8, minibatch_size=4, grad_accum=2, max_new_tokens=6, lr=3e-3)
+# with 2 micro-batches, DDP's mean (g0 + g1) / 2 and one process's g0 / 2 + g1 / 2 are the same floats
+# (halving is exact), so the runs agree bit for bit (measured on AVX-512); the bound below is this file's
+# fp32 summation-order one, for reductions that group differently elsewhere
+HELDOUT_PROMPTS = ("return ", "for i in ", "while ", "print(")
+REWARD = "ppo_ranks_reward:e_fraction"  # a module name no other test uses (sys.modules caches it)
+REWARD_PY = """
+def e_fraction(prompt, response):
+    return sum(c == "e" for c in response) / max(len(response), 1)
+"""
+
+
+def test_ppo_under_two_ranks_is_the_one_process_run(runs, monkeypatch):
+    """PPO on the one Trainer under torchrun: each rank samples and scores its half of every rollout,
+    each minibatch's two micro-batches are dealt out; rank 0 alone writes, and the result is the one
+    process's run with the same settings."""
+    import torch
+
+    from llmkit.inference.generate import generate
+    from llmkit.inference.sampling import SamplingParams
+    from llmkit.training.config import TrainConfig
+    from llmkit.training.ppo import PPO_TRAIN_DEFAULTS, PPOConfig, train_ppo
+    from llmkit.training.rewards import load_reward
+
+    root, _, _ = runs
+    (root / "ppo_ranks_reward.py").write_text(REWARD_PY)
+    monkeypatch.syspath_prepend(str(root))  # (the command line finds it in its working directory)
+    prompts = ("def ", "the model", "import ", "class ")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in PPO.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.Popen(llmkit_argv("ppo", "--policy", "one", "--out", "ppo-two", "--reward", REWARD,
+                                       "--prompts", "prompts.jsonl", "--plain-prompts", "--dtype", "fp32",
+                                       "--threads", "1", "--seed", "0", *flags, ranks=2),
+                           cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # meanwhile the one-process run, in this process: the same settings as the command line's
+    ppo_keys = {f.name for f in dataclasses.fields(PPOConfig)}
+    cfg = TrainConfig(**{**PPO_TRAIN_DEFAULTS, **{k: v for k, v in PPO.items() if k not in ppo_keys},
+                         "dtype": "fp32", "threads": 1, "seed": 0})
+    train_ppo(root / "one", REWARD, root / "prompts.jsonl", root / "ppo-one", cfg,
+              PPOConfig(**{k: v for k, v in PPO.items() if k in ppo_keys}), chat=False)
+    _, err = two.communicate(timeout=240)
+    assert two.returncode == 0, err
+
+    rows = {name: [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ppo-one", "ppo-two")}
+    assert [r["step"] for r in rows["ppo-two"]] == [r["step"] for r in rows["ppo-one"]] == [1, 2, 3]
+    # each rank's half of a rollout is the one process's rows: same weights, same per-row seeds, and a
+    # row's tokens do not depend on the rows batched with it
+    for key in ("score", "response_length", "kl"):
+        assert [r[key] for r in rows["ppo-two"]] == [r[key] for r in rows["ppo-one"]], key
+    assert rows["ppo-two"][-1]["kl"] != 0.0  # PPO moved the policy away from its reference
+
+    assert err.count("saved to ppo-two") == 1 and "Traceback" not in err  # rank 1 is silent
+    newest = root / "ppo-two" / "checkpoints" / "step-00000003"
+    state = json.loads((newest / "train_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert set(load_tensors(newest / "rng.safetensors")) == {"torch_cpu", "torch_cpu_rank1"}
+    assert (newest / "value_head.safetensors").exists() and (root / "ppo-two" / "reward_kl.png").exists()
+
+    e_fraction = load_reward(REWARD)  # (prompts, responses) -> scores, as PPO calls it
+    single, double = llmkit.load(root / "ppo-one"), llmkit.load(root / "ppo-two")  # loads in one process
+    for name, tensor in single.model.state_dict().items():
+        torch_close(double.model.state_dict()[name], tensor)
+
+    def heldout_score(lm) -> float:
+        """Mean reward of responses sampled (seeded) from prompts that PPO never saw."""
+        outs = generate(lm.model, [lm.tokenizer.encode(p) for p in HELDOUT_PROMPTS * 4], max_new_tokens=6,
+                        params=SamplingParams(temperature=1.0), seed=7, pad_id=lm.tokenizer.pad_id or 0)
+        return sum(e_fraction([""] * len(outs), [lm.tokenizer.decode(o) for o in outs])) / len(outs)
+
+    with torch.no_grad():
+        # margin: one of the 16 responses changing entirely (measured: equal)
+        assert abs(heldout_score(double) - heldout_score(single)) <= 1 / 16
