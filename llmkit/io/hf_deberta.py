@@ -8,10 +8,17 @@ the original DeBERTa one (`lm_predictions.lm_head.*`, decoder always tied to the
 Neither is the paper's enhanced mask decoder: transformers keeps no weights for it (it ignores
 `mask_predictions.*`) and never runs it, and llmkit matches transformers. The convolution after the
 first layer that deberta-v2-xlarge/xxlarge use (`conv_kernel_size`) is `ModelConfig.conv_kernel`.
+
+DeBERTa's checkpoints ship their tokenizer as `spm.model`, a SentencePiece unigram model, and no
+tokenizer.json: `load_deberta_tokenizer` reads it with llmkit's own protobuf reader
+(llmkit.tokenizer.sentencepiece, no sentencepiece library) and frames texts as transformers'
+DebertaV2Tokenizer does: `[CLS] A [SEP]`, `[CLS] A [SEP] B [SEP]` (B of token type 1), with
+`[MASK]` appended to the vocabulary when the model file lacks it (deberta-v3's id 128000).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from llmkit.config import ModelConfig
@@ -152,3 +159,53 @@ def deberta_config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[st
                 position_biased_input=cfg.add_absolute_positions, legacy=not cfg.tie_embeddings,
                 conv_kernel_size=cfg.conv_kernel, conv_act={v: k for k, v in CONV_ACTIVATIONS.items()}[cfg.conv_activation],
                 tie_word_embeddings=cfg.tie_embeddings, dtype=dtype)
+
+
+# ---- tokenizer: spm.model ----------------------------------------------------------------------------
+
+# tokenizer_config.json keys (with transformers' DebertaV2Tokenizer defaults) naming the special tokens
+_SPECIALS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "unk": "[UNK]", "mask": "[MASK]"}
+
+
+def load_deberta_tokenizer(directory: Path, vocab_size: int):
+    """The Tokenizer of a DeBERTa directory without tokenizer.json, from its `spm.model`."""
+    from tokenizers import AddedToken, normalizers, processors
+
+    from llmkit.io.checkpoint import read_json
+    from llmkit.io.hf import _token_string
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.tokenizer.sentencepiece import read_sentencepiece, sentencepiece_backend
+
+    spm_file = directory / "spm.model"
+    if not spm_file.is_file():
+        raise ModelFormatError(f"{directory / 'tokenizer.json'}: no such file (a DeBERTa directory has "
+                               "tokenizer.json or spm.model)")
+    tc_file = directory / "tokenizer_config.json"
+    tc = read_json(tc_file) if tc_file.exists() else {}
+    if not isinstance(tc, dict):
+        raise ModelFormatError(f"{tc_file}: expected a JSON object")
+    # Options of DebertaV2Tokenizer that llmkit does not rebuild, each with the value that means "off".
+    for key, plain in (("split_by_punct", False), ("add_prefix_space", True)):
+        if tc.get(key, plain) != plain:
+            raise ModelFormatError(f"{tc_file}: {key}={tc[key]!r} is not supported (llmkit needs {plain!r})")
+    lower = tc.get("do_lower_case", False)
+    if not isinstance(lower, bool):
+        raise ModelFormatError(f"{tc_file}: do_lower_case must be true or false, got {lower!r:.40}")
+    names = {key: _token_string(tc.get(f"{key}_token"), tc_file, f"{key}_token") or default
+             for key, default in _SPECIALS.items()}
+    backend = sentencepiece_backend(read_sentencepiece(spm_file))
+    if lower:  # transformers lower-cases before SentencePiece's own normaliser
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+    if backend.token_to_id(names["mask"]) is None:  # DeBERTa v3's [MASK] is not in spm.model: it comes next
+        backend.add_special_tokens([AddedToken(names["mask"], special=True, normalized=False)])
+    for key in ("cls", "sep", "pad"):
+        if backend.token_to_id(names[key]) is None:
+            raise ModelFormatError(f"{spm_file}: the {key} token {names[key]!r} is not one of its pieces")
+    if backend.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise ModelFormatError(f"{spm_file}: {backend.get_vocab_size(with_added_tokens=True)} tokens with "
+                               f"{names['mask']}, more than config.json's vocab_size {vocab_size}")
+    cls, sep = names["cls"], names["sep"]
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))])
+    return Tokenizer(backend, bos_token=cls, eos_token=sep, pad_token=names["pad"], mask_token=names["mask"])

@@ -285,6 +285,11 @@ def load_hf_encoder(directory: Path, data: dict):
     from llmkit.io.hf import HFModel, _token_string, load_tokenizer
 
     model, cfg = load_encoder_weights(directory, data)
+    if data["model_type"] == "deberta-v2" and not (directory / "tokenizer.json").is_file():
+        from llmkit.io.hf_deberta import load_deberta_tokenizer  # its spm.model, as DeBERTa ships it
+
+        tokenizer = load_deberta_tokenizer(directory, cfg.vocab_size)
+        return HFModel(model, tokenizer, tokenizer.prefix_ids(), [])
     tokenizer, prefix_ids, _ = load_tokenizer(directory, data, cfg.vocab_size)
     tc_file = directory / "tokenizer_config.json"
     mask = _token_string(read_json(tc_file).get("mask_token"), tc_file, "mask_token") if tc_file.exists() else None
