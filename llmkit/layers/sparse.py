@@ -296,14 +296,14 @@ def pattern_attention_args(cfg: ModelConfig, *, causal: bool, offset: int, T: in
     if seq_len <= cfg.attention_dense_up_to:  # transformers' BigBird: a short sequence attends fully
         mask = None if real is None else (real[:, None, None, k_index] | (q_index[:, None] == k_index[None, :]))
         return dict(bias=dense_alibi(slopes, q_index, k_index), mask=mask, causal=causal, local=None)
-    extra = {}
     if key_mask is None or (not causal and cfg.attention_pattern != "sliding_window"):
         # a bidirectional model's positions are its indices, padded or not: the blocks take the mask by row
         marks = None if key_mask is None else key_mask == 2
         local = (LocalWindow(cfg.attention_window, causal, offset, key_start, slopes)
                  if cfg.attention_pattern == "sliding_window" else
                  PatternBlocks(cfg, causal, offset, key_start, slopes, seq_len=seq_len, real=real, marks=marks))
-        if cfg.attention_global_projections:
+        extra = {}
+        if cfg.attention_global_projections:  # (encoders only: never the dense path below)
             rows = global_flags(cfg, q_index[None], q_index, seq_len, None if marks is None else marks[:, q_index])
             extra["global_queries"] = GlobalQueries(rows if real is None else rows & real[:, q_index],
                                                     None if real is None else real[:, k_index])
@@ -319,9 +319,7 @@ def pattern_attention_args(cfg: ModelConfig, *, causal: bool, offset: int, T: in
     # padding is never a key; a padded query row would see nothing (NaN softmax), so it sees itself
     mask &= real[:, None, k_index]
     mask |= q_index[:, None] == k_index[None, :]
-    if cfg.attention_global_projections:
-        extra["global_queries"] = GlobalQueries(q_global & real[:, q_index], real[:, k_index])
-    return dict(bias=dense_alibi(slopes, q_index, k_index), mask=mask[:, None], causal=False, local=None, **extra)
+    return dict(bias=dense_alibi(slopes, q_index, k_index), mask=mask[:, None], causal=False, local=None)
 
 
 def dense_alibi(slopes: Tensor | None, q_index: Tensor, k_index: Tensor) -> Tensor | None:
