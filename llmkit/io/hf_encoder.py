@@ -11,6 +11,7 @@ weight is allocated). A bare `BertModel` (such as all-MiniLM-L6-v2) has no MLM h
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ ALBERT = EncoderFamily("albert.", "predictions.", (
 ), _IGNORED[:-1] + r"|sop_classifier\..*)")
 
 FAMILIES = {"bert": BERT, "roberta": ROBERTA, "albert": ALBERT}
+# model_type → (module, family, config_from_hf, config_to_hf) for the sparse-attention encoders
+SPARSE_ENCODERS = {
+    "longformer": ("llmkit.io.hf_longformer", "LONGFORMER", "longformer_config_from_hf", "longformer_config_to_hf"),
+    "big_bird": ("llmkit.io.hf_bigbird", "BIGBIRD", "bigbird_config_from_hf", "bigbird_config_to_hf"),
+}
 
 
 def family_of(config: dict) -> EncoderFamily:
@@ -94,6 +100,9 @@ def family_of(config: dict) -> EncoderFamily:
         from llmkit.io.hf_deberta import deberta_family
 
         return deberta_family(config)
+    if config["model_type"] in SPARSE_ENCODERS:  # Longformer, BigBird: their own modules
+        module, name, _, _ = SPARSE_ENCODERS[config["model_type"]]
+        return getattr(importlib.import_module(module), name)
     return FAMILIES[config["model_type"]]
 
 
@@ -115,6 +124,9 @@ def encoder_config_from_hf(data: dict, where: str, *, mlm_head: bool) -> ModelCo
         from llmkit.io.hf_deberta import deberta_config_from_hf
 
         return deberta_config_from_hf(data, where, mlm_head=mlm_head)
+    if model_type in SPARSE_ENCODERS:
+        module, _, name, _ = SPARSE_ENCODERS[model_type]
+        return getattr(importlib.import_module(module), name)(data, where, mlm_head=mlm_head)
     d = _value(data, "hidden_size", where, int, lo=1, hi=MAX_WIDTH)
     heads = _value(data, "num_attention_heads", where, int, lo=1, hi=d)
     if d % heads:
@@ -153,9 +165,12 @@ def encoder_config_to_hf(cfg: ModelConfig, *, dtype: str = "float32") -> dict[st
         from llmkit.io.hf_deberta import deberta_config_to_hf
 
         return deberta_config_to_hf(cfg, dtype=dtype)
+    if cfg.attention_pattern in ("longformer", "bigbird"):
+        module, _, _, name = SPARSE_ENCODERS["longformer" if cfg.attention_pattern == "longformer" else "big_bird"]
+        return getattr(importlib.import_module(module), name)(cfg, dtype=dtype)
     model_type = "albert" if cfg.share_layers else "roberta" if cfg.position_offset else "bert"
     wants = dict(norm="layernorm", norm_position="post", position="learned", bias=True, qkv_bias=True,
-                 embed_norm=True, n_kv_heads=cfg.n_heads, num_labels=0)
+                 embed_norm=True, n_kv_heads=cfg.n_heads, num_labels=0, attention_pattern="full")
     if cfg.mlp not in ("gelu", "gelu_tanh", "relu"):
         wants["mlp"] = "gelu"
     if model_type != "albert" and cfg.embedding_dim != cfg.d_model:
