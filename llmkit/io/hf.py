@@ -56,6 +56,7 @@ OTHER_FAMILIES = {
     "bert": "llmkit.io.hf_encoder:load_hf_encoder", "roberta": "llmkit.io.hf_encoder:load_hf_encoder",
     "albert": "llmkit.io.hf_encoder:load_hf_encoder", "deberta-v2": "llmkit.io.hf_encoder:load_hf_encoder",
     "openai-gpt": "llmkit.io.hf_gpt1:load_hf_gpt1",
+    "longformer": "llmkit.io.hf_encoder:load_hf_encoder", "big_bird": "llmkit.io.hf_encoder:load_hf_encoder",
     "t5": "llmkit.io.hf_seq2seq:load_hf_seq2seq", "bart": "llmkit.io.hf_seq2seq:load_hf_seq2seq",
     "mamba": "llmkit.io.hf_recurrent:load_hf_recurrent", "rwkv": "llmkit.io.hf_recurrent:load_hf_recurrent",
 }

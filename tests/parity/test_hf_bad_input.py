@@ -87,7 +87,7 @@ def test_pickle_only_directory_is_refused_and_never_unpickled(copy, tmp_path):
 
 @pytest.mark.parametrize("change, needles", [
     ({"hidden_size": ...}, ["config.json", "missing field 'hidden_size'"]),
-    ({"model_type": "deberta"}, ["config.json", "unsupported model_type 'deberta'", "(supported: albert, bart, bert, deberta-v2, gpt2, llama, mamba, mistral, openai-gpt, qwen2, roberta, rwkv, t5)"]),
+    ({"model_type": "deberta"}, ["config.json", "unsupported model_type 'deberta'", "(supported: albert, bart, bert, big_bird, deberta-v2, gpt2, llama, longformer, mamba, mistral, openai-gpt, qwen2, roberta, rwkv, t5)"]),
     ({"num_hidden_layers": 0}, ["config.json", "num_hidden_layers"]),
     ({"num_hidden_layers": 5000}, ["config.json", "num_hidden_layers"]),
     ({"num_attention_heads": 0}, ["config.json", "num_attention_heads"]),
