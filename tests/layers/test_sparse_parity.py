@@ -94,13 +94,13 @@ def test_config_keeps_the_transformers_settings_where_they_mean_something(overri
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_padded_batches_with_marked_globals_never_score_t_by_t(name, monkeypatch):
-    """1,024 tokens, 2 rows (one padded), globals chosen by the mask, different by row: every score block the
+    """512 tokens, 2 rows (one padded), globals chosen by the mask, different by row: every score block the
     kernel computes (window chunks, chunks holding a global query, the global rows) is at most 128 × T,
     never T × T. (tests/layers/test_sparse_attention.py measures what that means in MB: the dense rule took
     ~265 MB at 4,096 tokens, the blocks a few.)"""
     import llmkit.layers.sparse as sparse
 
-    cfg, T = encoder_config(name).replace(max_seq_len=1024), 1024
+    cfg, T = encoder_config(name).replace(max_seq_len=512), 512
     key_mask = masked_batch(T)
     largest = []
 
