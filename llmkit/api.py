@@ -158,7 +158,8 @@ class LanguageModel:
         return self.model.cfg
 
     def stream(self, prompt: str, *, max_new_tokens: int = 128, stop: Sequence[str] = (),
-               seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
+               seed: int | None = None, use_cache: bool = True, draft: nn.Module | None = None,
+               **sampling: Any) -> Iterator[str]:
         """Yield the continuation of `prompt` piece by piece as it is generated (for an encoder-decoder,
         its output for `prompt` as the encoder input).
 
@@ -168,16 +169,19 @@ class LanguageModel:
             stop: strings that end generation (not included in the output).
             seed: makes sampling repeatable.
             use_cache: False recomputes the whole sequence every step (slow; for comparison).
+            draft: a smaller Transformer decoder with the same vocabulary (e.g. `llmkit.load(...).model`):
+                speculative decoding of a greedy answer, which it leaves unchanged.
             **sampling: temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
                 frequency_penalty (see llmkit.inference.sampling; temperature 0 is greedy).
         """
         ids = (source_ids(self.tokenizer, prompt) if self.config.arch == "encoder-decoder"  # the encoder's input
                else self.prefix_ids + self.tokenizer.encode(prompt))
         yield from self.stream_ids(ids, max_new_tokens=max_new_tokens,
-                                   stop=stop, seed=seed, use_cache=use_cache, **sampling)
+                                   stop=stop, seed=seed, use_cache=use_cache, draft=draft, **sampling)
 
     def stream_ids(self, ids: list[int], *, max_new_tokens: int = 128, stop: Sequence[str] = (),
-                   seed: int | None = None, use_cache: bool = True, **sampling: Any) -> Iterator[str]:
+                   seed: int | None = None, use_cache: bool = True, draft: nn.Module | None = None,
+                   **sampling: Any) -> Iterator[str]:
         """`stream` for a prompt that is already token ids (no prefix is added)."""
         if self.config.arch == "encoder":
             raise GenerationError("an encoder-only model (BERT family) does not generate text; use `llmkit embed`, "
@@ -190,7 +194,7 @@ class LanguageModel:
         # an encoder-decoder reads them as its source and writes a new sequence
         events = run_alone(self.model, self.tokenizer, ids, max_new_tokens=max_new_tokens, params=params, seed=seed,
                            stop=tuple(stop), eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_id or 0,
-                           use_cache=use_cache)
+                           use_cache=use_cache, draft=draft)
         for event in events:
             if event.text:
                 yield event.text

@@ -104,20 +104,23 @@ def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from llmkit.commands.draft import check_draft_flags, load_draft
     from llmkit.commands.speed import check_text_flags, load_for_generation
     from llmkit.inference.sampling import SamplingParams
 
     sampling = sampling_from(args)
     SamplingParams(**sampling)  # reject bad values before loading anything
     check_text_flags(args)
+    check_draft_flags(args, greedy_only=True)
     lm = load_for_generation(args.model, args)
+    draft = load_draft(args, lm)
     if args.num_beams != 1:  # the whole output at once: a beam's text is known only when the search ends
         best = lm.beam_search(args.prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                               length_penalty=args.length_penalty)
         print(best if lm.config.arch == "encoder-decoder" else args.prompt + best)
         return
     pieces = lm.stream(args.prompt, max_new_tokens=args.max_new_tokens, stop=args.stop or (),
-                       seed=args.seed, use_cache=not args.no_kv_cache, **sampling)
+                       seed=args.seed, use_cache=not args.no_kv_cache, draft=draft, **sampling)
     first = next(pieces, "")  # validates the prompt (length) before anything is printed
     # a decoder continues the prompt; an encoder-decoder's output is a new text of its own
     print(first if lm.config.arch == "encoder-decoder" else args.prompt + first, end="", flush=True)
@@ -154,6 +157,7 @@ def default_chat_model() -> Path:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from llmkit.commands.draft import check_draft_flags, load_draft
     from llmkit.commands.speed import check_text_flags, load_for_generation
     from llmkit.errors import GenerationError
     from llmkit.inference.sampling import SamplingParams
@@ -162,10 +166,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     sampling = sampling_from(args)
     SamplingParams(**sampling)
     check_text_flags(args)
+    check_draft_flags(args, greedy_only=True)
     lm = load_for_generation(args.model or default_chat_model(), args)
+    draft = load_draft(args, lm)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
-    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), seed=args.seed, **sampling)
+    options = dict(max_new_tokens=args.max_new_tokens, stop=args.stop or (), seed=args.seed, draft=draft, **sampling)
 
     def answer(question: str) -> None:
         history.append({"role": "user", "content": question})
@@ -288,6 +294,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmkit.commands.draft import add_draft_flags
     from llmkit.commands.speed import add_speed_flags
     from llmkit.training.config import TrainConfig
 
@@ -330,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "decoder's best beam is printed after the prompt; default: 1, no beam search)")
     gen.add_argument("--length-penalty", type=float, default=1.0,
                      help="beam search: > 0 favours longer outputs, < 0 shorter ones (default: 1.0)")
+    add_draft_flags(gen)
 
     chat = sub.add_parser("chat", help="chat with a model: interactive, or one answer with QUESTION")
     chat.add_argument("question", nargs="?", help="answer this once and exit (default: interactive)")
@@ -338,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="a system message for the conversation")
     add_sampling_flags(chat, max_new_tokens=256, temperature=0.0)
     add_speed_flags(chat)
+    add_draft_flags(chat)
 
     conv = sub.add_parser("convert", help="export a model as a Hugging Face directory")
     conv.add_argument("--model", required=True, metavar="SRC",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 API_KEY_ENV = "LLMKIT_API_KEY"  # read when --api-key is not given: a key on the command line shows in `ps`
 LIMITS = {"port": (0, 65535), "max_batch": (1, 1024), "max_queued": (0, 1 << 16), "max_body_mb": (1, 1024),
-          "max_request_seconds": (0.001, 7 * 24 * 3600)}
+          "max_request_seconds": (0.001, 7 * 24 * 3600), "queue_timeout": (0.001, 7 * 24 * 3600),
+          "read_timeout": (0.001, 3600)}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -34,8 +35,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     hosts = [h.strip().lower() for h in args.allowed_host or ()]
     if any(not h or any(c in h for c in "/ @") for h in hosts):
         raise ConfigError(f"--allowed-host takes host names, got {args.allowed_host}")
+    from llmkit.commands.draft import check_draft_flags, load_draft
     from llmkit.serve.server import BACKLOG, bind, is_loopback, run, url_of
 
+    check_draft_flags(args, greedy_only=False)
     sock = bind(args.host, args.port)  # before the model loads: a busy port is an error at once
     from llmkit.cli import default_chat_model
     from llmkit.commands.speed import load_for_generation
@@ -51,17 +54,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if lm.config.arch == "encoder":
         raise ConfigError(f"{model}: an encoder-only model (BERT family) does not generate text; llmkit serve "
                           "needs a decoder or an encoder-decoder (use `llmkit embed` for embeddings)")
-    engine = lm.engine(max_batch=args.max_batch, max_queued=args.max_queued)
+    draft = load_draft(args, lm)
+    if draft is None:
+        engine = lm.engine(max_batch=args.max_batch, max_queued=args.max_queued)
+    else:  # lm.engine's settings, plus the draft
+        from llmkit.inference.engine import Engine
+
+        engine = Engine(lm.model, lm.tokenizer, max_batch=args.max_batch, max_queued=args.max_queued,
+                        eos_ids=lm.eos_ids, pad_id=lm.tokenizer.pad_id or 0, draft=draft,
+                        draft_tokens=args.draft_tokens)
     try:
         app = create_app(lm, engine, model_id=model_name(model), api_key=api_key,
                          allowed_hosts=LOOPBACK_HOSTS | frozenset(hosts) if loopback else None,
-                         max_body_bytes=args.max_body_mb * 1024 * 1024, max_request_seconds=args.max_request_seconds)
+                         max_body_bytes=args.max_body_mb * 1024 * 1024, max_request_seconds=args.max_request_seconds,
+                         queue_timeout=args.queue_timeout, read_timeout=args.read_timeout)
         sock.listen(BACKLOG)  # before the URL line: a client that reads it can connect at once
         url = url_of(sock)
         print(f"serving {model_name(model)} at {url}/ (chat page; OpenAI API at {url}/v1"
               f"{', API key required' if api_key else ''}) — Ctrl-C stops it", flush=True)
         try:
-            run(app, sock)
+            run(app, sock, args.read_timeout)
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a normal way to stop a server
             pass
         print("stopped", file=sys.stderr)
@@ -77,6 +89,7 @@ def model_name(path: Path) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `llmkit` parser."""
+    from llmkit.commands.draft import add_draft_flags
     from llmkit.commands.speed import add_speed_flags
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server and a web chat page",
@@ -102,5 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request body, refused with 413 before it is read (default: 4)")
     p.add_argument("--max-request-seconds", type=float, default=600.0, metavar="S",
                    help="a request still generating this long after it arrived is ended with an error (default: 600)")
+    p.add_argument("--queue-timeout", type=float, default=60.0, metavar="S",
+                   help="a request still waiting for a batch row after this long gets 503 (default: 60)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="S",
+                   help="a client must send a request's headers, and then its body, within this long; a slower "
+                        "one gets 408 and its connection is closed (default: 30)")
     add_speed_flags(p)
+    add_draft_flags(p)
     p.set_defaults(handler=cmd_serve)

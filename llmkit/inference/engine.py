@@ -48,8 +48,29 @@ class Handle:
         self._events: deque = deque()
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._admission_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancelled = False
         self.finished = False
+
+    @property
+    def queued(self) -> bool:
+        """Whether the request still waits for a row: not yet prefilled or decoded, and not finished."""
+        return not (self.request.admitted or self.finished)
+
+    async def admitted(self) -> None:
+        """Return once the request has left the queue (its prefill has begun) or has finished; never
+        blocks the event loop. A server times requests' waits in the queue with it."""
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            if not self.queued:
+                return
+            self._admission_waiters.append((loop, ready))
+        try:
+            await ready.wait()
+        finally:
+            with self._cond:
+                if (loop, ready) in self._admission_waiters:
+                    self._admission_waiters.remove((loop, ready))
 
     def cancel(self) -> None:
         """Ask the engine to end this request; it answers Finished(reason="cancelled") unless it had
@@ -100,21 +121,36 @@ class Handle:
             self.finished = self.finished or isinstance(event, Finished)
             self._cond.notify_all()
             waiters = list(self._waiters)
-        for loop, ready in waiters:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # that event loop has closed: nobody is waiting there any more
-                pass
+        _wake(waiters)
+        if self.finished:
+            self._tell_admitted()
+
+    def _tell_admitted(self) -> None:
+        """Wake whoever awaits `admitted()` (the engine's thread calls this once the request left the queue)."""
+        with self._cond:
+            waiters, self._admission_waiters = self._admission_waiters, []
+        _wake(waiters)
+
+
+def _wake(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+    for loop, ready in waiters:
+        try:
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # that event loop has closed: nobody is waiting there any more
+            pass
 
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queued: int = 32,
                  eos_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0, draft: nn.Module | None = None,
+                 draft_tokens: int = 4) -> None:
         """`eos_ids` default to the tokenizer's EOS (pass `lm.eos_ids` for a model with its own, e.g. a
         chat model's end-of-turn token). `prefix_cache_tokens` > 0 keeps recent prompts' keys and values
         (that many positions at most, held until evicted) so a prompt that begins like one of them (a
-        shared system prompt, a chat's next turn) prefills only the rest; Transformer decoders."""
+        shared system prompt, a chat's next turn) prefills only the rest; Transformer decoders. `draft`: a
+        smaller Transformer decoder with the same vocabulary for speculative decoding, used while one
+        greedy request runs alone (`draft_tokens` guesses per step; outputs do not change)."""
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
             raise GenerationError(f"max_queued must be an integer ≥ 0, got {max_queued!r}")
         if eos_ids is None:
@@ -122,13 +158,17 @@ class Engine:
         if pad_id is None:
             pad_id = (tokenizer.pad_id if tokenizer is not None else None) or 0
         self._session = Session(model, tokenizer, max_batch=max_batch, eos_ids=eos_ids, pad_id=pad_id,
-                                prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
+                                prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens,
+                                draft=draft, draft_tokens=draft_tokens)
         self.max_batch, self.max_queued = max_batch, max_queued
         self._lock = threading.Condition()
         self._incoming: list[Handle] = []
         self._live: set[Handle] = set()  # submitted and not finished
         self._closed = False
-        self._stats = dict(running=0, queued=0, requests_total=0, tokens_total=0, steps=0, prefix_tokens_reused=0)
+        self._stats = dict(running=0, queued=0, requests_total=0, tokens_total=0, steps=0, prefix_tokens_reused=0,
+                           draft_proposed=0, draft_accepted=0)
+        # a request's `admitted()` returns as its prefill begins (a server then sends its headers)
+        self._session.scheduler.on_admit = lambda request: request.owner._tell_admitted()
         self._thread = threading.Thread(target=self._run, name="llmkit-engine", daemon=True)
         self._thread.start()
 
@@ -157,7 +197,8 @@ class Engine:
 
     def stats(self) -> dict:
         """running, queued, requests_total, tokens_total (and steps: decode steps run; prefix_tokens_reused:
-        prompt positions copied from the prefix cache instead of computed)."""
+        prompt positions copied from the prefix cache instead of computed; draft_proposed / draft_accepted:
+        a draft's guesses checked and kept)."""
         with self._lock:
             return dict(self._stats)
 
@@ -230,4 +271,7 @@ class Engine:
             self._stats.update(running=len(scheduler.running) + len(scheduler.joining),
                                queued=len(scheduler.waiting) + len(self._incoming), steps=scheduler.steps,
                                prefix_tokens_reused=prefixes.reused if prefixes is not None else 0)
+            if scheduler.speculator is not None:
+                self._stats.update(draft_proposed=scheduler.speculator.stats.proposed,
+                                   draft_accepted=scheduler.speculator.stats.accepted)
             self._stats["tokens_total"] += tokens

@@ -52,6 +52,7 @@ class Request:
     generator: torch.Generator | None = None
     penalty: PenaltyState | None = None
     pending: int | None = None  # the token the next decode step feeds
+    admitted: bool = False  # has left the queue: being prefilled or decoded (read by other threads)
 
 
 @dataclass
@@ -75,16 +76,25 @@ def check_max_new_tokens(n: object, *, minimum: int = 0) -> None:
 
 class Scheduler:
     def __init__(self, model: nn.Module, *, max_batch: int, eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0) -> None:
+                 use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_tokens: int = 0,
+                 draft: nn.Module | None = None, draft_tokens: int = 4) -> None:
         """`prefix_cache_tokens` > 0 keeps the keys and values of recent prompts (up to that many positions,
         Transformer decoders) and prefills only what a new prompt does not share with one of them; requests
-        are then prefilled one at a time (a padded group has no common positions to copy)."""
+        are then prefilled one at a time (a padded group has no common positions to copy). `draft`: a
+        smaller Transformer decoder with the same vocabulary that guesses `draft_tokens` tokens per step
+        for a greedy request running alone (llmkit/inference/speculative.py's Speculator)."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise GenerationError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
         self.state = decoding_state(model, max_rows=max_batch, pad_id=pad_id, use_cache=use_cache)
         if prefix_cache_tokens > 0 and isinstance(self.state, AttentionState):
             self.state.prefix_cache = PrefixCache(prefix_cache_tokens)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.on_admit = None  # called with each request as it leaves the queue, before its prefill
+        self.speculator = None
+        if draft is not None:
+            from llmkit.inference.speculative import Speculator
+
+            self.speculator = Speculator(self.state, draft, draft_tokens=draft_tokens)
         self.eos = set(eos_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # index = row of the decoding state
@@ -124,7 +134,11 @@ class Scheduler:
         """One decode step and some prefill work: the tokens chosen, and the requests that ended."""
         ended = self.sweep()
         emitted: list[Emitted] = []
-        if self.running:
+        guessed = self._speculate()
+        if guessed is not None:
+            self.steps += 1
+            emitted += self._accept(self.running[0], *guessed)
+        elif self.running:
             tokens = torch.tensor([r.pending for r in self.running], dtype=torch.long, device=self.state.device)
             logits = self.state.step(tokens, reserve=self._reserve(self.running))
             self.steps += 1
@@ -141,6 +155,8 @@ class Scheduler:
                 r.finish_reason, r.error = "error", message
         self.state.drop(set(range(self.state.n)))
         self.running, self.joining, self.prefill, self.ended = [], [], None, []
+        if self.speculator is not None:
+            self.speculator.forget()
         self.waiting.clear()
         return everyone
 
@@ -163,6 +179,33 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if r.finish_reason is None)
         return ended
 
+    def _speculate(self) -> tuple[list[int], Tensor] | None:
+        """A speculative round's tokens and logits when one greedy request without penalties runs alone
+        (nothing joining or waiting), else None."""
+        if self.speculator is None or len(self.running) != 1 or self.joining or self.waiting:
+            return None
+        r = self.running[0]
+        if r.finish_reason is not None or not r.params.greedy or r.penalty.seen is not None:
+            return None
+        return self.speculator.round(r, self.eos, self._reserve(self.running))
+
+    def _accept(self, r: Request, tokens: list[int], logits: Tensor) -> list[Emitted]:
+        """A round's tokens for `r` (chosen from `logits`, one row each), up to an EOS or its limit, as
+        `_choose` takes one."""
+        scores = self._logprobs([r] * len(tokens), logits, dict(enumerate(tokens)))
+        out = []
+        for i, token in enumerate(tokens):
+            if token in self.eos:
+                r.finish_reason = "stop"
+                break
+            r.generated.append(token)
+            out.append(Emitted(r, token, *scores.get(i, (None, []))))
+            if len(r.generated) >= r.limit:
+                r.finish_reason = "length"
+                break
+            r.pending = token
+        return out
+
     def _prefill_work(self) -> list[Emitted]:
         if self.prefill is None:
             free = self.max_batch - len(self.running)
@@ -170,6 +213,9 @@ class Scheduler:
                 free = min(free, 1)
             while self.waiting and len(self.joining) < free:
                 self.joining.append(self.waiting.popleft())
+                self.joining[-1].admitted = True
+                if self.on_admit is not None:
+                    self.on_admit(self.joining[-1])
             if not self.joining:
                 return []
             self.prefill = self.state.prefill([r.prompt for r in self.joining])

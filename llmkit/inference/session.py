@@ -45,9 +45,10 @@ class Session:
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int, eos_ids: Sequence[int] = (),
                  pad_id: int = 0, use_cache: bool = True, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, draft: nn.Module | None = None, draft_tokens: int = 4) -> None:
         self.scheduler = Scheduler(model, max_batch=max_batch, eos_ids=eos_ids, pad_id=pad_id, use_cache=use_cache,
-                                   prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens)
+                                   prefill_chunk=prefill_chunk, prefix_cache_tokens=prefix_cache_tokens,
+                                   draft=draft, draft_tokens=draft_tokens)
         self.tokenizer = tokenizer
         self.streams: dict[Request, TextStream] = {}
 
@@ -85,6 +86,9 @@ class Session:
         stopped = False
         for e in emitted:
             stream = self.streams[e.request]
+            if stream.stopped:  # a speculative round's tokens after a stop string: not part of the answer
+                e.request.generated.pop()  # (they are the last ones it holds)
+                continue
             text = stream.push(e.token)
             if stream.stopped:
                 self.scheduler.finish(e.request, "stop")
@@ -107,10 +111,13 @@ class Session:
 
 @torch.inference_mode()
 def run_alone(model: nn.Module, tokenizer, prompt_ids: Sequence[int], *, eos_ids: Sequence[int] = (),
-              pad_id: int = 0, use_cache: bool = True, **options) -> Iterator[TokenEvent | Finished]:
+              pad_id: int = 0, use_cache: bool = True, draft: nn.Module | None = None, draft_tokens: int = 4,
+              **options) -> Iterator[TokenEvent | Finished]:
     """One request through the one loop, in the caller's thread: its events; GenerationError (on the
-    first `next`) for an unusable prompt or setting, or if generation fails."""
-    session = Session(model, tokenizer, max_batch=1, eos_ids=eos_ids, pad_id=pad_id, use_cache=use_cache)
+    first `next`) for an unusable prompt or setting, or if generation fails. `draft`: speculative
+    decoding for a greedy request (a smaller model with the same vocabulary; the output is unchanged)."""
+    session = Session(model, tokenizer, max_batch=1, eos_ids=eos_ids, pad_id=pad_id, use_cache=use_cache,
+                      draft=draft, draft_tokens=draft_tokens)
     session.add(session.request(prompt_ids, **options))
     while session.scheduler.busy:
         for _, event in session.step():

@@ -111,3 +111,72 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompt: Sequence[i
                 return
         token = checked[agree]  # the target's own next token
         draft_pending = draft_pending + [token]
+
+
+class Speculator:
+    """Speculative decoding inside the continuous batch (llmkit/inference/scheduler.py): while one greedy
+    request runs alone — a CLI answer, a server with one client — each step is a round of the draft's
+    guesses checked by one target forward over them, yielding 1 to `draft_tokens` + 1 tokens instead of
+    one; as soon as a second request runs or waits, steps are the batch's ordinary decode steps again.
+
+    The draft keeps its own one-row decoding state and follows the request it last guessed for: when a
+    different request (or the same one after other rows ran) is next alone, the draft reads what it
+    missed first, all of it in one prefill when it changed requests. Every token kept is the target's
+    greedy choice, so the request's output is what it would be without the draft."""
+
+    def __init__(self, target_state, draft: nn.Module, *, draft_tokens: int = 4) -> None:
+        if not isinstance(target_state, AttentionState):
+            raise GenerationError("speculative decoding needs a Transformer decoder with a KV cache as the model")
+        self.small = _state(draft, "draft")
+        if target_state.cfg.vocab_size != draft.cfg.vocab_size:
+            raise GenerationError(f"the draft's vocabulary ({draft.cfg.vocab_size}) is not the model's "
+                                  f"({target_state.cfg.vocab_size}): they must share a tokenizer")
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
+            raise GenerationError(f"draft_tokens must be an integer ≥ 1, got {draft_tokens!r}")
+        self.big, self.draft_tokens = target_state, draft_tokens
+        self.stats = SpeculationStats()
+        self.owner = None  # the request whose tokens the draft has read
+        self.fed = 0  # how many of them (its prompt, then its generated tokens)
+
+    def round(self, request, eos: set[int], reserve: int) -> tuple[list[int], torch.Tensor] | None:
+        """The target's next greedy tokens for `request` (running alone, its newest token `pending` not
+        yet read by the target) and the target's logits that chose them (one row each), or None when no
+        guess fits (the caller takes an ordinary step)."""
+        sequence = request.prompt + request.generated  # the last one is `pending`
+        k = min(self.draft_tokens, request.limit - len(request.generated) - 1,
+                self.small.cfg.max_seq_len - len(sequence))
+        if k < 1:
+            return None
+        small, device = self.small, self.big.device
+        reserve = max(reserve, k + 1)
+        if self.owner is not request or self.fed > len(sequence):
+            self.owner = None  # while the draft is being rebuilt it follows nobody
+            if small.n:
+                small.drop({0})
+            prefill = small.prefill([sequence])
+            prefill.advance()
+            small.join(prefill, reserve=reserve)
+            logits = prefill.logits[0]
+        else:
+            logits = small.extend(torch.tensor([sequence[self.fed:]], device=device), reserve)[0, -1]
+        self.owner = request
+        guesses = [int(logits.argmax())]
+        for _ in range(k - 1):
+            guesses.append(int(small.step(torch.tensor([guesses[-1]], device=device), reserve)[0].argmax()))
+        logits = self.big.extend(torch.tensor([[request.pending] + guesses], device=device), reserve)[0]
+        checked = logits.argmax(-1).tolist()
+        agree = 0
+        while agree < k and guesses[agree] == checked[agree] and guesses[agree] not in eos:
+            agree += 1
+        self.big.rewind(k - agree)  # the target keeps `pending` and the agreed guesses
+        kept = min(agree, k - 1)  # the draft read every guess but the last
+        small.rewind(k - 1 - kept)
+        self.fed = len(sequence) + kept
+        self.stats.rounds += 1
+        self.stats.proposed += k
+        self.stats.accepted += agree  # (not stats.emitted: a server's rounds are countless)
+        return guesses[:agree] + [checked[agree]], logits[:agree + 1]
+
+    def forget(self) -> None:
+        """Follow no request (after a failed step the draft's state may be half-written)."""
+        self.owner = None

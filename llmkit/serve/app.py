@@ -20,10 +20,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from llmkit.serve.errors import APIError, install_error_handlers
-from llmkit.serve.generation import MAX_REQUEST_SECONDS, Served, respond
+from llmkit.serve.generation import MAX_REQUEST_SECONDS, QUEUE_TIMEOUT_SECONDS, Served, respond
 from llmkit.serve.guard import LOOPBACK_HOSTS, Guard
 from llmkit.serve.metrics import Metrics
 from llmkit.serve.requests import MAX_BODY_BYTES, ModelLimits, check_chat, check_completion, read_json_object
+from llmkit.serve.server import READ_TIMEOUT_SECONDS
 
 PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascript; charset=utf-8",
               "chat.css": "text/css; charset=utf-8"}
@@ -31,12 +32,16 @@ PAGE_FILES = {"index.html": "text/html; charset=utf-8", "chat.js": "text/javascr
 
 def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = None,
                allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS, max_body_bytes: int = MAX_BODY_BYTES,
-               max_request_seconds: float = MAX_REQUEST_SECONDS) -> FastAPI:
+               max_request_seconds: float = MAX_REQUEST_SECONDS, queue_timeout: float = QUEUE_TIMEOUT_SECONDS,
+               read_timeout: float = READ_TIMEOUT_SECONDS) -> FastAPI:
     """`allowed_hosts`: Host names answered (None: any; for a server bound to a public address).
     `api_key`: required as `Authorization: Bearer KEY` on every route but /health and the page.
-    `max_request_seconds`: a generation request still running this long after it arrived is ended (504)."""
+    `max_request_seconds`: a generation request still running this long after it arrived is ended (504).
+    `queue_timeout`: a request still waiting for a batch row this long is refused (503).
+    `read_timeout`: a request body must arrive within this long (408); server.py times the head."""
     limits = ModelLimits(model_id=model_id, context=lm.config.max_seq_len, vocab_size=lm.tokenizer.vocab_size)
-    served = Served(lm=lm, engine=engine, limits=limits, metrics=Metrics(), max_seconds=max_request_seconds)
+    served = Served(lm=lm, engine=engine, limits=limits, metrics=Metrics(), max_seconds=max_request_seconds,
+                    queue_timeout=queue_timeout)
     page = {name: (resources.files("llmkit.serve") / "static" / name).read_bytes() for name in PAGE_FILES}
     created = int(time.time())
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)
@@ -46,13 +51,13 @@ def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.perf_counter()
-        body = await read_json_object(request, max_body_bytes)
+        body = await read_json_object(request, max_body_bytes, read_timeout)
         return await respond(served, check_chat(body, limits), request, started)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         started = time.perf_counter()
-        body = await read_json_object(request, max_body_bytes)
+        body = await read_json_object(request, max_body_bytes, read_timeout)
         return await respond(served, check_completion(body, limits), request, started)
 
     def model_card() -> dict[str, Any]:

@@ -21,8 +21,8 @@ log = logging.getLogger("llmkit.serve")
 
 # OpenAI's error types by status (what its own API returns, and what its client maps to exception classes).
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
                503: "server_error", 504: "server_error"}
 
 

@@ -28,6 +28,7 @@ from llmkit.serve.sse import DONE, EventStream, event
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_REQUEST_SECONDS = 600.0  # default of --max-request-seconds: a request running longer is ended (S10)
+QUEUE_TIMEOUT_SECONDS = 60.0  # default of --queue-timeout: a request waiting longer for a row gets 503 (S8)
 LOWEST_LOGPROB = -9999.0  # JSON has no -Infinity; a token the model rules out reports this (as vLLM does)
 
 
@@ -39,6 +40,7 @@ class Served:
     limits: ModelLimits
     metrics: Metrics
     max_seconds: float = MAX_REQUEST_SECONDS  # wall time a request may run, from its arrival
+    queue_timeout: float = QUEUE_TIMEOUT_SECONDS  # wall time a request may wait for a batch row
     _texts: dict[int, str] = field(default_factory=dict)  # token id → text, for logprobs
 
     @property
@@ -53,23 +55,39 @@ class Served:
 
 
 async def respond(served: Served, req: GenerationRequest, request: Request, started: float):
-    """The response to a checked request: a JSONResponse, or an EventStream when it asked to stream."""
+    """The response to a checked request: a JSONResponse, or an EventStream when it asked to stream.
+    Nothing is sent before every choice has left the engine's queue, so a request that waits there past
+    the queue timeout can still be answered 503 (a stream's status is sent with its first chunk)."""
     prompts = await asyncio.to_thread(prompt_ids, served, req)  # templates and tokenizing: off the event loop
     run = Run(served, req, prompts, started)
-    if req.stream:
-        return EventStream(stream_chunks(run), on_close=lambda: run.close(disconnected=True),
-                           headers={"x-request-id": run.id})
-    collect = asyncio.create_task(collect_answer(run))
-    watch = asyncio.create_task(_disconnected(request))
     try:
-        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if not collect.done():  # the client went away: nobody to answer
-            run.close(disconnected=True)
+        if not await _unless_disconnected(run.admitted(), request):
+            run.close(disconnected=True)  # the client went away while queued: nobody to answer
             return JSONResponse({}, status_code=499)
+        if req.stream:
+            return EventStream(stream_chunks(run), on_close=lambda: run.close(disconnected=True),
+                               headers={"x-request-id": run.id})
+        answered = await _unless_disconnected(collect_answer(run), request)
+    except BaseException:
+        run.close()
+        raise
+    if not answered:
+        run.close(disconnected=True)
+        return JSONResponse({}, status_code=499)
+    return JSONResponse(answered[0], headers={"x-request-id": run.id})
+
+
+async def _unless_disconnected(work: Any, request: Request) -> tuple[Any] | None:
+    """(work's result,), or None if the client disconnected first (work is then cancelled)."""
+    task, watch = asyncio.create_task(work), asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            return None
     finally:
-        for task in (collect, watch):
-            task.cancel()
-    return JSONResponse(collect.result(), headers={"x-request-id": run.id})
+        for t in (task, watch):
+            t.cancel()
+    return (task.result(),)
 
 
 async def _disconnected(request: Request) -> None:
@@ -162,6 +180,21 @@ class Run:
         self.prompt_tokens = [0] * len(self.handles)
         self.completion_tokens = [0] * len(self.handles)
         self.last_token = [started] * len(self.handles)
+
+    async def admitted(self) -> None:
+        """Return once every choice has left the engine's queue; APIError 503 (the choices cancelled)
+        if that takes longer than the queue timeout."""
+        waits = [h.admitted() for h in self.handles if h.queued]
+        if not waits:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.served.queue_timeout)
+        except TimeoutError:
+            self.close()
+            self.served.metrics.queue_timeouts += 1
+            raise APIError(503, f"the request waited longer than {self.served.queue_timeout:g} s (--queue-timeout) "
+                                "for a free batch row; the server is overloaded, retry later",
+                           code="queue_timeout", headers={"Retry-After": "1"}) from None
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent | Finished]]:
         """(choice index, event) as the engine makes them; timing metrics recorded on the way."""

@@ -46,6 +46,7 @@ class Metrics:
         self.generation_tokens = 0
         self.cancelled = 0  # requests whose client went away before the answer ended
         self.rejected = 0  # 429: the engine's running batch and queue were full
+        self.queue_timeouts = 0  # 503: waited longer than the queue timeout for a batch row
         self.ttft = Histogram("llmkit_time_to_first_token_seconds",
                               "From a request's arrival to its first generated token.", TTFT_BUCKETS)
         self.itl = Histogram("llmkit_inter_token_latency_seconds",
@@ -64,6 +65,8 @@ class Metrics:
             ("llmkit_requests_cancelled_total", "Requests cancelled because their client disconnected.",
              self.cancelled),
             ("llmkit_requests_rejected_total", "Requests refused with 429: batch and queue full.", self.rejected),
+            ("llmkit_requests_queue_timeout_total", "Requests answered 503: they waited past the queue timeout.",
+             self.queue_timeouts),
             ("llmkit_engine_requests_total", "Requests the engine accepted.", engine_stats.get("requests_total", 0)),
             ("llmkit_engine_tokens_total", "Tokens the engine generated.", engine_stats.get("tokens_total", 0)),
         ]

@@ -21,6 +21,7 @@ from llmkit.errors import LlmkitError
 from llmkit.inference.sampling import PENALTY_RANGE, SamplingParams
 from llmkit.io.safe_json import nesting_depth, parse_json
 from llmkit.serve.errors import APIError
+from llmkit.serve.server import READ_TIMEOUT_SECONDS
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # default of --max-body-mb; a 4 MB prompt is ~1M tokens, past any context here
 MAX_DEPTH = 100  # real requests nest 4 levels (body → messages → message → content part)
@@ -75,10 +76,12 @@ class GenerationRequest:
 
 # ---- the body --------------------------------------------------------------------------------------
 
-async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES,
+                           timeout: float = READ_TIMEOUT_SECONDS) -> dict[str, Any]:
     """The request's JSON object: Content-Type application/json (a cross-site HTML form cannot send
     it), at most `limit` bytes (checked on Content-Length before reading, and again while reading),
-    nested at most MAX_DEPTH deep (checked before parsing)."""
+    arriving within `timeout` seconds (a client trickling its body would hold its connection and its
+    buffer: 408, and the connection is closed), nested at most MAX_DEPTH deep (checked before parsing)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise APIError(415, f"Content-Type must be application/json, got {content_type[:60]!r}",
@@ -88,11 +91,17 @@ async def read_json_object(request: Request, limit: int = MAX_BODY_BYTES) -> dic
         raise APIError(413, f"request body of {int(declared):,} bytes is over the limit of {limit:,}",
                        code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body is over the limit of {limit:,} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body is over the limit of {limit:,} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (--read-timeout)",
+                       code="request_timeout", headers={"Connection": "close"}) from None
     return await asyncio.to_thread(parse_body, b"".join(chunks))  # megabytes of JSON: off the event loop
 
 
