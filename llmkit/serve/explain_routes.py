@@ -41,7 +41,7 @@ from llmkit.serve.errors import APIError
 
 SERVED_VIEWS = ("tokens", "attention", "knockout", "sampling", "logit-lens", "cache", "positions")
 MAX_TEXT_CHARS = 1000
-MAX_TOKENS = 64  # SmolLM2's attention page at 64 tokens: 30 layers × 9 heads × 64² weights, twice (data, maps)
+MAX_TOKENS = 64  # SmolLM2's attention page holds 30 × 9 maps of tokens² weights: 3.5 MB at 35 tokens (measured)
 MAX_NEW_TOKENS = 64  # the sampling view: one full forward per generated token
 MAX_REPEATS = 16  # head, edge and stop, each
 NOT_SERVED = {"model", "out", "device", "dtype", "threads", "quantize", "kv_cache", "every_head", "tuned",
