@@ -2,7 +2,7 @@
 
     llmkit embed --model PATH TEXT... [--no-normalize] [--batch-size N] [--device D] [--dtype T] [--threads N]
     llmkit finetune-classifier --model PATH --data FILE.jsonl --out DIR [--labels A,B,...]
-                               [--val-data FILE.jsonl] [--max-len T] [training flags]
+                               [--val-data FILE.jsonl] [--max-len T] [--resume] [training flags]
 
 `embed` prints one JSON object: {"model", "dim", "normalized", "embeddings": [[...], ...]} in the
 order of the texts. `finetune-classifier` trains a classification head on `{"text", "label"}`
@@ -15,17 +15,11 @@ import argparse
 import json
 import sys
 
-# Fine-tuning settings for a pretrained encoder and a small labelled set (BERT's paper uses lr 2e-5..5e-5
-# at base size; a tiny model pretrained for minutes here wants ~3e-3). Every TrainConfig flag overrides them.
-FINETUNE_DEFAULTS = dict(steps=100, batch_size=16, lr=1e-4, warmup_steps=10, weight_decay=0.01, eval_interval=50,
-                         log_interval=10, val_fraction=0.2)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `embed` and `finetune-classifier` to the `llmkit` parser."""
-    from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.encoder_tasks import add_encoder_task_flags
     from llmkit.commands.speed import add_speed_flags
-    from llmkit.training.config import TrainConfig
 
     emb = sub.add_parser("embed", help="sentence embeddings from an encoder (mean pooling), as JSON")
     emb.add_argument("--model", required=True, metavar="PATH",
@@ -40,14 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft = sub.add_parser("finetune-classifier", help="fine-tune an encoder on JSONL {\"text\", \"label\"} records",
                         description="Texts longer than the model's context are truncated to their first tokens "
                                     "(the closing [SEP] kept) and counted in the summary.")
-    ft.add_argument("--model", required=True, metavar="PATH", help="the pretrained encoder")
-    ft.add_argument("--data", required=True, metavar="FILE", help="JSONL records {\"text\": str, \"label\": str|int}")
-    ft.add_argument("--out", required=True, metavar="DIR", help="new output directory (must not hold files)")
+    add_encoder_task_flags(ft, data_help="JSONL records {\"text\": str, \"label\": str|int}", unit="records")
     ft.add_argument("--labels", metavar="A,B,...", help="the label set, in order (default: the labels in --data, "
                                                         "sorted); a record with another label is an error")
-    ft.add_argument("--val-data", metavar="FILE", help="held-out records (default: --val-fraction of --data)")
     ft.add_argument("--max-len", type=int, metavar="T", help="truncate texts to T tokens (default: the context)")
-    add_dataclass_flags(ft, TrainConfig, defaults=FINETUNE_DEFAULTS)
     ft.set_defaults(handler=cmd_finetune_classifier)
 
 
@@ -71,34 +61,11 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune_classifier(args: argparse.Namespace) -> None:
-    from llmkit.cli import train_config_from
-    from llmkit.errors import ConfigError
+    from llmkit.commands.encoder_tasks import parse_labels, run_encoder_task
     from llmkit.training.classify import finetune_classifier
 
-    args.config = None
-    cfg, _ = train_config_from(args)
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None
-    if labels is not None and len(set(labels)) != len(labels):
-        raise ConfigError(f"--labels {args.labels!r} repeats a label")
-    if args.max_len is not None and args.max_len <= 1:
-        raise ConfigError(f"--max-len must be > 1, got {args.max_len}")
+    def describe(info: dict) -> str:
+        return (f"{info['train']} training and {info['val']} held-out records, labels {info['labels']}"
+                + (f"; {info['truncated']} text(s) truncated to {info['max_len']} tokens" if info["truncated"] else ""))
 
-    from llmkit.commands.progress import Progress
-
-    progress = Progress()
-
-    def on_event(kind: str, info: dict) -> None:
-        if kind == "data":
-            progress.say(f"{info['train']} training and {info['val']} held-out records, labels {info['labels']}"
-                         + (f"; {info['truncated']} text(s) truncated to {info['max_len']} tokens"
-                            if info["truncated"] else ""))
-        else:
-            progress.on_event(kind, info)
-
-    try:
-        summary = finetune_classifier(args.model, args.data, args.out, cfg, labels=labels, val_path=args.val_data,
-                                      max_len=args.max_len, on_event=on_event, on_step=progress.on_step)
-    finally:
-        progress.close()
-    print(json.dumps(summary))
-    print(f"saved to {args.out} (metrics.jsonl, checkpoints/); load it with llmkit.load", file=sys.stderr)
+    run_encoder_task(args, finetune_classifier, describe, labels=parse_labels(args))

@@ -12,13 +12,20 @@ perplexity; the output is then an ordinary training directory (metrics.jsonl, lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-FINETUNE_DEFAULTS = dict(batch_size=4, lr=1e-4, warmup_steps=5, eval_batches=4, weight_decay=0.0)
+# The fine-tune's knobs that extend takes (llmkit.training.config.EXTEND_FINETUNE_DEFAULTS has their
+# defaults); --finetune-steps is its --steps, and its evaluation and logging follow the step count.
+FINETUNE_KNOBS = ("seq_len", "batch_size", "lr", "warmup_steps", "eval_batches", "device", "dtype", "threads",
+                  "seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `llmkit` parser."""
+    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.training.config import EXTEND_FINETUNE_DEFAULTS, TrainConfig
+
     p = sub.add_parser("extend", help="make a longer-context model from a trained RoPE model",
                        description="Rescale a trained RoPE model's positions to a context max_seq_len × "
                                    "factor, optionally with a short fine-tune at the longer length.")
@@ -31,34 +38,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train the extended model for N steps on --data (default: 0, no fine-tune)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="text for the fine-tune (files or directories)")
     p.add_argument("--exclude", action="append", metavar="NAME", help="skip directories with this name in --data")
-    p.add_argument("--seq-len", type=int, default=None, metavar="T",
-                   help="fine-tune sequence length (default: the extended context)")
-    for name, kind in (("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_batches", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=FINETUNE_DEFAULTS[name],
-                       help=f"fine-tune {name.replace('_', ' ')} (default: {FINETUNE_DEFAULTS[name]})")
-    from llmkit.runtime import DEVICE_HELP
-
-    p.add_argument("--device", default="auto", help=f"fine-tune device: {DEVICE_HELP} (default: auto)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="fine-tune precision: auto (bf16 autocast only where this machine measures it faster), "
-                        "fp32 or bf16 (default: auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads (default: one per core)")
-    p.add_argument("--seed", type=int, default=1337, help="fine-tune data order (default: 1337)")
+    add_training_knobs(p, defaults=EXTEND_FINETUNE_DEFAULTS, config_file=False,
+                       skip=tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FINETUNE_KNOBS))
     p.set_defaults(handler=cmd_extend)
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
     from llmkit.cli import cmd_train
+    from llmkit.commands.training_flags import training_config
     from llmkit.errors import ConfigError
-    from llmkit.training.extend import extended_config, load_llmkit_checkpoint, require_empty_dir, save_extended
+    from llmkit.training.extend import extended_config, load_llmkit_checkpoint, save_extended
+    from llmkit.training.pretrain import check_output_dir
 
     if args.finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.finetune_steps and not args.data:
         raise ConfigError("--finetune-steps needs --data (the text to fine-tune on)")
+    given = [name for name in ("data", "exclude") if getattr(args, name)] + [
+        name for name in args.training_knobs.names if hasattr(args, name)]  # (knob flags are unset unless given)
+    if given and not args.finetune_steps:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{flags}: settings of the fine-tune; give --finetune-steps N with them")
+    train_cfg = training_config(args)  # its flags checked before anything is read
     ckpt, cfg, tensors = load_llmkit_checkpoint(args.model)
     new_cfg = extended_config(cfg, args.factor, args.method)
-    out = require_empty_dir(args.out)
+    out = check_output_dir(args.out, resume=False, empty=True)
     print(f"extending {ckpt}: context {cfg.max_seq_len} → {new_cfg.max_seq_len} "
           f"({args.method}, factor {args.factor:g})", file=sys.stderr)
     if not args.finetune_steps:
@@ -66,11 +70,10 @@ def cmd_extend(args: argparse.Namespace) -> None:
         print(f"saved to {path}", file=sys.stderr)
         return
     steps = args.finetune_steps
+    knobs = {name: getattr(train_cfg, name) for name in (*FINETUNE_KNOBS, "weight_decay")}
     train_args = argparse.Namespace(
         data=args.data, out=str(out), tokenizer=str(ckpt / "tokenizer.json"), config=None, resume=False,
-        exclude=args.exclude, steps=steps, seq_len=args.seq_len or new_cfg.max_seq_len, batch_size=args.batch_size,
-        lr=args.lr, warmup_steps=min(args.warmup_steps, steps), eval_batches=args.eval_batches,
-        eval_interval=steps, log_interval=min(10, steps), dtype=args.dtype, device=args.device, threads=args.threads,
-        seed=args.seed,
-        weight_decay=FINETUNE_DEFAULTS["weight_decay"])
+        exclude=args.exclude, **{**knobs, "steps": steps, "seq_len": train_cfg.seq_len or new_cfg.max_seq_len,
+                                 "warmup_steps": min(train_cfg.warmup_steps, steps), "eval_interval": steps,
+                                 "log_interval": min(10, steps)})
     cmd_train(train_args, model_fields=new_cfg.to_dict(), init_tensors=tensors)

@@ -1,7 +1,8 @@
 """`llmkit sft | reward | score | dpo`: post-training subcommands (registered by llmkit.cli.build_parser).
 
-The training commands take every `llmkit train` knob (TrainConfig flags, --config, --resume) with
-defaults suited to fine-tuning, plus the adapter (--lora-*) and length (--overlength) options.
+The training commands take the fine-tuning knobs (TrainConfig flags less the pretraining-only ones,
+--config, --resume) with defaults suited to fine-tuning (llmkit.training.config), plus the adapter
+(--lora-*) and length (--overlength) options.
 """
 
 from __future__ import annotations
@@ -10,23 +11,16 @@ import argparse
 import sys
 from typing import Any, Callable
 
-# Fine-tuning moves a trained model a little: a lower learning rate, no weight decay towards zero,
-# a short warmup, and a 10 % held-out split so small record files still get an evaluation.
-FINETUNE_DEFAULTS = dict(steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_interval=50,
-                         eval_batches=10, log_interval=10, val_fraction=0.1)
-DPO_DEFAULTS = dict(FINETUNE_DEFAULTS, lr=2e-5)
-
 
 def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults: dict[str, Any]) -> None:
-    from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.training_flags import add_training_knobs
     from llmkit.data.chat_examples import OVERLENGTH_POLICIES
-    from llmkit.training.config import TrainConfig
+    from llmkit.training.config import PRETRAINING_ONLY
 
     p.add_argument("--model", required=True, metavar="PATH",
                    help="the starting model: a run, checkpoint, Hugging Face directory or .gguf file")
     p.add_argument("--data", required=True, metavar="FILE.jsonl", help=data_help)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--config", metavar="FILE", help="JSON file of training fields")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--overlength", choices=OVERLENGTH_POLICIES, default="truncate",
                    help="records longer than --seq-len: cut the tail (dropping those left with no response "
@@ -37,11 +31,7 @@ def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults:
     p.add_argument("--lora-alpha", type=float, default=16.0, metavar="X", help="LoRA scale numerator (default: 16)")
     p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
                    help="comma-separated linear layers to adapt (default: q_proj,v_proj)")
-    add_dataclass_flags(p, TrainConfig)
-    # Applied under --config and flags (a parser default would override the file).
-    p.set_defaults(finetune_defaults=defaults)
-    p.epilog = "Defaults that differ from `llmkit train`: " + ", ".join(
-        f"--{k.replace('_', '-')} {v:g}" for k, v in defaults.items()) + "."
+    add_training_knobs(p, defaults=defaults, skip=PRETRAINING_ONLY, config_file=True)
 
 
 def add_skip_bad_lines_flag(p: argparse.ArgumentParser) -> None:
@@ -57,17 +47,11 @@ def print_skipped(skipped: list[str], say: Callable[[str], None]) -> None:
 
 def _options(args: argparse.Namespace):
     """(TrainConfig, LoraConfig | None) from the flags and --config file."""
-    import dataclasses
-
+    from llmkit.commands.training_flags import training_config
     from llmkit.errors import ConfigError
     from llmkit.layers.lora import LoraConfig
-    from llmkit.training.config import TrainConfig, load_config_file
 
-    values, model_fields = load_config_file(args.config) if args.config else ({}, {})
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{**args.finetune_defaults, **values, **{k: v for k, v in vars(args).items() if k in names}})
-    if model_fields:
-        raise ConfigError(f"{args.config}: \"model\" fields cannot change when fine-tuning an existing model")
+    cfg = training_config(args)
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank must be ≥ 0, got {args.lora_rank}")
     lora = None
@@ -163,6 +147,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add sft, reward, score and dpo to the `llmkit` parser."""
+    from llmkit.training.config import DPO_DEFAULTS, FINETUNE_DEFAULTS
+
     sft = sub.add_parser("sft", help="supervised fine-tuning on chat / instruction records (loss on replies only)")
     _add_training_flags(sft, defaults=FINETUNE_DEFAULTS, data_help='JSONL: {"instruction", "input"?, "output"} '
                         'or {"messages": [{"role", "content"}, ...]} per line')

@@ -17,19 +17,18 @@ DEMO_OUT = "runs/seq2seq-demo"
 # size a second one buys little, and on a busy machine two threads spin-wait on each other.
 DEMO_DEFAULTS = dict(preset="t5v11-tiny", steps=800, batch_size=64, lr=3e-3, warmup_steps=50, eval_interval=200,
                      eval_batches=4, log_interval=25, vocab_size=512, max_minutes=10.0, weight_decay=0.01, threads=1)
-FINETUNE_DEFAULTS = dict(steps=300, lr=5e-4, warmup_steps=20, eval_interval=50, eval_batches=10, val_fraction=0.1)
+# The demo makes its own task: its held-out numbers are --test-examples (no --val-fraction), its pairs are
+# encoded whole at the model's context (no --seq-len), and its tokenizer is trained on the answers only
+# (no --tokenizer-sample-bytes); the preset sets the size (no --depth), and it is no masked LM.
+DEMO_SKIP = ("val_fraction", "seq_len", "tokenizer_sample_bytes", "depth", "mlm_masking")
 
 
 def cmd_finetune_seq2seq(args: argparse.Namespace) -> None:
     """Fine-tune an encoder-decoder model on a JSONL of source/target (or instruction) records."""
-    from llmkit.cli import train_config_from
+    from llmkit.commands.training_flags import training_config
     from llmkit.training.seq2seq_finetune import finetune_seq2seq
 
-    cfg, model_overrides = train_config_from(args)
-    if model_overrides:
-        from llmkit.errors import ConfigError
-
-        raise ConfigError(f"{args.config}: fine-tuning keeps the model's shape; remove the \"model\" section")
+    cfg = training_config(args)
     progress = Progress()
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -50,11 +49,10 @@ def cmd_finetune_seq2seq(args: argparse.Namespace) -> None:
 
 def cmd_seq2seq_demo(args: argparse.Namespace) -> None:
     """Train an encoder-decoder from scratch to spell numbers in words; print held-out exact match."""
-    from llmkit.cli import train_config_from
+    from llmkit.commands.training_flags import training_config
     from llmkit.training.seq2seq_demo import run_demo
 
-    args.config = None
-    cfg, _ = train_config_from(args)
+    cfg = training_config(args)
     progress = Progress()
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -79,22 +77,21 @@ def cmd_seq2seq_demo(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmkit.cli import add_dataclass_flags
-    from llmkit.training.config import TrainConfig
+    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.training.config import PRETRAINING_ONLY, SEQ2SEQ_FINETUNE_DEFAULTS
 
     ft = sub.add_parser("finetune-seq2seq", help="fine-tune an encoder-decoder (T5/BART) on source/target JSONL")
     ft.add_argument("--model", required=True, metavar="PATH", help="an llmkit encoder-decoder run or checkpoint")
     ft.add_argument("--data", required=True, metavar="FILE",
                     help='JSONL: {"source", "target"} or {"instruction", "input"?, "output"} per line')
     ft.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    ft.add_argument("--config", metavar="FILE", help="JSON file of training fields")
     ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    add_dataclass_flags(ft, TrainConfig, defaults=FINETUNE_DEFAULTS)
+    add_training_knobs(ft, defaults=SEQ2SEQ_FINETUNE_DEFAULTS, skip=PRETRAINING_ONLY, config_file=True)
     ft.set_defaults(handler=cmd_finetune_seq2seq)
 
     demo = sub.add_parser("seq2seq-demo", help="train a tiny T5 from scratch to spell numbers; report exact match")
     demo.add_argument("--out", default=DEMO_OUT, metavar="DIR", help=f"output directory (default: {DEMO_OUT})")
     demo.add_argument("--train-examples", type=int, default=20000, help="synthetic training pairs (default: 20000)")
     demo.add_argument("--test-examples", type=int, default=500, help="held-out numbers (default: 500)")
-    add_dataclass_flags(demo, TrainConfig, defaults=DEMO_DEFAULTS)
+    add_training_knobs(demo, defaults=DEMO_DEFAULTS, skip=DEMO_SKIP, config_file=False)
     demo.set_defaults(handler=cmd_seq2seq_demo)

@@ -2,7 +2,8 @@
 
 The pretrained encoder (an llmkit run or a Hugging Face BERT directory) gets a classification head
 (`ModelConfig.num_labels`, mean pooling over real tokens → linear) and is trained with the one
-Trainer on cross-entropy. A seeded split of the records (or a separate file) is held out and its
+Trainer on cross-entropy (its checkpoints, so `resume` continues a run exactly). The fine-tunes'
+held-out split of the records (llmkit.data.split), or a separate file, is held out and its
 accuracy logged as `val_accuracy` in metrics.jsonl. The output directory is an ordinary llmkit run:
 `llmkit.load(out)` gives the model; the label names are in its checkpoint's config.json
 (`classifier_labels`). Texts longer than the model's context are truncated to their first tokens
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import llmkit
+from llmkit.data.split import hold_out
 from llmkit.errors import CheckpointError, ConfigError, DatasetError
 from llmkit.inference.embed import encoder_batch
 from llmkit.io.run_dir import hold_run_dir
@@ -32,6 +34,7 @@ from llmkit.models.masked_lm import MaskedLM
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
+from llmkit.training.pretrain import check_output_dir, run_config_json, run_trainer
 from llmkit.runtime import model_device, set_threads, to_device
 
 
@@ -63,16 +66,6 @@ def read_examples(path: str | Path, labels: Sequence[str] | None = None) -> list
     if not out:
         raise DatasetError(f"{path}: no records")
     return out
-
-
-def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A seeded held-out split: at least one example on each side."""
-    if len(examples) < 2:
-        raise DatasetError(f"{examples[0].where}: need at least 2 records to hold some out")
-    order = list(examples)
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
-    return order[n_val:], order[:n_val]
 
 
 def classifier_from(base: MaskedLM, num_labels: int) -> MaskedLM:
@@ -149,17 +142,22 @@ def evaluate_classifier(model: nn.Module, data: ClassificationData) -> dict[str,
 
 def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                         labels: Sequence[str] | None = None, val_path: str | Path | None = None,
-                        max_len: int | None = None, on_step: Callable[[dict], None] | None = None,
+                        max_len: int | None = None, resume: bool = False,
+                        on_step: Callable[[dict], None] | None = None,
                         on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fine-tune; returns a summary (labels, example counts, truncated texts, final val_accuracy)."""
+    """Fine-tune (or, with `resume`, continue the run in `out_dir` from its newest checkpoint); returns
+    a summary (labels, example counts, truncated texts, final val_accuracy)."""
+    from llmkit.training.finetune import fingerprint_of
+
     emit = on_event or (lambda kind, info: None)
-    out = check_new_output(out_dir)
+    out = check_output_dir(out_dir, resume=resume, empty=True)
     examples = read_examples(data_path, labels)
     if val_path is not None:
         label_set = list(labels) if labels else sorted({e.label for e in examples})
         train, val = examples, read_examples(val_path, label_set)
     else:
-        train, val = split(examples, cfg.val_fraction, cfg.seed)
+        train, val = hold_out(examples, cfg.val_fraction, cfg.seed, source=str(data_path),
+                              alternative="pass --val-data")
     label_names = list(labels) if labels else sorted({e.label for e in examples})
     if len(label_names) < 2:
         raise DatasetError(f"{data_path}: needs at least 2 distinct labels, found {label_names}")
@@ -175,25 +173,19 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
     val_data = ClassificationData(lm.tokenizer, val, label_names, max_len, cfg.batch_size, cfg.seed)
     emit("data", {"train": len(train), "val": len(val), "labels": label_names,
                   "truncated": train_data.truncated + val_data.truncated, "max_len": max_len})
+    fingerprint = {"kind": "finetune-classifier", "labels": label_names, "max_len": max_len,
+                   "data": fingerprint_of([(e.text, e.label) for e in train], [(e.text, e.label) for e in val]),
+                   "model_config": model.cfg.non_default_fields(), "tokenizer": lm.tokenizer.fingerprint(),
+                   "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
     state = train_encoder_task(model, lm.tokenizer, out, cfg, loss_fn=classification_loss, get_batch=train_data.batch,
                                evaluate=lambda m: evaluate_classifier(m, val_data), meta={"labels": label_names},
-                               on_step=on_step, on_event=emit)
+                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit)
     final = evaluate_classifier(model.eval(), val_data)
     return {"labels": label_names, "train_examples": len(train), "val_examples": len(val),
             "truncated": train_data.truncated + val_data.truncated, "steps": state.step, **final}
 
 
 # ---- what every encoder fine-tune shares (this one, finetune-tokens, finetune-qa) ----------------------
-
-def check_new_output(out_dir: str | Path, *, resume: bool = False) -> Path:
-    """The output directory, which must not hold files unless the run resumes there."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a directory; choose another --out")
-    if not resume and out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: already exists and is not empty; choose another --out")
-    return out
-
 
 def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: TrainConfig, *, loss_fn: Callable,
                        get_batch: Callable[[int], Any], evaluate: Callable[[nn.Module], dict[str, float]],
@@ -203,16 +195,13 @@ def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: T
     """Run the one Trainer on a fine-tuned encoder in `out` (tokenizer.json, metrics.jsonl, checkpoints
     whose config.json holds the model config and `meta`), resuming there when asked. A run that fails
     leaves no directory it created (Ctrl-C keeps its checkpoint)."""
-    from llmkit.training.pretrain import run_trainer
-
     emit = on_event or (lambda kind, info: None)
     created = not out.exists()
     with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
         try:
             tokenizer.save(out)
             trainer = Trainer(model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
-                              checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                                               "model": model.cfg.to_dict(), **meta}},
+                              checkpoint_json={"config.json": run_config_json(model.cfg, **meta)},
                               checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
                               fingerprint=fingerprint)
             return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)

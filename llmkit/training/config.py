@@ -144,3 +144,31 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(model, dict):
         raise ConfigError(f"{path}: \"model\" must be a JSON object of ModelConfig fields")
     return data, model
+
+
+# ---- fine-tuning: which knobs a fine-tune has, and their defaults (one place) ----------------------
+
+# Knobs that only shape a model trained from scratch (its preset and size, the tokenizer trained on the
+# corpus, the masked-LM objective): a fine-tune starts from a trained model and has none of them.
+PRETRAINING_ONLY = ("preset", "depth", "vocab_size", "tokenizer_sample_bytes", "mlm_masking")
+
+# A fine-tune moves a trained model a little: a lower peak learning rate than pretraining, a short
+# warm-up, no weight decay towards zero, an evaluation every 50 steps, and a larger held-out share than
+# a text corpus needs so that a small record file still gets one (llmkit.data.split). Each family below
+# changes only what its reason names; every other knob keeps TrainConfig's default, and each command's
+# --help shows the value it runs with.
+FINETUNE_DEFAULTS = dict(steps=200, lr=1e-4, warmup_steps=10, weight_decay=0.0, batch_size=8, eval_interval=50,
+                         eval_batches=10, log_interval=10, val_fraction=0.1)
+# `llmkit dpo`: its loss compares the policy with the frozen starting model; a lower rate keeps the two close.
+DPO_DEFAULTS = dict(FINETUNE_DEFAULTS, lr=2e-5)
+# `finetune-classifier`, `finetune-tokens`, `finetune-qa`: a labelled set is small, so a fifth is held out;
+# batches of 16 short texts; BERT's light weight decay (0.01). A tiny model pretrained for minutes here
+# wants ~3e-3 (docs/encoder-models.md); every flag overrides these.
+ENCODER_FINETUNE_DEFAULTS = dict(FINETUNE_DEFAULTS, steps=100, batch_size=16, weight_decay=0.01, val_fraction=0.2)
+# `finetune-seq2seq`: the decoder learns a new mapping from source to target (not a nudge of its text),
+# so more steps at a higher rate; batch size and weight decay stay pretraining's.
+SEQ2SEQ_FINETUNE_DEFAULTS = dict(FINETUNE_DEFAULTS, steps=300, lr=5e-4, warmup_steps=20, batch_size=16,
+                                 weight_decay=0.1)
+# `llmkit extend --finetune-steps N`: long sequences (the extended context), so small batches, a 5-step
+# warm-up and 4 evaluation batches; its steps, evaluation and logging follow N.
+EXTEND_FINETUNE_DEFAULTS = dict(batch_size=4, lr=1e-4, warmup_steps=5, eval_batches=4, weight_decay=0.0)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-import llmkit
 from llmkit.config import ModelConfig
 from llmkit.errors import CheckpointError, ConfigError
 from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
 from llmkit.io.weights import load_model_tensors, model_tensors
 from llmkit.models.build import build_model, tie_weights
+from llmkit.training.pretrain import run_config_json
 
 METHODS = {"linear": "linear", "ntk": "dynamic", "yarn": "yarn"}  # CLI name → ModelConfig.rope_scaling
 
@@ -59,13 +59,6 @@ def load_llmkit_checkpoint(path: str | Path) -> tuple[Path, ModelConfig, dict[st
     return ckpt, cfg, load_tensors(ckpt / "model.safetensors")
 
 
-def require_empty_dir(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not an empty directory; choose another --out")
-    return out
-
-
 def save_extended(out: str | Path, cfg: ModelConfig, tensors: dict[str, torch.Tensor], tokenizer_file: Path,
                   *, source: Path) -> Path:
     """Write the extended model (no fine-tune) as out/checkpoints/step-00000000, loadable like any
@@ -73,8 +66,7 @@ def save_extended(out: str | Path, cfg: ModelConfig, tensors: dict[str, torch.Te
     model = build_model(cfg)
     load_model_tensors(model, tensors, where=str(source / "model.safetensors"))  # shapes are unchanged
     tie_weights(model)
-    meta = {"format": "llmkit", "version": llmkit.__version__, "model": cfg.to_dict(),
-            "extended_from": {"path": str(source), "max_seq_len": cfg.rope_original_max_seq_len,
-                              "method": cfg.rope_scaling, "factor": cfg.rope_factor}}
+    meta = run_config_json(cfg, extended_from={"path": str(source), "max_seq_len": cfg.rope_original_max_seq_len,
+                                               "method": cfg.rope_scaling, "factor": cfg.rope_factor})
     return save_checkpoint(Path(out) / "checkpoints", 0, tensors={"model.safetensors": model_tensors(model)},
                            json_files={"config.json": meta}, copy_files={"tokenizer.json": tokenizer_file})

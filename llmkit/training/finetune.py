@@ -1,5 +1,5 @@
-"""What SFT, reward-model training and DPO share: the starting model, the held-out split, the
-output directory, and one call into the training loop.
+"""What SFT, reward-model training and DPO share: the starting model, the output directory, and one
+call into the training loop (their held-out split is every fine-tune's: llmkit.data.split).
 
 A fine-tuning run starts from any model `llmkit.load` reads (a run, a checkpoint, a Hugging Face
 directory, a GGUF file) and writes checkpoints like `llmkit train` does — config.json with the
@@ -14,24 +14,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 import llmkit
 from llmkit.errors import ConfigError
-from llmkit.io.checkpoint import list_checkpoints
 from llmkit.io.finetuned import chat_info_json
 from llmkit.layers.lora import LoraConfig, apply_lora
 from llmkit.training import distributed
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.io.run_dir import hold_run_dir
-from llmkit.training.pretrain import run_trainer
+# (check_output_dir: sft, reward and dpo check their --out as finetune.check_output_dir)
+from llmkit.training.pretrain import check_output_dir, run_config_json, run_trainer  # noqa: F401
 from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -48,13 +47,6 @@ class FinetuneRun:
     data_fingerprint: str
     lora: LoraConfig | None = None
     heads: tuple[str, ...] = ()  # extra modules whose tensors `llmkit.load` sets aside
-
-
-def check_output_dir(out_dir: str | Path, resume: bool) -> Path:
-    out_dir = Path(out_dir)
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    return out_dir
 
 
 def load_start_model(path: str | Path, cfg: TrainConfig) -> Any:
@@ -81,17 +73,6 @@ def maybe_lora(model: nn.Module, lora: LoraConfig | None, emit: Event) -> None:
     emit("lora", {"layers": len(names), "trainable": trainable, "rank": lora.rank, "alpha": lora.alpha})
 
 
-def holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
-    """A seeded held-out split of round(n·fraction) items, at least one when there are two or more,
-    never all of them; with a single item nothing is held out (evaluation is then skipped)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(items) * fraction)), len(items) - 1) if len(items) >= 2 else 0
-    val = sorted(order[:n_val])
-    keep = set(val)
-    return [items[i] for i in range(len(items)) if i not in keep], [items[i] for i in val]
-
-
 def fingerprint_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -102,8 +83,7 @@ def checkpoint_meta(run: FinetuneRun) -> dict[str, Any]:
         end = run.lm.tokenizer.token_to_id("<|end|>")
         if end is not None and end not in chat["eos_ids"]:
             chat["eos_ids"].append(end)
-    meta = {"format": "llmkit", "version": llmkit.__version__, "model": run.lm.model.cfg.to_dict(),
-            "chat": chat, "trained_with": run.kind, "started_from": str(run.lm.path)}
+    meta = run_config_json(run.lm.model.cfg, chat=chat, trained_with=run.kind, started_from=str(run.lm.path))
     if run.lora is not None:
         meta["lora"] = run.lora.to_dict()
     if run.heads:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from llmkit.data.chat_examples import IGNORE, Example, fit_length, pad_batch, render_prompt_response, sample_order
 from llmkit.data.records import PreferencePair, ReadStats, read_preference_pairs
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError, DatasetError
 from llmkit.layers.lora import LoraConfig
 from llmkit.models.heads import REWARD_HEAD, RewardModel, bradley_terry_loss
@@ -124,7 +125,7 @@ def _setup(model_path: str | Path, data_path: str | Path, out_dir: str | Path, c
                      "skipped": records[1].skipped})
     lm = finetune.load_start_model(model_path, cfg)
     pairs, fingerprint = prepare_pairs(lm, records, finetune.context_length(lm, cfg), overlength, emit)
-    train_pairs, val_pairs = finetune.holdout(pairs, cfg.val_fraction, cfg.seed)
+    train_pairs, val_pairs = hold_out(pairs, cfg.val_fraction, cfg.seed, source=str(data_path), unit="usable pair")
     emit("split", {"train": len(train_pairs), "val": len(val_pairs)})
     return lm, out_dir, train_pairs, val_pairs, fingerprint
 

@@ -255,9 +255,7 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
     created = not out_dir.exists()
     main = distributed.world().main  # under torchrun, rank 0 holds the lock and prepares the data first
     with hold_run_dir(out_dir) if main else contextlib.nullcontext():  # one writer: a second run is refused
-        if not resume and list_checkpoints(out_dir / "checkpoints"):
-            raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose "
-                              f"another --out")
+        check_output_dir(out_dir, resume=resume)
         try:
             with distributed.main_rank_first():  # the others then find its tokenizer and token caches
                 corpus = prepare_corpus(paths, out_dir, cfg, seq_len=seq_len, tokenizer_path=tokenizer_path,
@@ -281,14 +279,35 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
         loss_fn, get_batch, evaluate = objective(model_cfg, corpus, seq_len, cfg)
         trainer = Trainer(
             model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out_dir, evaluate=evaluate,
-            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                             "model": model_cfg.to_dict()}},
+            checkpoint_json={"config.json": run_config_json(model_cfg)},
             checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
             fingerprint={"model_config": model_cfg.non_default_fields(), "data": corpus.fingerprint,
                          "tokenizer": corpus.tokenizer.fingerprint(), "seq_len": seq_len,
                          "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum},
             started_at=started_at, fsdp=fsdp)
         return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
+
+
+# ---- what every training command shares: its output directory, its config.json, its run -----------
+
+def check_output_dir(out_dir: str | Path, resume: bool, *, empty: bool = False) -> Path:
+    """A run's --out, checked before any work is done: not a file and, unless the run resumes there,
+    holding no checkpoints, or with `empty` (commands whose output is always a new directory: the
+    encoder fine-tunes, `extend`) nothing at all."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: exists and is not a directory; choose another --out")
+    if not resume and empty and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir}: already exists and is not empty; choose another --out")
+    if not resume and list_checkpoints(out_dir / "checkpoints"):
+        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    return out_dir
+
+
+def run_config_json(model_cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """A checkpoint's config.json: what `llmkit.load` reads (format, version, the model's config), and
+    what a recipe adds for it (chat settings, labels, a task head, where the run started from)."""
+    return {"format": "llmkit", "version": llmkit.__version__, "model": model_cfg.to_dict(), **extra}
 
 
 def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,

@@ -6,9 +6,9 @@ cross-entropies, as transformers' *ForQuestionAnswering computes it. Each questi
 its context (`[CLS] question [SEP] context [SEP]`); a context too long for `max_len` is cut into
 windows sharing `doc_stride` tokens (llmkit.inference.token_tasks.qa_windows), and every window is
 one training row: its target is the answer's first and last token, or position 0 (the first,
-special token) when the window does not hold the whole answer. Held out are whole paragraphs (a
-seeded `val_fraction` of them by the classifier's rule, so no held-out context is seen in training)
-or `--val-data`; after every evaluation interval their answers — the best span over all windows —
+special token) when the window does not hold the whole answer. Held out are whole paragraphs (the
+fine-tunes' split of them, llmkit.data.split, so no held-out context is seen in training) or
+`--val-data`; after every evaluation interval their answers — the best span over all windows —
 are scored by SQuAD's exact match and F1 (llmkit.training.squad_metrics), logged as
 `val_exact_match` and `val_f1`. The output loads with `llmkit.load(out)`, whose `answer(question,
 context)` gives the span.
@@ -16,7 +16,6 @@ context)` gives the span.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,13 +24,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import llmkit
+from llmkit.data.split import hold_out
 from llmkit.data.squad_records import Question, SquadFile, read_squad
 from llmkit.errors import ConfigError, DatasetError
 from llmkit.inference.token_tasks import Window, best_span, framing, pad_rows, qa_logits, qa_types, qa_windows
 from llmkit.models.token_heads import SpanQA, bare_encoder
 from llmkit.runtime import set_threads
-from llmkit.training.classify import batch_picks, check_new_output, split, train_encoder_task
+from llmkit.training.classify import batch_picks, train_encoder_task
 from llmkit.training.config import TrainConfig
+from llmkit.training.pretrain import check_output_dir
 from llmkit.training.squad_metrics import squad_scores
 
 
@@ -44,12 +45,6 @@ def answer_tokens(window: Window, start: int, end: int) -> tuple[int, int]:
     first = next(t for t, (s, e) in inside if e > start)
     last = next(t for t, (s, e) in reversed(inside) if s < end)
     return (first, last) if first <= last else (0, 0)
-
-
-@dataclass
-class _Paragraph:  # the unit held out: every question on one context
-    questions: list[Question]
-    where: str
 
 
 class SpanData:
@@ -117,7 +112,7 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
     from llmkit.training.finetune import fingerprint_of
 
     emit = on_event or (lambda kind, info: None)
-    out = check_new_output(out_dir, resume=resume)
+    out = check_output_dir(out_dir, resume=resume, empty=True)
     squad = read_squad(data_path)
     if val_path is not None:
         val_squad = read_squad(val_path)
@@ -126,12 +121,10 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
         by_paragraph: dict[int, list[Question]] = {}
         for q in squad.questions:
             by_paragraph.setdefault(q.paragraph, []).append(q)
-        if len(by_paragraph) < 2:
-            raise DatasetError(f"{data_path}: needs at least 2 paragraphs to hold some out (or pass --val-data)")
-        groups = [_Paragraph(qs, "") for qs in by_paragraph.values()]
-        train_groups, val_groups = split(groups, cfg.val_fraction, cfg.seed)
-        train = [q for g in train_groups for q in g.questions]
-        val = [q for g in val_groups for q in g.questions]
+        train_groups, val_groups = hold_out(list(by_paragraph.values()), cfg.val_fraction, cfg.seed,
+                                            source=str(data_path), unit="paragraph", alternative="pass --val-data")
+        train = [q for group in train_groups for q in group]
+        val = [q for group in val_groups for q in group]
         val_squad = squad
     if max_answer_len < 1:
         raise ConfigError(f"--max-answer-len must be at least 1, got {max_answer_len}")

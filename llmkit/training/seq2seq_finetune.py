@@ -1,49 +1,31 @@
 """Sequence-to-sequence fine-tuning: a JSONL of source/target records → a fine-tuned checkpoint.
 
 records (validated up front, llmkit.data.seq2seq_records) → the base model and its tokenizer
-(`llmkit.load`: an llmkit encoder-decoder run or checkpoint) → a seeded held-out split → the one
-training loop with the teacher-forced seq2seq loss → out/checkpoints/, metrics.jsonl, loss.png. The
-output directory loads with `llmkit.load` like any training run.
+(`llmkit.load`: an llmkit encoder-decoder run or checkpoint) → the fine-tunes' held-out split
+(llmkit.data.split) → the one training loop with the teacher-forced seq2seq loss → out/checkpoints/,
+metrics.jsonl, loss.png. The output directory loads with `llmkit.load` like any training run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 import llmkit
-from llmkit.data.seq2seq_records import Seq2SeqExample, read_seq2seq_records, tokenize_examples
+from llmkit.data.seq2seq_records import read_seq2seq_records, tokenize_examples
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError
 from llmkit.io.finetuned import chat_info_json
-from llmkit.io.checkpoint import list_checkpoints
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.io.run_dir import hold_run_dir
-from llmkit.training.pretrain import run_trainer
+from llmkit.training.pretrain import check_output_dir, run_config_json, run_trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
 from llmkit.runtime import set_threads
 
 Event = Callable[[str, dict[str, Any]], None]
-
-
-@dataclass
-class Split:
-    train: list[Seq2SeqExample]
-    val: list[Seq2SeqExample]
-
-
-def split_examples(examples: list[Seq2SeqExample], val_fraction: float, seed: int) -> Split:
-    """A seeded held-out split: round(val_fraction·n) examples, at least one when there are two."""
-    n = len(examples)
-    n_val = min(max(int(round(n * val_fraction)), 1 if n >= 2 else 0), n - 1)
-    held_out = set(np.random.default_rng([seed, 7]).permutation(n)[:n_val].tolist())
-    return Split([e for i, e in enumerate(examples) if i not in held_out],
-                 [e for i, e in enumerate(examples) if i in held_out])
 
 
 def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
@@ -53,8 +35,7 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    check_output_dir(out_dir, resume=resume)
     examples = read_seq2seq_records(data_path)  # every record checked before anything is loaded or written
     lm = llmkit.load(model_path)
     model_cfg, tokenizer = lm.model.cfg, lm.tokenizer
@@ -64,10 +45,10 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
     context = cfg.seq_len or model_cfg.max_seq_len
     if context > model_cfg.max_seq_len:
         raise ConfigError(f"--seq-len {context} is longer than the model's context ({model_cfg.max_seq_len})")
-    split = split_examples(examples, cfg.val_fraction, cfg.seed)
-    train = tokenize_examples(split.train, tokenizer, max_source_len=context, max_target_len=context)
-    val = tokenize_examples(split.val, tokenizer, max_source_len=context, max_target_len=context)
-    emit("data", {"train": len(split.train), "val": len(split.val), "context": context,
+    train_examples, val_examples = hold_out(examples, cfg.val_fraction, cfg.seed, source=str(data_path))
+    train = tokenize_examples(train_examples, tokenizer, max_source_len=context, max_target_len=context)
+    val = tokenize_examples(val_examples, tokenizer, max_source_len=context, max_target_len=context)
+    emit("data", {"train": len(train_examples), "val": len(val_examples), "context": context,
                   "truncated_sources": train.truncated_sources + val.truncated_sources,
                   "truncated_targets": train.truncated_targets + val.truncated_targets})
     created = not out_dir.exists()
@@ -81,19 +62,16 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         start_id = model_cfg.decoder_start_token_id
         batches = PairBatches(train.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id, start_id=start_id)
-        held_out = PairBatches(val.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id,
-                               start_id=start_id) if val.pairs else None
+        held_out = PairBatches(val.pairs, batch_size=cfg.batch_size, seed=cfg.seed, pad_id=pad_id, start_id=start_id)
         model = lm.model.train()
         for p in model.parameters():
             p.requires_grad_(True)
         emit("model", {"params": sum(p.numel() for p in model.parameters()), "path": str(lm.path)})
         trainer = Trainer(
             model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
-            evaluate=None if held_out is None else
-            (lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches))),
+            evaluate=lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches)),
             # "chat" keeps the base model's special-token names and EOS ids (a Hugging Face T5's </s>)
-            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                             "model": model_cfg.to_dict(), "chat": chat_info_json(lm)}},
+            checkpoint_json={"config.json": run_config_json(model_cfg, chat=chat_info_json(lm))},
             checkpoint_files={"tokenizer.json": out_dir / "tokenizer.json"},
             fingerprint={"model_config": model_cfg.non_default_fields(), "base_model": str(lm.path.resolve()),
                          "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from llmkit.data.chat_examples import (IGNORE, Example, length_summary, pack, pad_batch, prepare_examples,
                                        sample_order)
 from llmkit.data.records import read_sft_records
+from llmkit.data.split import hold_out
 from llmkit.errors import DatasetError
 from llmkit.layers.lora import LoraConfig
 from llmkit.runtime import model_device, to_device
@@ -77,7 +78,8 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
     if not examples:
         raise DatasetError(f"0 usable examples in {data_path} ({stats.lines} lines read; dropped: "
                            + ", ".join(f"{n} {why}" for why, n in counts.items()) + f"; context {max_len} tokens)")
-    train_examples, val_examples = finetune.holdout(examples, cfg.val_fraction, cfg.seed)
+    train_examples, val_examples = hold_out(examples, cfg.val_fraction, cfg.seed, source=str(data_path),
+                                            unit="usable example")
     if packing:
         train_examples = pack(train_examples, max_len)
     pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else (lm.eos_ids or [0])[0]
@@ -90,8 +92,9 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
         return pad_batch([train_examples[i] for i in sample_order(len(train_examples), cfg.batch_size, index,
                                                                   cfg.seed)], pad_id)
 
-    evaluate = None if not val_examples else (
-        lambda m: evaluate_sft(m, val_examples, cfg.batch_size, pad_id, max_batches=cfg.eval_batches))
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return evaluate_sft(m, val_examples, cfg.batch_size, pad_id, max_batches=cfg.eval_batches)
+
     emit("split", {"train": len(train_examples), "val": len(val_examples), "packed": packing})
     return finetune.train(run, loss_fn=sft_loss, get_batch=get_batch, evaluate=evaluate, resume=resume,
                           on_event=on_event, on_step=on_step)

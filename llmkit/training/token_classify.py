@@ -5,7 +5,7 @@ directory) gets a per-token head (llmkit.models.token_heads.TokenClassifier) and
 one Trainer (llmkit.training.classify.train_encoder_task: the classifier's loop, checkpoints and
 resume) on cross-entropy at the first sub-token of every word; a word's other sub-tokens and the
 special tokens are ignored (label -100), as in transformers' token-classification recipe. The
-held-out records (a seeded `val_fraction` of the file, the classifier's rule, or `--val-data`)
+held-out records (the fine-tunes' split of the file, llmkit.data.split, or `--val-data`)
 are scored after every evaluation interval by entity-level F1 (llmkit.training.ner_metrics), logged
 as `val_entity_f1`. The output loads with `llmkit.load(out)`, whose `tag(text)` finds entities.
 """
@@ -21,12 +21,14 @@ from torch import Tensor, nn
 
 import llmkit
 from llmkit.data.ner_records import TaggedSentence, read_tagged, tag_set
+from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError
 from llmkit.inference.token_tasks import encode_words, framing, pad_rows
 from llmkit.models.token_heads import TokenClassifier, bare_encoder
 from llmkit.runtime import model_device, set_threads, to_device
-from llmkit.training.classify import batch_picks, check_new_output, split, train_encoder_task
+from llmkit.training.classify import batch_picks, train_encoder_task
 from llmkit.training.config import TrainConfig
+from llmkit.training.pretrain import check_output_dir
 from llmkit.training.ner_metrics import entity_scores
 
 IGNORE = -100  # cross_entropy's ignore_index: sub-tokens after a word's first, special tokens, padding
@@ -110,13 +112,14 @@ def finetune_tokens(model_path: str | Path, data_path: str | Path, out_dir: str 
     from llmkit.training.finetune import fingerprint_of
 
     emit = on_event or (lambda kind, info: None)
-    out = check_new_output(out_dir, resume=resume)
+    out = check_output_dir(out_dir, resume=resume, empty=True)
     sentences = read_tagged(data_path, labels)
     label_names = list(labels) if labels else tag_set(sentences)
     if val_path is not None:
         train, val = sentences, read_tagged(val_path, label_names)
     else:
-        train, val = split(sentences, cfg.val_fraction, cfg.seed)
+        train, val = hold_out(sentences, cfg.val_fraction, cfg.seed, source=str(data_path), unit="sentence",
+                              alternative="pass --val-data")
     if len(label_names) < 2:
         raise ConfigError(f"{data_path}: needs at least 2 labels, found {label_names}")
     lm = llmkit.load(model_path)

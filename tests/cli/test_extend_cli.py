@@ -102,7 +102,7 @@ def test_finetune_trains_the_extended_model_through_the_training_loop(ext):
 @pytest.mark.parametrize("name,fragment", [
     ("learned", "position='learned'"), ("factor_small", "--factor must be a number > 1"),
     ("no_data", "--finetune-steps needs --data"), ("missing_model", "no such model"),
-    ("again", "already extended"), ("out_not_empty", "not an empty directory"),
+    ("again", "already extended"), ("out_not_empty", "already exists and is not empty"),
 ])
 def test_bad_input_is_one_line_and_exit_2(ext, name, fragment):
     result = ext["r"].results[name]

@@ -11,7 +11,7 @@ import torch
 
 from llmkit.config import preset
 from llmkit.data.seq2seq_noise import SENTINEL_TOKENS, reassemble_spans
-from llmkit.data.seq2seq_records import Seq2SeqExample, read_seq2seq_records, tokenize_examples
+from llmkit.data.seq2seq_records import read_seq2seq_records, tokenize_examples
 from llmkit.errors import DatasetError
 from llmkit.io.checkpoint import latest_checkpoint, load_tensors
 from llmkit.models.build import build_model
@@ -20,7 +20,6 @@ from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer
 from llmkit.training.seq2seq import (IGNORE, DenoisingBatches, PairBatches, add_special_tokens, denoising_tokens,
                                      evaluate_seq2seq, seq2seq_loss)
-from llmkit.training.seq2seq_finetune import split_examples
 from train_helpers import max_tensor_diff, train_losses
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -204,15 +203,6 @@ def test_bad_records_name_file_and_line(tmp_path, line, message):
     path.write_text(line + "\n")
     with pytest.raises(DatasetError, match=message):
         read_seq2seq_records(path)
-
-
-def test_split_is_seeded_and_disjoint():
-    examples = [Seq2SeqExample(str(i), str(i), f"f:{i}") for i in range(50)]
-    split = split_examples(examples, 0.1, seed=4)
-    assert len(split.val) == 5 and len(split.train) == 45
-    assert not {e.where for e in split.val} & {e.where for e in split.train}
-    assert split_examples(examples, 0.1, seed=4).val == split.val
-    assert len(split_examples(examples[:1], 0.1, seed=4).train) == 1  # one record: nothing held out
 
 
 @pytest.mark.parametrize("kind", ["t5", "bart"])
