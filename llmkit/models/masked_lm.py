@@ -95,7 +95,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
     """(B, T, C) → (B, C): the mean over real tokens (Sentence-BERT's pooling), padding excluded."""
     if attention_mask is None:
         return hidden.mean(dim=1)
-    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    weights = (attention_mask > 0).to(hidden.dtype).unsqueeze(-1)  # (B, T, 1); a global token (2) counts once
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
