@@ -24,6 +24,7 @@ from llmkit.errors import ModelFormatError
 from llmkit.io.hf import save_hf
 from llmkit.layers.attention import set_attention_impl
 from llmkit.models.build import build_model
+from llmkit.models.masked_lm import sentence_embeddings
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "parity"))
 from hf_tiny import PAD, VOCAB, save_tokenizer, train_tokenizer  # noqa: E402
@@ -103,7 +104,10 @@ def test_longformer_matches_transformers_with_globals_and_padding_and_exports(tm
         assert worst_on_real_tokens(lm.model.hidden_states(ids, mask), hidden, mask) > 1e-3
         reference = set_attention_impl(lm.model, "reference").hidden_states(ids, ours)  # one dense masked softmax
         assert worst_on_real_tokens(reference, hidden, mask) < TOLERANCE
-    set_attention_impl(lm.model, "sdpa")
+        # pooling weighs every real token once, global (2) or not
+        pooled = sentence_embeddings(set_attention_impl(lm.model, "sdpa"), ids, ours, normalize=False)
+        expected = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        assert float((pooled - expected).abs().max()) < 1e-6  # the same sums, one division
     out_dir = save_hf(lm.model, lm.tokenizer, tmp_path / "exported")
     config = json.loads((out_dir / "config.json").read_text())
     assert (config["model_type"], config["attention_window"], config["pad_token_id"]) == ("longformer", 4, PAD)
