@@ -32,11 +32,14 @@ DEMO_DEFAULTS = dict(preset="llama-demo", depth="auto", vocab_size=4096, steps=1
 DEMO_PROMPTS = ("def ", "import os\n\n", "class Cache:\n    def __init__(self")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, defaults: dict | None = None) -> None:
-    """One `--dash-case` flag per dataclass field, its default and help taken from the field
-    (or from `defaults`, which a subcommand such as `demo` uses to change them)."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, defaults: dict | None = None,
+                        skip: tuple[str, ...] = ()) -> None:
+    """One `--dash-case` flag per dataclass field not in `skip`, its default and help taken from the
+    field (or from `defaults`, which a subcommand such as `demo` uses to change them)."""
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         base = f.type.replace(" | None", "") if isinstance(f.type, str) else f.type.__name__
         kind = {"int": int, "float": float, "str": str}[base]
         default = defaults.get(f.name, f.default)
@@ -319,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(FSDP2) instead of a full replica on each (DDP)")
         p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
-        add_dataclass_flags(p, TrainConfig, defaults=DEMO_DEFAULTS if demo else None)
+        # (the demo samples text, so its model is a decoder: masked-LM masking has nothing to select)
+        add_dataclass_flags(p, TrainConfig, defaults=DEMO_DEFAULTS if demo else None,
+                            skip=("mlm_masking",) if demo else ())
 
     train_flags(sub.add_parser("train", help="pretrain on text: next-token prediction, or masked-LM / denoising with --arch bert|t5|bart"))
     train_flags(sub.add_parser("demo", help="the embedded default: train on the Python stdlib, then sample"),
