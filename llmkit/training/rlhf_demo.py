@@ -42,8 +42,10 @@ STAGES = {
     # lr 3e-4: at 1e-3 the reward model never learns to check a sum (near misses stay at chance).
     "rm": dict(steps=600, batch_size=32, lr=3e-4, warmup_steps=10, eval_interval=150, eval_batches=20,
                val_fraction=0.1),
-    "ppo": dict(steps=100, lr=5e-5, warmup_steps=0, eval_interval=50, min_lr_ratio=1.0, log_interval=1),
-    "ppo-rule": dict(steps=100, lr=5e-5, warmup_steps=0, eval_interval=50, min_lr_ratio=1.0, log_interval=1),
+    # fp32: the precision the table below docs/rlhf-ppo.md was measured in (dtype auto may pick bf16 here)
+    "ppo": dict(steps=100, lr=5e-5, warmup_steps=0, eval_interval=50, min_lr_ratio=1.0, log_interval=1, dtype="fp32"),
+    "ppo-rule": dict(steps=100, lr=5e-5, warmup_steps=0, eval_interval=50, min_lr_ratio=1.0, log_interval=1,
+                     dtype="fp32"),
     "dpo": dict(steps=100, batch_size=16, lr=5e-5, warmup_steps=5, eval_interval=50, eval_batches=8,
                 val_fraction=0.1),
 }
