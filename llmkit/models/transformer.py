@@ -71,9 +71,16 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg) if cross_attention else None
         self.norm2 = build_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = build_mlp(cfg.mlp, cfg.d_model, cfg.d_ff, bias=cfg.bias, dropout=cfg.dropout)
+        # For decoding, the whole block may run as one native call (llmkit/quant/kernels/block.py, set by
+        # llmkit/inference/optimize.py): step(x, attn_args) returns the output, or None where it does not apply.
+        self.decode_step = None
 
     def forward(self, x: Tensor, *, memory: Tensor | None = None, memory_mask: Tensor | None = None,
                 **attn_args) -> Tensor:
+        if self.decode_step is not None and memory is None:
+            y = self.decode_step(x, attn_args)
+            if y is not None:
+                return y
         def cross(h: Tensor) -> Tensor:  # no position bias: T5 and BART cross-attention see keys unordered
             return self.cross_attn(h, memory=memory, mask=memory_mask, cache=attn_args.get("cache"),
                                    layer=attn_args.get("layer", 0))
