@@ -38,6 +38,8 @@ from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
 from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable, is_quantized
+from llmkit.quant import kernels
+from llmkit.quant.kernels import block as block_steps
 from llmkit.runtime import DTYPES, model_dtype
 
 QUANTIZE_CHOICES = ("none", "int4")
@@ -53,15 +55,20 @@ class DecodingReport:
     kept_linears: int = 0
     compute_dtype: torch.dtype | None = None  # of the quantised layers' many-row products (None: no quantisation)
     saved_scheme: str = ""  # a model `llmkit quantize` wrote: its scheme, e.g. "int4 gptq g128 asymmetric"
+    # what multiplies the quantised layers' weights while decoding, e.g. "llmkit AVX-512 kernel",
+    # "torch int4 kernel" or "dequantise + matmul" (several joined by " / " where layers differ)
+    kernel: str = ""
+    block_steps: int = 0  # blocks that decode a token in one native call (llmkit/quant/kernels/block.py)
 
     def describe(self) -> str:
-        """`int4 weights (8-bit head)`, or "" without quantisation: for the CLI's runtime line."""
+        """`int4 weights (8-bit head; llmkit AVX2 kernel)`, or "" without quantisation: for the CLI's runtime line."""
+        kernel = f"; {self.kernel}" if self.kernel else ""
         if self.saved_scheme:
-            return f"{self.saved_scheme} weights (saved quantised)"
+            return f"{self.saved_scheme} weights (saved quantised{kernel})"
         if not self.int4_linears:
             return ""
         head = "8-bit head" if self.int8_linears else "head unquantised"
-        return f"int4 weights ({head})"
+        return f"int4 weights ({head}{kernel})"
 
 
 def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
@@ -111,6 +118,10 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
                 else:
                     setattr(module, child_name, Int4Linear(child, compute_dtype=report.compute_dtype))
                     report.int4_linears += 1
+    names = dict.fromkeys(m.kernel_name() for m in model.modules() if is_quantized(m))  # in order, once each
+    if names:  # (never builds the kernels for a model that has no quantised layer)
+        report.block_steps = block_steps.install(model, kernels.native())
+    report.kernel = " / ".join(names) + (", one call per block" if report.block_steps else "")
     model.decoding_report = report  # a plain attribute: what was done, for printing and for tests
     return report
 

@@ -13,9 +13,11 @@ scale and offset are stored in bf16 (the tests bound that rounding too). Quantis
 already Q4_1 or Q8_0 (SmolLM2's GGUF) gives back their own codes.
 
 An int4 layer stores w = (code − 8) · scale + offset (offset = minimum + 8 · scale; 0 if symmetric),
-both in bf16, because that is the form torch's CPU int4 matrix kernel (`_weight_int4pack_mm_for_cpu`)
-reads; one-row products (decoding) use that kernel, and the dequantised weight is computed from the same
-bf16 numbers, so both paths multiply by the same weights. The kernel takes groups of 32, 64, 128 or
+both in bf16. Products of few rows (decoding) run llmkit's own kernel where it was built
+(llmkit/quant/kernels: the layer's own codes and bf16 numbers, fp32 activations and sums, so it
+differs from the dequantised fp32 matmul only in summation order; int8 too, in one pass). Without it
+they run torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), which reads this same form; the
+dequantised weight is computed from the same bf16 numbers, so every path multiplies by the same weights. The kernel takes groups of 32, 64, 128 or
 256: a larger group (a whole row, say) is given to it as its scale repeated over kernel-sized groups,
 which is exact. Many-row products (prefill, where arithmetic rather than memory bounds the speed)
 dequantise the weight and use the ordinary matmul, several times faster there, in the layer's
@@ -27,7 +29,7 @@ bf16 activations: it accepts fp32 ones only with an fp32 scale table, and that p
 (one row of 1536×576: 0.63 ms against 0.045 ms in bf16, on AVX2 as on AVX-512), so an fp32 layer
 rounds its input to bf16 for the kernel and returns fp32.
 
-torch has no CPU kernel for 8-bit weights, so an int8 product runs as two passes of the int4 kernel:
+torch has no CPU kernel for 8-bit weights, so without llmkit's an int8 product runs as two passes of torch's int4 kernel:
 code = 16 · high + low with high ∈ {−8..7} and low ∈ {0..15}, each a valid int4 code set, and
 w·x = (16 · scale) · high·x + scale · low·x (35 MB a token for SmolLM2's head, against 56 MB in bf16).
 Where the kernel cannot run (not the CPU, out_features not a multiple of 16, a group it cannot be given)
@@ -46,13 +48,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmkit.quant import kernels
+
 GROUP = 32
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernel accepts
+NATIVE_BLOCK = 32  # llmkit's kernel takes groups of whole blocks of 32 columns
 # Up to this many rows the int4 kernel is faster; above it, dequantising once and using the ordinary
 # matmul is (measured on 2 cores, 3072×576: kernel 2.1 ms at 64 rows; dequantise 4.5 ms + matmul 4.6 ms
 # at 512 rows, where the kernel takes ~16 ms). The fp32 matmul on an AVX2-only CPU moves the crossover
 # no lower (1536×576, 2 threads: kernel 1.5 ms at 128 rows; dequantise 2.1 ms + fp32 matmul 1.2 ms).
 KERNEL_MAX_ROWS = 128
+# llmkit's own kernel (llmkit/quant/kernels) expands each weight once per call for up to this many rows
+# at a time, and serves products of up to NATIVE_MAX_ROWS rows; more rows dequantise (measured: see
+# docs/quantization.md).
+NATIVE_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -191,18 +200,58 @@ class _KernelLinear(nn.Module):
     # The kernel's arguments (`_kernel_pass`) per pass: plain attributes, CPU only; empty: never the kernel.
     kernel_passes: list[tuple[Tensor, int, Tensor]]
     compute_dtype: torch.dtype | None  # of the many-row products; None: the activations' dtype
+    # llmkit's kernels (llmkit/quant/kernels) where they were built and serve this layer, else None;
+    # then `kernel_passes` (torch's kernel) or nothing (always dequantise).
+    native: kernels.Kernels | None
 
     def _hold(self, q: QuantizedWeight, compute_dtype: torch.dtype | None) -> None:
         self.out_features, self.in_features = q.codes.shape
         self.group, self.compute_dtype = q.group, compute_dtype
         self.register_buffer("bias", q.bias)
         self.register_buffer("act_scale", q.act_scale)
+        on_cpu = q.codes.device.type == "cpu"
+        self.native = kernels.native() if on_cpu and q.group % NATIVE_BLOCK == 0 else None
+        self.kernel_passes = []
+
+    def _native_weights(self) -> tuple:
+        """The weight's codes, scale and offset as the native kernel takes them."""
+        raise NotImplementedError
+
+    def _prepare_native(self) -> None:
+        """The native kernel's whole argument list, made once (decoding calls the layer ~120 times a
+        token, and each attribute of a Module costs a lookup): its op, the tensors, and the bias it adds
+        itself (fp32 only; another dtype's bias is added after, in that dtype)."""
+        self._native_op, self._native_args, self._bias_after = None, (), None
+        if self.native is None:
+            return
+        fused_bias = self.bias is not None and self.bias.dtype == torch.float32
+        self._native_op = self.native.ops.linear.default
+        self._native_args = (*self._native_weights(), self.group, self.bias if fused_bias else None,
+                             self.act_scale, self.native.isa)
+        self._bias_after = None if fused_bias else self.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        """After .to()/.float() &c. the buffers are new tensors: the kernel's arguments follow them."""
+        module = super()._apply(fn, recurse)
+        self._prepare_native()
+        return module
+
+    def kernel_name(self) -> str:
+        """Which kernel multiplies few rows (decoding): for the runtime line."""
+        if self.native is not None:
+            return f"{self.native.describe()} kernel"
+        return "torch int4 kernel" if self.kernel_passes else "dequantise + matmul"
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight the layer multiplies by, in `dtype` (default: the compute dtype, else float32)."""
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._native_op is not None and x.is_cpu:
+            n = x.numel() // self.in_features
+            if n <= NATIVE_MAX_ROWS and n <= KERNEL_MAX_ROWS:  # one call: reshape, AWQ, bias, dtype inside
+                y = self._native_op(x, *self._native_args)
+                return y if self._bias_after is None else y + self._bias_after
         rows = x.reshape(-1, self.in_features)
         if self.act_scale is not None:  # AWQ: the weight was multiplied by s, so the input is divided by it
             rows = rows / self.act_scale
@@ -225,7 +274,8 @@ class _KernelLinear(nn.Module):
     def extra_repr(self) -> str:
         bits = "int8" if isinstance(self, Int8Linear) else "int4"
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, {bits}, "
-                f"compute_dtype={self.compute_dtype}" + (", awq" if self.act_scale is not None else ""))
+                f"compute_dtype={self.compute_dtype}, {self.kernel_name()}"
+                + (", awq" if self.act_scale is not None else ""))
 
 
 def _kernel_pass(codes: Tensor, scale: Tensor, offset: Tensor, group: int) -> tuple[Tensor, int, Tensor]:
@@ -265,16 +315,24 @@ class Int4Linear(_KernelLinear):
         codes = q.codes
         # Codes two per byte (low nibble: even column) for dequantising; the kernel wants its own packing.
         self.register_buffer("packed_codes", codes[:, 0::2] | (codes[:, 1::2] << 4))
-        self.register_buffer("scale", q.scale.to(torch.bfloat16))
-        self.register_buffer("offset", q.offset.to(torch.bfloat16))
-        self.kernel_passes = [_kernel_pass(codes, self.scale, self.offset, self.group)] if _kernel_serves(q) else []
+        self.register_buffer("scale", q.scale.to(torch.bfloat16).contiguous())
+        self.register_buffer("offset", q.offset.to(torch.bfloat16).contiguous())
+        if self.native is None and _kernel_serves(q):  # torch's kernel wants a packing of its own
+            self.kernel_passes = [_kernel_pass(codes, self.scale, self.offset, self.group)]
+        self._prepare_native()
+
+    def _native_weights(self) -> tuple:
+        return self.packed_codes.contiguous(), self.scale.bfloat16().contiguous(), self.offset.bfloat16().contiguous()
 
     def codes(self) -> Tensor:
         low, high = self.packed_codes & 15, self.packed_codes >> 4
         return torch.stack([low, high], -1).reshape(self.out_features, self.in_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        w = dequantize_weight(self.codes(), self.scale, self.offset)  # ~2× the bf16 matmul's cost
+        if self.native is not None:  # one pass, bit-identical to dequantize_weight's
+            w = self.native.ops.int4_dequantize(*self._native_args[:4])
+        else:
+            w = dequantize_weight(self.codes(), self.scale, self.offset)  # ~2× the bf16 matmul's cost
         return w.to(dtype or self.compute_dtype or torch.float32)
 
 
@@ -288,10 +346,10 @@ class Int8Linear(_KernelLinear):
         q, compute_dtype = _source(source, WeightFormat(8, group, True), compute_dtype)
         assert q.bits == 8
         self._hold(q, compute_dtype)
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scale", q.scale.to(torch.bfloat16))
-        self.kernel_passes = []
-        if _kernel_serves(q):
+        self.register_buffer("codes", q.codes.contiguous())
+        self.register_buffer("scale", q.scale.to(torch.bfloat16).contiguous())
+        self._prepare_native()
+        if self.native is None and _kernel_serves(q):
             codes = q.codes.to(torch.int32)
             high = torch.div(codes, 16, rounding_mode="floor")  # −8..7
             low = codes - 16 * high  # 0..15
@@ -303,6 +361,10 @@ class Int8Linear(_KernelLinear):
         w = dequantize_weight(self.codes, self.scale, torch.zeros_like(self.scale))
         return w.to(dtype or self.compute_dtype or torch.float32)
 
+    def _native_weights(self) -> tuple:
+        scale = self.scale.bfloat16().contiguous()
+        return self.codes.contiguous(), scale, scale  # (the offset argument: unused for int8 codes)
+
 
 def quantized_layer(q: QuantizedWeight, *, compute_dtype: torch.dtype | None = None) -> _KernelLinear:
     """The int4 or int8 layer holding `q`."""
@@ -313,9 +375,10 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, _KernelLinear)
 
 
-def _kernel_usable(linear: nn.Linear) -> bool:
-    return int4_kernel_available() and linear.weight.device.type == "cpu" and linear.out_features % 16 == 0
-
-
 def int8_kernel_usable(linear: nn.Linear, group: int = GROUP) -> bool:
-    return _kernel_usable(linear) and linear.in_features % group == 0
+    """Whether an 8-bit `linear` would run a kernel (llmkit's, or torch's as two int4 passes)."""
+    if linear.weight.device.type != "cpu" or linear.in_features % group:
+        return False
+    if group % NATIVE_BLOCK == 0 and kernels.native() is not None:
+        return True
+    return int4_kernel_available() and linear.out_features % 16 == 0

@@ -135,7 +135,9 @@ def test_int4_model_matches_its_dequantised_weights_and_generates():
     m = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
     q = model(**FAMILIES["llama (GQA, SwiGLU, RoPE)"])
     report = prepare_for_decoding(q, quantize="int4")
-    assert report.int4_linears == 2 * 4 and report.kept_linears == 1  # qkv, o, gate_up, down per layer; not the head
+    assert report.int4_linears == 2 * 4  # qkv, o, gate_up, down per layer
+    # the head (97 rows): torch's kernel cannot take it (not a multiple of 16), llmkit's own can (8-bit)
+    assert report.kept_linears + report.int8_linears == 1
     prepare_for_decoding(m)
     with torch.no_grad():  # give the fp32 reference the int4 model's weights
         for name, module in q.named_modules():
@@ -171,7 +173,8 @@ def test_weights_on_a_q8_0_grid_come_back_exactly():
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5])  # the last: the dequantised path
-def test_int8_linear_is_its_dequantised_weight_and_close_to_the_original(rows):
+def test_int8_linear_is_its_dequantised_weight_and_close_to_the_original(rows, monkeypatch):
+    monkeypatch.setenv("LLMKIT_NATIVE_KERNELS", "0")  # torch's kernel (llmkit's own: tests/quant/test_kernels.py)
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=False)
     q = Int8Linear(linear)

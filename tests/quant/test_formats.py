@@ -68,10 +68,11 @@ def _layer(fmt, seed=0):
 @pytest.mark.skipif(not int4_kernel_available(), reason="this torch has no CPU int4 kernel")
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("rows", [1, 5])
-def test_packed_kernel_matmul_equals_the_dequantised_matmul(name, rows):
-    """The kernel multiplies bf16 activations by the packed codes with the bf16 scales, accumulating in
+def test_packed_kernel_matmul_equals_the_dequantised_matmul(name, rows, monkeypatch):
+    """torch's kernel (llmkit's own, which is preferred where built, is tests/quant/test_kernels.py's) multiplies bf16 activations by the packed codes with the bf16 scales, accumulating in
     fp32 and rounding its output to bf16 (int8: two passes, each rounded, then their sum): relative
     error ≤ 2^-9 per rounding, of a magnitude at most |x|·(|ŵ| + 16·scale) (the larger pass's weight)."""
+    monkeypatch.setenv("LLMKIT_NATIVE_KERNELS", "0")
     fmt = FORMATS[name]
     layer = _layer(fmt)
     assert layer.kernel_passes, "the kernel should serve every format here"

@@ -1,0 +1,89 @@
+"""A whole decoder block as one native call, for decoding one token of one sequence.
+
+Decoding a token through SmolLM2's 30 blocks makes ~1,000 small torch calls (norms, projections, RoPE,
+the cache, attention, the MLP), each a few microseconds of Python and dispatch: more time than the
+4-bit weights take to stream. `decode_block` (lowbit.cpp) computes a pre-norm LLaMA-style block
+(RMSNorm, q/k/v → RoPE → cache → attention over the cache → output projection, RMSNorm, SwiGLU MLP)
+in fp32 with the quantised layers' own kernels, in one call. `BlockStep` decides per call whether
+that applies (one position of one sequence, fp32, a plain KV cache, no mask or bias, nothing observing
+the attention); otherwise the Block runs its ordinary layers, which stay the reference (the tests
+compare the two). `install` gives each eligible Block of a prepared model its step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.inference.kv_cache import KVCache
+from llmkit.layers.attention import Attention
+from llmkit.layers.feedforward import GatedMLP
+from llmkit.layers.norm import RMSNorm
+from llmkit.quant.kernels import Kernels
+
+ATTENTION_ARGS = frozenset({"rope", "bias", "mask", "causal", "cache", "layer"})  # what Stack passes a full-attention block
+
+
+class BlockStep:
+    """Called by Block.forward as `step(x, attn_args)`: the block's output, or None to run the layers."""
+
+    def __init__(self, block: nn.Module, native: Kernels) -> None:
+        self.block, self.native = block, native
+        attn, mlp = block.attn, block.mlp
+        self.projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.heads = [attn.n_heads, attn.n_kv_heads, attn.head_dim]
+        self.scale = 1.0 / math.sqrt(attn.head_dim) if attn.scale is None else float(attn.scale)
+        self.eps = [float(block.norm1.eps), float(block.norm2.eps)]
+        self.op = native.ops.decode_block.default
+
+    def __call__(self, x: Tensor, args: dict) -> Tensor | None:
+        cache, rope = args.get("cache"), args.get("rope")
+        if (type(cache) is not KVCache or rope is None or x.shape[0] != 1 or x.shape[1] != 1
+                or x.dtype != torch.float32 or args.get("mask") is not None or args.get("bias") is not None
+                or not ATTENTION_ARGS.issuperset(args) or torch.is_grad_enabled()
+                or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"):
+            return None
+        weights, groups, biases = [], [], []
+        for layer in self.projections:
+            args_ = layer._native_args  # codes, scale, offset, group, bias, act_scale, isa
+            weights += args_[:3]
+            groups.append(args_[3])
+            biases.append(args_[4])
+        keys, values = cache.layer_views()
+        index = args["layer"]
+        cos, sin = rope
+        return self.op(x, weights, groups, biases, [self.block.norm1.weight, self.block.norm2.weight], self.eps,
+                       cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, self.heads,
+                       self.scale, self.native.isa)
+
+
+def eligible(block: nn.Module) -> bool:
+    """A pre-norm block of RMSNorms, rotary self-attention with fused q/k/v (no QK-norm, no DeBERTa terms)
+    and a SwiGLU MLP, every projection on the native kernel without AWQ's divisor or a non-fp32 bias."""
+    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+    if not (getattr(block, "pre_norm", False) and getattr(block, "cross_attn", None) is None
+            and isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.act is F.silu
+            and attn.q_norm is None and attn.disentangled is None):
+        return False
+    norms = (block.norm1, block.norm2)
+    if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+        return False
+    for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        if getattr(layer, "_native_op", None) is None or layer.act_scale is not None or layer._bias_after is not None:
+            return False
+    return True
+
+
+def install(model: nn.Module, native: Kernels | None) -> int:
+    """Give every eligible Block of `model` a BlockStep; how many got one."""
+    if native is None or getattr(model, "cfg", None) is None or model.cfg.position != "rope":
+        return 0
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "decode_step"):
+            module.decode_step = BlockStep(module, native) if eligible(module) else None
+            count += module.decode_step is not None
+    return count

@@ -1,0 +1,574 @@
+// Matrix products with 4-bit and 8-bit weights for llmkit's quantised layers (llmkit/layers/quantized.py).
+//
+// Decoding multiplies every weight matrix by a handful of activation rows; the time goes into streaming
+// the weights from memory, so they stay packed (4 or 8 bits) and are expanded to fp32 in registers.
+// Activations and accumulation stay fp32, so a product differs from the dequantised fp32 matmul only
+// in the order of its sums.
+//
+// Layouts (exactly the layer's own buffers, no repacking):
+//   int4: packed (N, K/2) uint8, column 2j in the low nibble of byte j, 2j+1 in the high nibble;
+//         scale and offset (N, G) bf16 per group of G = K/group, w = (code − 8)·scale + offset
+//   int8: codes (N, K) int8; scale (N, G) bf16, w = code·scale
+// A group's part of row n·x is  scale·Σ code·x + (offset − 8·scale)·Σ x  (int4), so the inner loop
+// is a dot product of codes with x and each group costs one scaling.
+//
+// The vector width is chosen at run time (the `isa` argument: 2 AVX-512, 1 AVX2, 0 portable C++) from
+// what the CPU reports and what torch's own kernels use (ATEN_CPU_CAPABILITY), one binary for all.
+// Threads: torch's intra-op pool (at::parallel_for), so torch.set_num_threads governs them too.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 32;  // columns per step: 16 bytes of int4 codes; every group is whole blocks
+constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the weights
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Everything one product needs, with x rearranged once per call: within each block of 32 columns the
+// 16 even columns first, then the 16 odd ones (int4: the low and the high nibbles of 16 bytes);
+// `sums` holds Σx per group and row (int4's offset term).
+struct Problem {
+  const uint8_t* codes;     // int4: packed nibbles; int8: int8 codes
+  const uint16_t* scales;   // (N, G) bf16
+  const uint16_t* offsets;  // (N, G) bf16, int4 only
+  const float* x;           // (rows, K), rearranged for int4
+  const float* sums;        // (rows, G), int4 only
+  const float* bias;        // (N,) or null
+  float* out;               // (rows, N)
+  int64_t rows, K, N, G, group;
+};
+
+// ---- int4 --------------------------------------------------------------------------------------
+
+// Portable reference of the kernel's arithmetic (any CPU; also what the vector paths compute).
+template <int R>
+void int4_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    const uint16_t* scales = p.scales + n * p.G;
+    const uint16_t* offsets = p.offsets + n * p.G;
+    float totals[R] = {};
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(scales[g]), offset = bf16_to_float(offsets[g]);
+      const float minimum = offset - 8.f * scale;
+      float acc[R] = {};
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t byte = c[col / 2 + i];
+          const float lo = static_cast<float>(byte & 15), hi = static_cast<float>(byte >> 4);
+          for (int r = 0; r < R; ++r) {
+            const float* x = p.x + (row0 + r) * p.K + col;
+            acc[r] += lo * x[i] + hi * x[16 + i];
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) totals[r] += scale * acc[r] + minimum * p.sums[(row0 + r) * p.G + g];
+    }
+    for (int r = 0; r < R; ++r) p.out[(row0 + r) * p.N + n] = totals[r] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int4_rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    const uint16_t* scales = p.scales + n * p.G;
+    const uint16_t* offsets = p.offsets + n * p.G;
+    __m256 total[R][2];
+    float minimum_term[R] = {};
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(scales[g]), offset = bf16_to_float(offsets[g]);
+      __m256 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+        // bytes 0..7: even columns 0..14 (x[0..7]) and odd 1..15 (x[16..23]); bytes 8..15: x[8..15], x[24..31]
+        for (int half = 0; half < 2; ++half) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          for (int r = 0; r < R; ++r) {
+            const float* x = p.x + (row0 + r) * p.K + col + 8 * half;
+            acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[r]);
+            acc[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 16), acc[r]);
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(scale);
+      for (int r = 0; r < R; ++r) {  // two running totals: consecutive groups do not wait on each other
+        total[r][g & 1] = _mm256_fmadd_ps(s, acc[r], total[r][g & 1]);
+        minimum_term[r] += (offset - 8.f * scale) * p.sums[(row0 + r) * p.G + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_add_ps(total[r][0], total[r][1]);
+      __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      q = _mm_add_ss(q, _mm_movehdup_ps(q));
+      p.out[(row0 + r) * p.N + n] = _mm_cvtss_f32(q) + minimum_term[r] + (p.bias ? p.bias[n] : 0.f);
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int4_rows_avx512(const Problem& p, int64_t row0,
+                                                                               int64_t n0, int64_t n1) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    const uint16_t* scales = p.scales + n * p.G;
+    const uint16_t* offsets = p.offsets + n * p.G;
+    __m512 total[R][2];
+    float minimum_term[R] = {};
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(scales[g]), offset = bf16_to_float(offsets[g]);
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        for (int r = 0; r < R; ++r) {
+          const float* x = p.x + (row0 + r) * p.K + col;
+          acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[r]);
+          acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[r]);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(scale);
+      for (int r = 0; r < R; ++r) {
+        total[r][g & 1] = _mm512_fmadd_ps(s, acc[r], total[r][g & 1]);
+        minimum_term[r] += (offset - 8.f * scale) * p.sums[(row0 + r) * p.G + g];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1])) +
+                                    minimum_term[r] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// ---- int8 --------------------------------------------------------------------------------------
+
+template <int R>
+void int8_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+    float totals[R] = {};
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(p.scales[n * p.G + g]);
+      float acc[R] = {};
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; ++col)
+        for (int r = 0; r < R; ++r) acc[r] += static_cast<float>(c[col]) * p.x[(row0 + r) * p.K + col];
+      for (int r = 0; r < R; ++r) totals[r] += scale * acc[r];
+    }
+    for (int r = 0; r < R; ++r) p.out[(row0 + r) * p.N + n] = totals[r] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int8_rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+    __m256 total[R][2];
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      __m256 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 8) {
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col))));
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
+      }
+      const __m256 s = _mm256_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
+      for (int r = 0; r < R; ++r) total[r][g & 1] = _mm256_fmadd_ps(s, acc[r], total[r][g & 1]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 t = _mm256_add_ps(total[r][0], total[r][1]);
+      __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+      q = _mm_add_ss(q, _mm_movehdup_ps(q));
+      p.out[(row0 + r) * p.N + n] = _mm_cvtss_f32(q) + (p.bias ? p.bias[n] : 0.f);
+    }
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int8_rows_avx512(const Problem& p, int64_t row0,
+                                                                               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+    __m512 total[R][2];
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      __m512 acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col))));
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
+      }
+      const __m512 s = _mm512_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
+      for (int r = 0; r < R; ++r) total[r][g & 1] = _mm512_fmadd_ps(s, acc[r], total[r][g & 1]);
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1])) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// ---- dispatch ----------------------------------------------------------------------------------
+
+using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+
+template <template <int> class Pick>
+RowsFn pick_rows(int r) {
+  switch (r) {
+    case 1: return Pick<1>::fn;
+    case 2: return Pick<2>::fn;
+    case 3: return Pick<3>::fn;
+    default: return Pick<4>::fn;
+  }
+}
+
+#define KERNEL_TABLE(NAME, FN) \
+  template <int R>             \
+  struct NAME {                \
+    static constexpr RowsFn fn = FN<R>; \
+  };
+KERNEL_TABLE(Int4Portable, int4_rows_portable)
+KERNEL_TABLE(Int4Avx2, int4_rows_avx2)
+KERNEL_TABLE(Int4Avx512, int4_rows_avx512)
+KERNEL_TABLE(Int8Portable, int8_rows_portable)
+KERNEL_TABLE(Int8Avx2, int8_rows_avx2)
+KERNEL_TABLE(Int8Avx512, int8_rows_avx512)
+
+RowsFn rows_kernel(bool int4, int64_t isa, int r) {
+  if (int4) return isa >= 2 ? pick_rows<Int4Avx512>(r) : isa == 1 ? pick_rows<Int4Avx2>(r) : pick_rows<Int4Portable>(r);
+  return isa >= 2 ? pick_rows<Int8Avx512>(r) : isa == 1 ? pick_rows<Int8Avx2>(r) : pick_rows<Int8Portable>(r);
+}
+
+void run(Problem p, bool int4, int64_t isa) {
+  // Each task takes a band of output rows: ~64 KB of codes, so a few tasks per thread even for small layers.
+  const int64_t bytes_per_row = int4 ? p.K / 2 : p.K;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
+  at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t row0 = 0; row0 < p.rows; row0 += MAX_ROWS) {
+      const int r = static_cast<int>(std::min<int64_t>(MAX_ROWS, p.rows - row0));
+      rows_kernel(int4, isa, r)(p, row0, n0, n1);
+    }
+  });
+}
+
+// One quantised weight as the kernels read it (int4: packed nibbles and an offset; int8: codes).
+struct Weight {
+  bool int4;
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint16_t* offsets;
+  const float* bias;  // or null
+  int64_t N, K, G, group;
+};
+
+const uint16_t* bf16_data(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+Weight weight_of(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t group,
+                 const std::optional<at::Tensor>& bias) {
+  const bool int4 = codes.scalar_type() == at::kByte;
+  TORCH_CHECK(codes.device().is_cpu() && codes.dim() == 2, "llmkit lowbit kernels take 2-d weights on the CPU");
+  TORCH_CHECK(int4 || codes.scalar_type() == at::kChar, "codes must be uint8 (packed int4) or int8");
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kBFloat16,
+              "codes and a bf16 scale, contiguous");
+  const int64_t N = codes.size(0), K = int4 ? codes.size(1) * 2 : codes.size(1);
+  TORCH_CHECK(group % BLOCK == 0 && scale.dim() == 2 && scale.size(0) == N && scale.size(1) * group == K,
+              "shapes do not fit together (groups must be whole blocks of 32 columns)");
+  TORCH_CHECK(!int4 || (offset.sizes() == scale.sizes() && offset.is_contiguous() &&
+                        offset.scalar_type() == at::kBFloat16), "int4: a bf16 offset shaped like the scale");
+  TORCH_CHECK(!bias || (bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == at::kFloat),
+              "bias must be float32 with one value per output");
+  return Weight{int4, reinterpret_cast<const uint8_t*>(codes.data_ptr()), bf16_data(scale),
+                int4 ? bf16_data(offset) : nullptr, bias ? bias->data_ptr<float>() : nullptr, N, K, scale.size(1),
+                group};
+}
+
+// out (M, N) = x (M, K) times w's weight, plus its bias.
+void product(const Weight& w, const float* x, int64_t M, float* out, int64_t isa) {
+  if (!w.int4) {
+    run(Problem{w.codes, w.scales, nullptr, x, nullptr, w.bias, out, M, w.K, w.N, w.G, w.group}, false, isa);
+    return;
+  }
+  // x rearranged (per block of 32: the even columns, then the odd) and Σx per group, once for all
+  // outputs, in scratch kept between calls (one per calling thread)
+  const int64_t K = w.K, G = w.G;
+  thread_local std::vector<float> arranged, sums;
+  arranged.resize(M * K);
+  sums.resize(M * G);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* a = x + m * K;
+    float* b = arranged.data() + m * K;
+    for (int64_t col = 0; col < K; col += BLOCK)
+      for (int i = 0; i < 16; ++i) {
+        b[col + i] = a[col + 2 * i];
+        b[col + 16 + i] = a[col + 2 * i + 1];
+      }
+    for (int64_t g = 0; g < G; ++g) {
+      float total = 0.f;
+      for (int64_t col = g * w.group; col < (g + 1) * w.group; ++col) total += a[col];
+      sums[m * G + g] = total;
+    }
+  }
+  run(Problem{w.codes, w.scales, w.offsets, arranged.data(), sums.data(), w.bias, out, M, K, w.N, G, w.group}, true,
+      isa);
+}
+
+// x (…, K) times a quantised weight (N, K): (…, N) in x's dtype. act_scale (K,), optional: x is divided
+// by it first (AWQ multiplied the weight by it). `offset` is ignored for int8 codes.
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                         const at::Tensor& offset, int64_t group, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& act_scale, int64_t isa) {
+  const Weight w = weight_of(codes, scale, offset, group, bias);
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+              x.size(-1) == w.K, "x must be float32 or bfloat16 on the CPU, (…, in_features)");
+  at::Tensor rows = x.reshape({-1, w.K}).to(at::kFloat).contiguous();
+  if (act_scale) rows = rows.div(*act_scale);
+  at::Tensor out = at::empty({rows.size(0), w.N}, rows.options());
+  product(w, rows.data_ptr<float>(), rows.size(0), out.data_ptr<float>(), isa);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.N;
+  out = out.view(shape);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+// The fp32 weight (N, K) as the Python reference computes it: code·scale, then + (offset − 8·scale), each
+// rounded (the build passes -ffp-contract=off: no fused multiply-add), so bit-identical to it.
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
+                           int64_t group) {
+  const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scale.size(1);
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && offset.is_contiguous() && G * group == K &&
+              group % 2 == 0 && packed.scalar_type() == at::kByte && scale.scalar_type() == at::kBFloat16 &&
+              offset.scalar_type() == at::kBFloat16 && offset.sizes() == scale.sizes(),
+              "int4 shapes do not fit together");
+  at::Tensor w = at::empty({N, K}, packed.options().dtype(at::kFloat));
+  const uint8_t* c = packed.data_ptr<uint8_t>();
+  const uint16_t *scales = bf16_data(scale), *offsets = bf16_data(offset);
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = bf16_to_float(scales[n * G + g]), minimum = bf16_to_float(offsets[n * G + g]) - 8.f * s;
+        const uint8_t* cb = c + n * (K / 2) + g * group / 2;
+        float* o = out + n * K + g * group;
+        for (int64_t j = 0; j < group / 2; ++j) {
+          o[2 * j] = static_cast<float>(cb[j] & 15) * s + minimum;
+          o[2 * j + 1] = static_cast<float>(cb[j] >> 4) * s + minimum;
+        }
+      }
+  });
+  return w;
+}
+
+// ---- one decoder block, one position ----------------------------------------------------------
+
+// exp for the softmax without a library call, so the loop vectorises: 2^n · e^r with |r| ≤ ln2/2 and a
+// degree-6 polynomial (relative error < 2e-7, about fp32's own rounding); inputs here are ≤ 0.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Attention {
+  const float* q;  // (H, D) after RoPE
+  const float* keys;  // head h, position t, dim d at h·head_stride + t·time_stride + d
+  const float* values;
+  int64_t head_stride, time_stride;
+  int64_t H, Hkv, D, length;  // length: cached positions, the new one included
+  float scale;
+  float* scores;  // (H, length) scratch
+  float* out;     // (H, D)
+};
+
+// softmax(q·kᵀ·scale)·v per query head h, reading key/value head h / (H / Hkv) (GQA), as attend() does
+__attribute__((always_inline)) inline void attend_heads(const Attention& a, int64_t h0, int64_t h1) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t kv = h / (a.H / a.Hkv);
+    const float* q = a.q + h * a.D;
+    float* scores = a.scores + h * a.length;
+    float best = -3.4e38f;
+    for (int64_t t = 0; t < a.length; ++t) {
+      const float* k = a.keys + kv * a.head_stride + t * a.time_stride;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < a.D; ++d) dot += q[d] * k[d];
+      scores[t] = dot * a.scale;
+      best = scores[t] > best ? scores[t] : best;
+    }
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < a.length; ++t) {
+      scores[t] = exp_nonpositive(scores[t] - best);
+      total += scores[t];
+    }
+    float* out = a.out + h * a.D;
+    for (int64_t d = 0; d < a.D; ++d) out[d] = 0.f;
+    for (int64_t t = 0; t < a.length; ++t) {
+      const float* v = a.values + kv * a.head_stride + t * a.time_stride;
+      const float p = scores[t] / total;
+#pragma omp simd
+      for (int64_t d = 0; d < a.D; ++d) out[d] += p * v[d];
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_avx512(const Attention& a, int64_t h0, int64_t h1) {
+  attend_heads(a, h0, h1);
+}
+__attribute__((target("avx2,fma"))) void attend_avx2(const Attention& a, int64_t h0, int64_t h1) {
+  attend_heads(a, h0, h1);
+}
+void attend_portable(const Attention& a, int64_t h0, int64_t h1) { attend_heads(a, h0, h1); }
+
+// y = x / sqrt(mean(x²) + eps) · weight, as F.rms_norm
+void rms_norm(const float* x, const float* weight, int64_t C, double eps, float* y) {
+  float squares = 0.f;
+  for (int64_t i = 0; i < C; ++i) squares += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(squares / static_cast<float>(C) + static_cast<float>(eps));
+  for (int64_t i = 0; i < C; ++i) y[i] = x[i] * inv * weight[i];
+}
+
+// RoPE in the half-split layout (apply_rope): out = x·cos + rotate_half(x)·sin, in place, per head
+void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// A pre-norm LLaMA-style block for one position of one sequence: RMSNorm, fused q/k/v projection,
+// RoPE, the new key and value written into the cache at `pos`, attention over positions 0..pos, output
+// projection, residual; RMSNorm, fused gate/up projection, SiLU(gate)·up, down projection, residual.
+// What llmkit's Block computes for this case (tests compare the two), in one call instead of ~30.
+// weights: codes, scale, offset of qkv, o, gate_up, down; keys/values: this layer's (1, Hkv, T, D) cache.
+at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArrayRef groups,
+                        const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norms,
+                        at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
+                        const at::Tensor& keys, const at::Tensor& values, int64_t pos, at::IntArrayRef heads,
+                        double scale, int64_t isa) {
+  TORCH_CHECK(weights.size() == 12 && groups.size() == 4 && biases.size() == 4 && norms.size() == 2 &&
+              eps.size() == 2 && heads.size() == 3, "decode_block: 4 weights (3 tensors each), 2 norms");
+  const int64_t C = x.size(-1), H = heads[0], Hkv = heads[1], D = heads[2];
+  Weight w[4];
+  for (int i = 0; i < 4; ++i) w[i] = weight_of(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], groups[i], biases.get(i));
+  const int64_t F = w[2].N / 2;
+  TORCH_CHECK(w[0].K == C && w[0].N == (H + 2 * Hkv) * D && w[1].K == H * D && w[1].N == C && w[2].K == C &&
+              w[3].K == F && w[3].N == C && H % Hkv == 0 && D % 2 == 0, "decode_block: shapes do not fit together");
+  TORCH_CHECK(x.numel() == C && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_block: one fp32 position");
+  for (const auto& t : {norms[0], norms[1], cos, sin})
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "decode_block: fp32 norms, cos and sin");
+  TORCH_CHECK(norms[0].numel() == C && norms[1].numel() == C && cos.numel() == D && sin.numel() == D,
+              "decode_block: norm or RoPE sizes");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
+              keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.size(0) == 1 &&
+              keys.size(1) == Hkv && keys.size(3) == D && keys.stride(3) == 1 && 0 <= pos && pos < keys.size(2),
+              "decode_block: an fp32 (1, Hkv, T, D) cache with room at pos");
+
+  thread_local std::vector<float> scratch;
+  const int64_t length = pos + 1;
+  scratch.resize(C + (H + 2 * Hkv) * D + H * D + C + 3 * F + H * length);
+  float* normed = scratch.data();
+  float* qkv = normed + C;
+  float* attended = qkv + (H + 2 * Hkv) * D;
+  float* projected = attended + H * D;
+  float* gate_up = projected + C;
+  float* act = gate_up + 2 * F;
+  float* scores = act + F;
+  at::Tensor out = at::empty_like(x);
+  const float* xin = x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+
+  rms_norm(xin, norms[0].data_ptr<float>(), C, eps[0], normed);
+  product(w[0], normed, 1, qkv, isa);
+  rope(qkv, H + Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());  // the query and key heads
+  float* kc = keys.data_ptr<float>();
+  float* vc = values.data_ptr<float>();
+  const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2);
+  for (int64_t h = 0; h < Hkv; ++h) {
+    std::memcpy(kc + h * head_stride + pos * time_stride, qkv + (H + h) * D, D * sizeof(float));
+    std::memcpy(vc + h * head_stride + pos * time_stride, qkv + (H + Hkv + h) * D, D * sizeof(float));
+  }
+  const Attention a{qkv, kc, vc, head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale), scores, attended};
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    (isa >= 2 ? attend_avx512 : isa == 1 ? attend_avx2 : attend_portable)(a, h0, h1);
+  });
+  product(w[1], attended, 1, projected, isa);
+  for (int64_t i = 0; i < C; ++i) y[i] = xin[i] + projected[i];
+  rms_norm(y, norms[1].data_ptr<float>(), C, eps[1], normed);
+  product(w[2], normed, 1, gate_up, isa);
+  for (int64_t i = 0; i < F; ++i) act[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * gate_up[F + i];
+  product(w[3], act, 1, projected, isa);
+  for (int64_t i = 0; i < C; ++i) y[i] += projected[i];
+  return out;
+}
+
+int64_t supported_isa(int64_t wanted) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (wanted >= 2 && avx512) return 2;
+  if (wanted >= 1 && avx2) return 1;
+  return 0;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llmkit_lowbit, m) {
+  m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int group, Tensor? bias, Tensor? act_scale, "
+        "int isa) -> Tensor");
+  m.def("int4_dequantize(Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
+  m.def("decode_block(Tensor x, Tensor[] weights, int[] groups, Tensor?[] biases, Tensor[] norms, float[] eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int pos, int[] heads, float scale, int isa) "
+        "-> Tensor");
+  m.def("supported_isa(int wanted) -> int", &supported_isa);  // the best of `wanted` this CPU runs
+}
+
+TORCH_LIBRARY_IMPL(llmkit_lowbit, CPU, m) {
+  m.impl("linear", lowbit_linear);
+  m.impl("int4_dequantize", int4_dequantize);
+  m.impl("decode_block", decode_block);
+}
