@@ -80,9 +80,7 @@ RUNS: dict[str, list[tuple[str, ...]]] = {
     "prune": [("--model", "dec", "--method", "magnitude", "--sparsity", "0.5", "--out", "pruned", "--finetune-steps",
                "1", "--data", "corpus", "--batch-size", "2", "--seq-len", "32", "--threads", "1", "--seed", "1")],
 }
-# command → why it is known to fail (strict: the fix makes the test say so, and the mark goes)
-XFAIL = {"ppo": "issue 15: ppo still registers TrainConfig flags it never reads (pretraining-only ones, "
-                "--batch-size, --eval-batches, --seq-len, --val-fraction); its move onto the Trainer fixes them"}
+XFAIL: dict[str, str] = {}  # command → why it is known to fail (strict: the fix makes the test say so)
 KNOB_CLASSES = (TrainConfig, PPOConfig)
 KNOB_HELP = {f.name: f.metadata.get("help", "") for cls in KNOB_CLASSES for f in dataclasses.fields(cls)}
 KNOB_FIELDS = set(KNOB_HELP)
