@@ -13,8 +13,8 @@ from typing import Any
 def register(sub: argparse._SubParsersAction) -> None:
     from llmkit.cli import add_dataclass_flags
     from llmkit.commands.post_training import add_skip_bad_lines_flag
-    from llmkit.training.config import TrainConfig
-    from llmkit.training.ppo import PPO_TRAIN_DEFAULTS, PPOConfig
+    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.training.ppo import NOT_PPO_KNOBS, PPO_TRAIN_DEFAULTS, PPOConfig
 
     p = sub.add_parser("ppo", help="RLHF: optimise a policy against a reward model or a reward function (PPO)")
     p.add_argument("--policy", required=True, metavar="PATH",
@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_skip_bad_lines_flag(p)
     p.add_argument("--plain-prompts", action="store_true",
                    help="feed prompts as plain text (default: as a user turn in the model's chat template)")
-    p.add_argument("--config", metavar="FILE", help="JSON file of training fields")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    add_dataclass_flags(p, TrainConfig, defaults=PPO_TRAIN_DEFAULTS)
+    # the TrainConfig knobs PPO reads (and --config FILE of them); see llmkit/training/ppo.py
+    add_training_knobs(p, defaults=PPO_TRAIN_DEFAULTS, skip=NOT_PPO_KNOBS, config_file=True)
     add_dataclass_flags(p, PPOConfig)
     p.set_defaults(handler=cmd_ppo)
 
@@ -52,16 +52,13 @@ def ppo_config_from(args: argparse.Namespace):
 
 def cmd_ppo(args: argparse.Namespace) -> None:
     """Run PPO and save checkpoints, metrics.jsonl and reward_kl.png under --out."""
-    from llmkit.cli import train_config_from
     from llmkit.commands.progress import Progress
     from llmkit.commands.post_training import print_skipped
-    from llmkit.errors import ConfigError
+    from llmkit.commands.training_flags import training_config
     from llmkit.training.ppo import train_ppo
     from llmkit.training.rlhf_plots import plot_reward_kl
 
-    cfg, model_fields = train_config_from(args)
-    if model_fields:
-        raise ConfigError(f"{args.config}: \"model\" fields do not apply to ppo (the policy's config is used)")
+    cfg = training_config(args)  # PPO's defaults, then --config FILE, then the flags given
     ppo = ppo_config_from(args)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --reward my_rewards:fn finds ./my_rewards.py, as `python -m` would

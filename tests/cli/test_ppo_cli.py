@@ -97,6 +97,24 @@ def test_ppo_help_lists_the_ppo_and_training_knobs(runs):
                  "--rollout-batch", "--minibatch-size", "--ppo-epochs", "--kl-coef", "--kl-target", "--gamma",
                  "--lam", "--clip-range", "--value-clip-range", "--vf-coef", "--no-eos-penalty", "--skip-bad-lines"):
         assert flag in out, f"ppo -h does not list {flag}"
+    # knobs PPO never reads are not flags of it (an argparse error, not silently ignored)
+    for flag in ("--preset", "--batch-size", "--seq-len", "--val-fraction", "--eval-batches", "--time-budget"):
+        assert not re.search(rf"^\s+{flag}\b", out, re.M), f"ppo -h lists {flag}, which PPO does not read"
+
+
+def test_ppo_config_file_with_a_knob_ppo_does_not_read_is_refused(tmp_path):
+    from llmkit.cli import build_parser
+    from llmkit.commands.training_flags import training_config
+    from llmkit.errors import ConfigError
+
+    (tmp_path / "c.json").write_text('{"lr": 0.001, "batch_size": 4}')
+    args = build_parser().parse_args(["ppo", "--policy", "p", "--reward", "m:f", "--prompts", "p.jsonl", "--out", "o",
+                                      "--config", str(tmp_path / "c.json"), "--steps", "7"])
+    with pytest.raises(ConfigError, match="batch_size: not a setting of `llmkit ppo`"):
+        training_config(args)
+    (tmp_path / "c.json").write_text('{"lr": 0.001}')
+    cfg = training_config(args)  # PPO's defaults, then the file, then the flags given
+    assert (cfg.lr, cfg.steps, cfg.warmup_steps, cfg.log_interval) == (0.001, 7, 0, 1)
 
 
 def test_ppo_cli_skips_bad_prompt_lines_and_names_them(runs):
