@@ -1,13 +1,14 @@
 """SQuAD-format JSON for extractive question answering, read strictly.
 
-The file is SQuAD v1.1's layout: `{"data": [{"title"?, "paragraphs": [{"context": str, "qas":
+The file is SQuAD v1.1's or v2.0's layout: `{"data": [{"title"?, "paragraphs": [{"context": str, "qas":
 [{"id", "question", "answers": [{"text", "answer_start"}]}]}]}]}`. It is read whole through
 llmkit.io.safe_json (a regular UTF-8 file of at most 256 MiB, nesting bounded). Every problem is a
 DatasetError naming the file, the line of the object at fault and its path in the file, e.g.
 `squad.json:41: data[0].paragraphs[3].qas[1].answers[0]: answer_start 17 does not hold the answer
 text 'Paris' (the context has 'Berli' there)`. Line numbers come from a second, position-keeping
-parse run only when there is an error to report. Questions marked `"is_impossible": true` (SQuAD
-2.0's unanswerable ones) have no span to learn: they are dropped and counted.
+parse run only when there is an error to report. SQuAD 2.0's unanswerable questions are marked
+`"is_impossible": true` with an empty `answers` list: they are kept with no answers (their target
+is "no answer"); an empty `answers` without that mark, or the mark with answers, is an error.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class Question:
     qid: str
     question: str
     context: str
-    answers: tuple[tuple[str, int], ...]  # (text, character offset in context); the first is trained on
+    answers: tuple[tuple[str, int], ...]  # (text, character offset in context); the first is trained on;
+    # none: SQuAD 2.0's unanswerable question
     paragraph: int  # index of its paragraph in the file: questions on one context are held out together
     at: tuple  # its path in the file: ("data", 0, "paragraphs", 3, "qas", 1)
 
@@ -36,7 +38,7 @@ class Question:
 @dataclass
 class SquadFile:
     questions: list[Question]
-    unanswerable: int  # SQuAD 2.0 questions dropped
+    unanswerable: int  # SQuAD 2.0 questions without an answer (kept, with answers == ())
     reader: "_Reader"
 
     def where(self, question: Question) -> str:
@@ -67,18 +69,21 @@ def read_squad(path: str | Path) -> SquadFile:
                 if str(qid) in seen:
                     reader.fail(qat, f"question id {str(qid)!r} appears twice")
                 seen.add(str(qid))
-                if qa.get("is_impossible") is True:
-                    unanswerable += 1
-                    continue
+                impossible = qa.get("is_impossible", False)
+                if not isinstance(impossible, bool):
+                    reader.fail(qat, f"field 'is_impossible' must be true or false, got {impossible!r:.40}")
                 answers = reader.field(qa, qat, "answers", list)
-                if not answers:
-                    reader.fail(qat, "field 'answers' is empty (an answerable question needs at least one)")
+                if impossible and answers:
+                    reader.fail(qat, "field 'answers' must be empty when 'is_impossible' is true")
+                if not answers and not impossible:
+                    reader.fail(qat, "field 'answers' is empty (an answerable question needs at least one; "
+                                     "mark an unanswerable one \"is_impossible\": true)")
+                unanswerable += impossible
                 spans = tuple(reader.answer(ans, [*qat, "answers", i], context) for i, ans in enumerate(answers))
                 questions.append(Question(str(qid), question, context, spans, n_paragraph, tuple(qat)))
             n_paragraph += 1
     if not questions:
-        raise DatasetError(f"{path}: no answerable questions" + (f" ({unanswerable} unanswerable dropped)"
-                                                                 if unanswerable else ""))
+        raise DatasetError(f"{path}: no questions")
     return SquadFile(questions, unanswerable, reader)
 
 

@@ -15,7 +15,11 @@ Answers: a long context is cut into windows of at most `max_len` tokens (questio
 consecutive windows sharing `doc_stride` context tokens (transformers' meaning of stride). The
 answer is the span of context tokens, at most `max_answer_len` long, with the highest start + end
 logit over all windows (BERT's and transformers' rule); its `score` is the probability of that
-start and end under its window's softmax over context tokens.
+start and end under its window's softmax over context tokens. SQuAD 2.0 models can answer "no
+answer": the null score is the start + end logit of position 0 (the first, special token), the
+lowest over the windows, and when it beats the best span's by more than the model's
+`null_threshold` the answer is "" (BERT's run_squad and transformers' rule; a model trained on
+v1.1 data has no threshold and always gives a span).
 """
 
 from __future__ import annotations
@@ -179,10 +183,19 @@ def qa_logits(model, tokenizer: Tokenizer, windows: Sequence[Window]) -> list[tu
     return out
 
 
+def abstains(null_margin: float, null_threshold: float | None) -> bool:
+    """Whether the answer is "no answer": the null score beats the best span's by more than the threshold."""
+    return null_threshold is not None and null_margin > null_threshold
+
+
 def best_span(windows: Sequence[Window], logits: Sequence[tuple[Tensor, Tensor]], context: str,
-              max_answer_len: int) -> dict[str, Any]:
-    """The best answer over `windows` of one context: {"answer", "start", "end", "score"}."""
+              max_answer_len: int, null_threshold: float | None = None) -> dict[str, Any]:
+    """The best answer over `windows` of one context: {"answer", "start", "end", "score",
+    "null_margin"}, the margin being the null score minus the best span's (inf without a span).
+    With a `null_threshold` the margin exceeds, the answer is "no answer": "" at 0..0, `score` the
+    probability of the null start and end under its window's softmax over it and the context."""
     best: tuple[float, int, int, int] | None = None  # (logit sum, window, first token, last token)
+    null, null_window = min((float(s[0] + e[0]), w) for w, (s, e) in enumerate(logits))
     for w, (window, (s_logits, e_logits)) in enumerate(zip(windows, logits)):
         is_context = torch.tensor([o is not None for o in window.offsets])
         n = len(window.offsets)
@@ -194,8 +207,15 @@ def best_span(windows: Sequence[Window], logits: Sequence[tuple[Tensor, Tensor]]
         flat = int(pair.argmax())
         if best is None or float(pair.view(-1)[flat]) > best[0]:
             best = (float(pair.view(-1)[flat]), w, flat // n, flat % n)
+    margin = null - best[0] if best is not None else float("inf")
+    if abstains(margin, null_threshold):
+        s_logits, e_logits = logits[null_window]
+        null_or_context = torch.tensor([t == 0 or o is not None for t, o in enumerate(windows[null_window].offsets)])
+        p_null = (s_logits.masked_fill(~null_or_context, float("-inf")).softmax(-1)[0]
+                  * e_logits.masked_fill(~null_or_context, float("-inf")).softmax(-1)[0])
+        return {"answer": "", "start": 0, "end": 0, "score": float(p_null), "null_margin": margin}
     if best is None:
-        return {"answer": "", "start": 0, "end": 0, "score": 0.0}
+        return {"answer": "", "start": 0, "end": 0, "score": 0.0, "null_margin": margin}
     _, w, a, b = best
     window, (s_logits, e_logits) = windows[w], logits[w]
     is_context = torch.tensor([o is not None for o in window.offsets])
@@ -205,17 +225,21 @@ def best_span(windows: Sequence[Window], logits: Sequence[tuple[Tensor, Tensor]]
     text = context[start:end]
     start += len(text) - len(text.lstrip())  # a byte-level token's leading space is not part of the answer
     end -= len(text) - len(text.rstrip())
-    return {"answer": context[start:end], "start": start, "end": end, "score": float(p_start * p_end)}
+    return {"answer": context[start:end], "start": start, "end": end, "score": float(p_start * p_end),
+            "null_margin": margin}
 
 
 def answer(model, tokenizer: Tokenizer, question: str, context: str, *, max_answer_len: int | None = None,
-           max_len: int | None = None, doc_stride: int | None = None) -> dict[str, Any]:
-    """The span of `context` that answers `question`: {"answer", "start", "end", "score"}; the
-    settings default to those the model was trained with."""
+           max_len: int | None = None, doc_stride: int | None = None,
+           null_threshold: float | None = None) -> dict[str, Any]:
+    """The span of `context` that answers `question`: {"answer", "start", "end", "score",
+    "null_margin"}, or "" at 0..0 for "no answer" (see best_span). The settings default to those
+    the model was trained with; `null_threshold=float("inf")` never abstains."""
     model = head_of(model, QUESTION_ANSWERING, "answer()")
     settings = model.settings
     max_len = min(max_len or settings["max_len"], model.cfg.max_seq_len)
     windows = qa_windows(framing(tokenizer), question, context, max_len=max_len,
                          stride=settings["doc_stride"] if doc_stride is None else doc_stride)
+    threshold = settings.get("null_threshold") if null_threshold is None else null_threshold
     return best_span(windows, qa_logits(model, tokenizer, windows), context,
-                     max_answer_len or settings["max_answer_len"])
+                     max_answer_len or settings["max_answer_len"], threshold)

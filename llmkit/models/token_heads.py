@@ -14,6 +14,7 @@ transformers name (`classifier.`, `qa_outputs.`); config.json keeps the body's M
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Sequence
 
@@ -26,7 +27,9 @@ from llmkit.models.build import init_normal
 TOKEN_CLASSIFICATION, QUESTION_ANSWERING = "token-classification", "question-answering"
 # What a span head remembers for answering later (its training settings); transformers' defaults
 # for directories that do not say (run_qa.py: 384 tokens, stride 128, answers of up to 30 tokens).
-QA_DEFAULTS = {"max_len": 384, "doc_stride": 128, "max_answer_len": 30}
+# null_threshold: None never answers "no answer" (SQuAD v1.1); a number is SQuAD 2.0's null score
+# margin above which it does (llmkit.inference.token_tasks.best_span).
+QA_DEFAULTS = {"max_len": 384, "doc_stride": 128, "max_answer_len": 30, "null_threshold": None}
 
 
 class _EncoderTask(nn.Module):
@@ -76,7 +79,7 @@ class SpanQA(_EncoderTask):
     """`model(ids, mask, types)` → (start_logits, end_logits), each (B, T)."""
     task = QUESTION_ANSWERING
 
-    def __init__(self, encoder: nn.Module, settings: dict[str, int] | None = None) -> None:
+    def __init__(self, encoder: nn.Module, settings: dict[str, Any] | None = None) -> None:
         super().__init__(encoder)
         self.settings = {**QA_DEFAULTS, **(settings or {})}
         self.settings["max_len"] = min(self.settings["max_len"], self.cfg.max_seq_len)
@@ -125,9 +128,13 @@ def task_model(encoder: nn.Module, task: Any, *, where: str) -> nn.Module:
                 raise ConfigError("task.labels must be a list of strings")
             return TokenClassifier(encoder, labels)
         settings = {k: task.get(k, v) for k, v in QA_DEFAULTS.items()}
+        threshold = settings.pop("null_threshold")
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1 << 20 for v in settings.values()):
-            raise ConfigError(f"task settings {sorted(QA_DEFAULTS)} must be integers in [0, 2^20]")
-        return SpanQA(encoder, settings)
+            raise ConfigError(f"task settings {sorted(settings)} must be integers in [0, 2^20]")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ConfigError(f"task setting null_threshold must be a finite number or null, got {threshold!r:.40}")
+        return SpanQA(encoder, {**settings, "null_threshold": threshold})
     except ConfigError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 

@@ -4,6 +4,7 @@ held-out data uses only names that training data never shows."""
 from __future__ import annotations
 
 import json
+import re
 
 from llmkit.data import ner_synthetic, qa_synthetic
 from llmkit.data.ner_records import read_tagged
@@ -45,3 +46,22 @@ def test_qa_generator_writes_valid_squad_with_unseen_names(tmp_path):
     held_people = {q.question.rsplit(" ", 2)[-2] for q in held_questions if q.question.startswith("Where was")}
     assert train_people and held_people and not train_people & held_people
     assert json.loads(train.read_text()) == qa_synthetic.generate(30, seed=0)
+
+
+def test_qa_generator_adds_unanswerable_questions_that_have_no_answer(tmp_path):
+    assert qa_synthetic.generate(20, seed=0, unanswerable=0.0) == qa_synthetic.generate(20, seed=0)  # v1.1 as before
+    data = qa_synthetic.generate(60, seed=0, unanswerable=0.3)
+    (tmp_path / "v2.json").write_text(json.dumps(data), encoding="utf-8")
+    questions = read_squad(tmp_path / "v2.json").questions  # the strict reader accepts is_impossible records
+    impossible = [q for q in questions if not q.answers]
+    assert data["version"] == "v2.0" and 0.05 < len(impossible) / len(questions) < 0.5
+    kinds = set()
+    for q in impossible:
+        first, last = re.search(r"\b([A-Z][a-z]+) ([A-Z][a-z]+)\b", q.question).groups()
+        if "-absent-" in q.qid:  # someone the paragraph never mentions (a namesake at most shares the last name)
+            assert f"{first} {last}" not in q.context
+            kinds.add("namesake" if last in q.context else "stranger")
+        else:  # a person whose work sentence was left out: their last name occurs once, where they were born
+            assert q.context.count(last) == 1 and q.qid.endswith(("-org", "-job")), q
+            kinds.add("no work sentence")
+    assert kinds == {"namesake", "stranger", "no work sentence"}

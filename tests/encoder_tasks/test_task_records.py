@@ -61,20 +61,21 @@ def qa(qid, question, text, start):
     return {"id": qid, "question": question, "answers": [{"text": text, "answer_start": start}]}
 
 
-def test_squad_reads_questions_and_drops_unanswerable(tmp_path):
+def test_squad_reads_questions_and_keeps_unanswerable(tmp_path):
     context = "Alice Smith was born in Paris on 3 May 1901."
     data = squad([{"context": context, "qas": [qa("a", "Where was Alice born?", "Paris", 24),
                                                {"id": "b", "question": "Why?", "answers": [], "is_impossible": True}]},
                   {"context": "Bob works for Acme.", "qas": [qa("c", "Who employs Bob?", "Acme", 14)]}])
     (tmp_path / "s.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     read = read_squad(tmp_path / "s.json")
-    assert read.unanswerable == 1 and [q.qid for q in read.questions] == ["a", "c"]
+    assert read.unanswerable == 1 and [q.qid for q in read.questions] == ["a", "b", "c"]
+    assert read.questions[1].answers == () and read.questions[1].paragraph == 0  # SQuAD 2.0: no answer
     first = read.questions[0]
     assert first.answers == (("Paris", 24),) and first.context == context and first.paragraph == 0
-    assert read.questions[1].paragraph == 1
+    assert read.questions[2].paragraph == 1
     lines = (tmp_path / "s.json").read_text().splitlines()
     line = next(i for i, text in enumerate(lines, 1) if '"id": "c"' in text) - 1  # the object's "{" is just above
-    assert read.where(read.questions[1]) == f"{tmp_path / 's.json'}:{line}: data[0].paragraphs[1].qas[0]"
+    assert read.where(read.questions[2]) == f"{tmp_path / 's.json'}:{line}: data[0].paragraphs[1].qas[0]"
 
 
 @pytest.mark.parametrize("change, path, message", [
@@ -89,6 +90,10 @@ def test_squad_reads_questions_and_drops_unanswerable(tmp_path):
      "data[0].paragraphs[1].qas[0]", "question id 'a' appears twice"),
     (lambda d: d["data"][0]["paragraphs"][1]["qas"][0].update(answers=[]),
      "data[0].paragraphs[1].qas[0]", "field 'answers' is empty"),
+    (lambda d: d["data"][0]["paragraphs"][1]["qas"][0].update(is_impossible=True),
+     "data[0].paragraphs[1].qas[0]", "field 'answers' must be empty when 'is_impossible' is true"),
+    (lambda d: d["data"][0]["paragraphs"][1]["qas"][0].update(is_impossible="yes"),
+     "data[0].paragraphs[1].qas[0]", "field 'is_impossible' must be true or false"),
 ])
 def test_bad_squad_record_names_line_and_path(tmp_path, change, path, message):
     data = squad([{"context": "Paris is big.", "qas": [qa("a", "What is big?", "Paris", 0)]},

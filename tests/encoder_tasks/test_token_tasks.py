@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from llmkit.config import preset
+from llmkit.errors import CheckpointError
 from llmkit.inference.token_tasks import (Window, answer, best_span, encode_words, framing, qa_windows, tag,
                                           word_spans)
 from llmkit.models.build import build_model
-from llmkit.models.token_heads import SpanQA, TokenClassifier, bare_encoder
+from llmkit.models.token_heads import SpanQA, TokenClassifier, bare_encoder, task_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.qa import answer_tokens
 from llmkit.training.token_classify import joined
@@ -83,7 +84,8 @@ def test_answer_positions_in_windows(tokenizers):
     start = CONTEXT.index("Summit Foods")
     end = start + len("Summit Foods")
     windows = qa_windows(framing(tokenizer), "Where did Costa work?", CONTEXT, max_len=32, stride=8)
-    found = [(w, answer_tokens(w, start, end)) for w in windows]
+    found = [(w, answer_tokens(w, (("Summit Foods", start),))) for w in windows]
+    assert all(answer_tokens(w, ()) == (0, 0) for w in windows)  # unanswerable: position 0 everywhere
     holding = [(w, pos) for w, pos in found if pos != (0, 0)]
     assert holding, "some window holds the answer"
     for w, (first, last) in holding:
@@ -111,6 +113,27 @@ def test_best_span_obeys_the_rules():
     assert best_span([window, window], [(start, end), (start, later)], context, max_answer_len=2)["answer"] == "e f"
 
 
+def test_no_answer_when_the_null_score_beats_the_best_span_by_the_threshold():
+    context = "a b c d e f"
+    offsets = [None, None, (0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11), None]
+    window = Window(list(range(9)), [0] * 9, offsets)
+    start = torch.tensor([3.0, 0, 4, 0, 0, 0, 0, 0, 0])  # null 3 + 4 = 7; best span "a" 4 + 2 = 6
+    end = torch.tensor([4.0, 0, 2, 0, 0, 0, 0, 0, 0])
+    span = best_span([window], [(start, end)], context, max_answer_len=3)
+    assert span["answer"] == "a" and span["null_margin"] == pytest.approx(1.0)  # a v1.1 model never abstains
+    assert best_span([window], [(start, end)], context, max_answer_len=3, null_threshold=1.5)["answer"] == "a"
+    none = best_span([window], [(start, end)], context, max_answer_len=3, null_threshold=0.0)
+    assert (none["answer"], none["start"], none["end"]) == ("", 0, 0)
+    # its score: P(start = 0) · P(end = 0) over position 0 and the context tokens, by hand
+    p_start = torch.tensor([3.0, 4, 0, 0, 0, 0, 0]).softmax(0)[0]
+    p_end = torch.tensor([4.0, 2, 0, 0, 0, 0, 0]).softmax(0)[0]
+    assert none["score"] == pytest.approx(float(p_start * p_end))
+    # over windows, the null score is the lowest one: a second window whose null is 0 keeps the span
+    calm = (start - torch.tensor([3.0, 0, 0, 0, 0, 0, 0, 0, 0]), end - torch.tensor([4.0, 0, 0, 0, 0, 0, 0, 0, 0]))
+    both = best_span([window, window], [(start, end), calm], context, max_answer_len=3, null_threshold=0.0)
+    assert both["answer"] == "a" and both["null_margin"] == pytest.approx(-6.0)
+
+
 def test_tag_and_answer_map_predictions_to_characters(tokenizers):
     tokenizer = tokenizers["bpe"]
     torch.manual_seed(0)
@@ -134,6 +157,16 @@ def test_tag_and_answer_map_predictions_to_characters(tokenizers):
     got = answer(reader, tokenizer, "Who?", context)
     s, e = framing(tokenizer).encode(context, add_special_tokens=False).offsets[0]
     assert got["answer"] == context[s:e] and context[got["start"]:got["end"]] == got["answer"]
+    # a SQuAD 2.0 model keeps its threshold: equal logits make the margin 0, which beats -0.5
+    settings = {**reader.settings, "null_threshold": -0.5}
+    abstaining = task_model(encoder, {"kind": "question-answering", **settings}, where="test").eval()
+    abstaining.qa_outputs.load_state_dict(reader.qa_outputs.state_dict())
+    assert abstaining.task_json()["null_threshold"] == -0.5
+    assert answer(abstaining, tokenizer, "Who?", context)["answer"] == ""
+    assert answer(abstaining, tokenizer, "Who?", context, null_threshold=float("inf"))["answer"] == got["answer"]
+    for bad in ("0.5", float("nan"), True):
+        with pytest.raises(CheckpointError, match="null_threshold"):
+            task_model(encoder, {"kind": "question-answering", "null_threshold": bad}, where="test")
 
 
 def test_tag_refuses_a_model_without_the_head(tokenizers):
