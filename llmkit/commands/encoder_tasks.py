@@ -3,7 +3,7 @@
     llmkit finetune-tokens --model PATH --data FILE.jsonl --out DIR [--labels O,B-X,I-X,...]
                            [--val-data FILE.jsonl] [--max-len T] [--resume] [training flags]
     llmkit finetune-qa --model PATH --data SQUAD.json --out DIR [--val-data SQUAD.json] [--max-len T]
-                       [--doc-stride S] [--max-answer-len N] [--resume] [training flags]
+                       [--doc-stride S] [--max-answer-len N] [--null-threshold X] [--resume] [training flags]
 
 Each prints one JSON summary with the held-out scores (entity F1; SQuAD exact match and F1); the
 output directory loads with llmkit.load, whose `tag(text)` / `answer(question, context)` predict.
@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                                 "(default: 128, at most a third of --max-len)")
     qa.add_argument("--max-answer-len", type=int, default=30, metavar="N",
                     help="longest answer in tokens (default: 30)")
+    qa.add_argument("--null-threshold", type=float, metavar="X",
+                    help="answer \"no answer\" when the null score beats the best span's by more than X, kept with "
+                         "the model (default: 0.0 when --data has unanswerable questions, else never)")
     qa.set_defaults(handler=cmd_finetune_qa)
 
 
@@ -114,9 +117,10 @@ def cmd_finetune_qa(args: argparse.Namespace) -> None:
     from llmkit.training.qa import finetune_qa
 
     def describe(info: dict) -> str:
-        dropped = f"; {info['unanswerable']} unanswerable question(s) dropped" if info["unanswerable"] else ""
-        return (f"{info['train']} training and {info['val']} held-out questions in {info['train_windows']} + "
-                f"{info['val_windows']} windows of {info['max_len']} tokens (stride {info['doc_stride']}); "
-                f"{info['answerless']} training window(s) without the answer{dropped}")
+        unanswerable = f" ({info['unanswerable']} unanswerable)" if info["unanswerable"] else ""
+        return (f"{info['train']} training{unanswerable} and {info['val']} held-out questions in "
+                f"{info['train_windows']} + {info['val_windows']} windows of {info['max_len']} tokens (stride "
+                f"{info['doc_stride']}); {info['answerless']} training window(s) without the answer")
 
-    run_encoder_task(args, finetune_qa, describe, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len)
+    run_encoder_task(args, finetune_qa, describe, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
+                     null_threshold=args.null_threshold)
