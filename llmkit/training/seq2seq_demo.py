@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import torch
 
-import llmkit
 from llmkit.config import preset
 from llmkit.data.seq2seq_records import Seq2SeqExample, tokenize_examples
 from llmkit.errors import ConfigError
@@ -29,6 +28,7 @@ from llmkit.models.build import build_model
 from llmkit.plots import plot_loss_curve
 from llmkit.tokenizer import Tokenizer
 from llmkit.training.config import TrainConfig
+from llmkit.training.pretrain import run_config_json
 from llmkit.io.run_dir import hold_run_dir
 from llmkit.training.loop import Trainer
 from llmkit.training.seq2seq import PairBatches, evaluate_seq2seq, seq2seq_loss
@@ -119,8 +119,7 @@ def run_demo(out_dir: str | Path, cfg: TrainConfig, *, n_train: int, n_test: int
             model, cfg, loss_fn=seq2seq_loss, get_batch=batches.batch, out_dir=out_dir,
             evaluate=lambda m: evaluate_seq2seq(m, held_out.in_order(max_batches=cfg.eval_batches),
                                                 ),
-            checkpoint_json={"config.json": {"format": "llmkit", "version": llmkit.__version__,
-                                             "model": model_cfg.to_dict()}},
+            checkpoint_json={"config.json": run_config_json(model_cfg)},
             checkpoint_files={"tokenizer.json": own},
             fingerprint={"model_config": model_cfg.non_default_fields(), "tokenizer": tokenizer.fingerprint(),
                          "task": [n_train, n_test], "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
