@@ -264,3 +264,14 @@ def test_ppo_with_a_reward_model_directory(tiny, tmp_path):
     train_ppo(tiny, str(rm_dir), ["hello", "abc"], tmp_path / "run", TrainConfig(steps=2, **FAST),
               PPOConfig(rollout_batch=4, minibatch_size=2, max_new_tokens=4))
     assert len(scores_of(tmp_path / "run")) == 2
+
+
+def test_settings_the_ppo_trainer_cannot_honour_are_refused_before_any_work(tiny, tmp_path):
+    """A time budget (planned from timed batches; PPO's step time depends on what it samples) and a
+    --grad-accum that cannot cut every minibatch into equal micro-batches: one line, nothing written."""
+    toy = PPOConfig(rollout_batch=6, minibatch_size=3, max_new_tokens=4)
+    for cfg, message in ((TrainConfig(steps=2, time_budget=1.0, **FAST), "--time-budget"),
+                         (TrainConfig(steps=2, grad_accum=2, **FAST), "--grad-accum 2 cuts each minibatch")):
+        with pytest.raises(ConfigError, match=message):
+            train_ppo(tiny, "ppo_helpers:a_fraction", ["hello"], tmp_path / "run", cfg, toy, chat=False)
+        assert not (tmp_path / "run").exists()
