@@ -80,7 +80,8 @@ class TrainConfig:
     vocab_size: int = knob(8192, "tokenizer vocabulary size when one is trained on the data", range=(1, 1 << 20))
     tokenizer_sample_bytes: int = knob(8_000_000, "bytes of the corpus used to train the tokenizer",
                                        range=(1, 1 << 32))
-    val_fraction: float = knob(0.02, "fraction of files held out for validation", range=(0, 1))
+    val_fraction: float = knob(0.02, "fraction held out for validation: of the text files (train), of the records "
+                                     "(fine-tunes: at least one; llmkit/data/split.py)", range=(0, 1))
     skip_nonfinite_steps: int = knob(0, "skip up to K consecutive steps with NaN/Inf loss or "
                                         "gradients instead of stopping at the first", range=(0, 10**6))
     time_budget: float | None = knob(None, "minutes for the whole run: the first steps are timed and the step "
