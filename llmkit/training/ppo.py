@@ -151,7 +151,7 @@ class PPOCollector:
         return updates
 
     def finish(self) -> dict[str, float]:
-        stats = self.experience.stats
+        stats, self.experience = self.experience.stats, None  # (the batch is not needed past its step)
         if self.ppo.kl_target is not None:
             self.kl.update(stats["kl"], self.ppo.rollout_batch)
         return stats
