@@ -1,5 +1,5 @@
-"""SQuAD 2.0 end to end, in-process: a tiny encoder fine-tuned on generated biographies where a
-third of the questions have no answer (a person's work left out, someone never mentioned) learns to
+"""SQuAD 2.0 end to end, in-process: a tiny encoder fine-tuned on generated biographies where 30 %
+of the questions have no answer (a person's work left out, someone never mentioned) learns to
 abstain on held-out paragraphs while still finding the answers of the others, and the saved model
 abstains through `llmkit.load(...).answer` with the threshold it was trained with, exported too."""
 
