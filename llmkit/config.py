@@ -2,7 +2,8 @@
 
 A GPT-2 and a LLaMA differ only in the fields below (norm kind and placement, MLP kind, position
 scheme, biases, tying). Presets are plain dicts; a preset name selects field values, never a code
-path. Derived values and range checks live in `__post_init__`.
+path. Derived values and range checks live in `__post_init__`; the checks of each family in
+llmkit/config_checks.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from llmkit.config_checks import (check_attention_pattern, check_encoder_fields, check_recurrent_fields,
+                                  check_rope_scaling, check_seq2seq_fields)
 from llmkit.errors import ConfigError
 
 Norm = Literal["layernorm", "rmsnorm"]
@@ -240,133 +243,18 @@ class ModelConfig:
             if value is not None and (not math.isfinite(float(value)) or value <= 0):
                 raise ConfigError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
         if self.rope_scaling != "none":
-            self._check_rope_scaling()
+            check_rope_scaling(self)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        self._check_encoder_fields()
-        self._check_seq2seq_fields()
-        self._check_attention_pattern()
-        self._check_recurrent_fields()
-
-    def _check_encoder_fields(self) -> None:
-        for name in ("type_vocab_size", "position_offset", "num_labels"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.embed_dim is not None and self.embed_dim <= 0:
-            raise ConfigError(f"ModelConfig.embed_dim must be a positive integer or None, got {self.embed_dim!r}")
-        if self.arch != "encoder" and (self.mlm_head is not True or self.num_labels):
-            raise ConfigError(f"ModelConfig.mlm_head and num_labels need arch='encoder', got {self.arch!r}")
-        if self.position_offset and self.position != "learned":
-            raise ConfigError(f"ModelConfig.position_offset needs position='learned', got {self.position!r}")
-        if self.conv_kernel and (self.arch != "encoder" or self.conv_kernel < 0 or self.conv_kernel % 2 == 0):
-            raise ConfigError(f"ModelConfig.conv_kernel={self.conv_kernel} must be odd (0 = none) and needs "
-                              f"arch='encoder' (the convolution sees both sides), got {self.arch!r}")
-        if self.add_absolute_positions and self.position != "disentangled":
-            raise ConfigError(f"ModelConfig.add_absolute_positions needs position='disentangled', got {self.position!r}")
-        if self.position == "disentangled":
-            self._check_disentangled()
-
-    def _check_disentangled(self) -> None:
-        if self.arch == "encoder-decoder":  # one relative table per stack is not modelled (nor counted)
-            raise ConfigError("ModelConfig.position='disentangled' needs arch='encoder' or 'decoder'")
-        if self.relative_buckets and self.relative_max_distance <= self.relative_buckets // 2 + 1:
-            # the log part spans (buckets/2, max_distance - 1]: it must not be empty
-            raise ConfigError(f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
-                              f"relative_buckets // 2 + 1 = {self.relative_buckets // 2 + 1}")
-
-    def _check_seq2seq_fields(self) -> None:
-        if self.n_decoder_layers is not None and self.n_decoder_layers <= 0:
-            raise ConfigError(f"ModelConfig.n_decoder_layers must be a positive integer or None, "
-                              f"got {self.n_decoder_layers!r}")
-        # the bidirectional half of the buckets must still hold an exact and a logarithmic part
-        # (DeBERTa's relative_buckets=0 means no buckets: distances are clipped instead)
-        if self.relative_buckets < 4 and not (self.position == "disentangled" and self.relative_buckets == 0):
-            raise ConfigError(f"ModelConfig.relative_buckets must be >= 4, got {self.relative_buckets!r}")
-        if self.relative_max_distance <= self.relative_buckets // 2:
-            raise ConfigError(f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
-                              f"relative_buckets // 2 = {self.relative_buckets // 2}")
-        if not 0 <= self.decoder_start_token_id < self.vocab_size:
-            raise ConfigError(f"ModelConfig.decoder_start_token_id={self.decoder_start_token_id} is not a token id "
-                              f"(0..{self.vocab_size - 1})")
-        if self.arch != "encoder-decoder" and (self.rescale_head or self.final_logits_bias):
-            raise ConfigError(f"ModelConfig.rescale_head and final_logits_bias need arch='encoder-decoder', "
-                              f"got {self.arch!r}")
-
-    def _check_attention_pattern(self) -> None:
-        pattern, window = self.attention_pattern, self.attention_window
-        for name in ("attention_global_tokens", "attention_random_blocks", "attention_seed", "attention_dense_up_to"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.attention_block_size <= 0:
-            raise ConfigError(f"ModelConfig.attention_block_size must be > 0, got {self.attention_block_size!r}")
-        if window is not None and window <= 0:
-            raise ConfigError(f"ModelConfig.attention_window must be a positive integer or None, got {window!r}")
-        for name, wanted in (("attention_global_projections", "longformer"), ("attention_global_last_block", "bigbird"),
-                             ("attention_dense_up_to", "bigbird")):
-            if getattr(self, name) and (pattern != wanted or self.arch != "encoder"):  # they read the whole sequence
-                raise ConfigError(f"ModelConfig.{name} needs attention_pattern={wanted!r} and arch='encoder'")
-        if pattern == "full":
-            if window is not None or self.attention_global_tokens or self.attention_random_blocks:
-                raise ConfigError("ModelConfig.attention_window/attention_global_tokens/attention_random_blocks "
-                                  "need attention_pattern='sliding_window', 'longformer' or 'bigbird'")
-            return
-        if self.body != "transformer":
-            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs body='transformer', got {self.body!r}")
-        if self.position in ("relative", "disentangled"):  # T5's and DeBERTa's terms are built on the dense path only
-            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} does not support position={self.position!r}")
-        if window is None:
-            raise ConfigError(f"ModelConfig.attention_pattern={pattern!r} needs attention_window")
-        if pattern == "sliding_window" and (self.attention_global_tokens or self.attention_random_blocks):
-            raise ConfigError("ModelConfig.attention_pattern='sliding_window' takes no global tokens or random "
-                              "blocks; use 'longformer' or 'bigbird'")
-        # an encoder's globals may all come from its attention mask (2 = global, as transformers' Longformer)
-        if pattern == "longformer" and ((not self.attention_global_tokens and self.arch != "encoder")
-                                        or self.attention_random_blocks):
-            raise ConfigError("ModelConfig.attention_pattern='longformer' needs attention_global_tokens >= 1 "
-                              "(an encoder's may come from its attention mask) and no random blocks (use 'bigbird')")
-        if pattern == "bigbird" and window % self.attention_block_size:
-            raise ConfigError(f"ModelConfig.attention_window={window} must be a multiple of "
-                              f"attention_block_size={self.attention_block_size} for 'bigbird'")
-
-    def _check_recurrent_fields(self) -> None:
-        for name in ("ssm_state", "ssm_conv", "ssm_expand"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("ssm_dt_rank", "rwkv_attention_dim"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"ModelConfig.{name} must be a positive integer or None, got {getattr(self, name)!r}")
-        if self.body == "transformer":
-            return
-        if self.arch != "decoder":
-            raise ConfigError(f"ModelConfig.body={self.body!r} needs arch='decoder', got {self.arch!r}")
-        if self.position != "none":  # the recurrence itself orders the tokens
-            raise ConfigError(f"ModelConfig.body={self.body!r} needs position='none', got {self.position!r}")
-        if self.norm_position != "pre":
-            raise ConfigError(f"ModelConfig.body={self.body!r} needs norm_position='pre', got {self.norm_position!r}")
-        if self.body == "mamba" and self.ssm_dt_rank is None:
-            object.__setattr__(self, "ssm_dt_rank", math.ceil(self.d_model / 16))
-        if self.body == "rwkv" and self.rwkv_attention_dim is None:
-            object.__setattr__(self, "rwkv_attention_dim", self.d_model)
+        check_encoder_fields(self)
+        check_seq2seq_fields(self)
+        check_attention_pattern(self)
+        check_recurrent_fields(self)
 
     @property
     def ssm_inner(self) -> int:
         """Mamba's inner width: channels of the conv and the scan."""
         return self.ssm_expand * self.d_model
-
-    def _check_rope_scaling(self) -> None:
-        if self.position != "rope":
-            raise ConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r} needs position='rope', "
-                              f"got {self.position!r}")
-        if self.rope_factor < 1:
-            raise ConfigError(f"ModelConfig.rope_factor must be >= 1 with rope_scaling, got {self.rope_factor!r}")
-        if self.rope_scaling == "dynamic" and self.head_dim <= 2:  # NTK's exponent D/(D-2)
-            raise ConfigError(f"ModelConfig.head_dim={self.head_dim} must be > 2 for rope_scaling='dynamic'")
-        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-            raise ConfigError(f"ModelConfig.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
-                              f"rope_low_freq_factor={self.rope_low_freq_factor}")
-        if self.rope_original_max_seq_len is None and self.rope_scaling != "linear":
-            # transformers' default too: dynamic reads max_position_embeddings, yarn/llama3 fall back to it
-            object.__setattr__(self, "rope_original_max_seq_len", self.max_seq_len)
 
     @property
     def embedding_dim(self) -> int:
