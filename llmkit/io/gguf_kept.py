@@ -6,7 +6,7 @@ the same: one scale, and an offset, per group of 32 weights of a row), but holds
 float32 on the way: 540 MB for SmolLM2-135M, whose Q4_1 layers then take 60 MB. Here the blocks go
 straight into the layers, already fused the way `prepare_for_decoding` fuses (q/k/v into `qkv_proj`,
 gate/up into `gate_up_proj`: rows of the three concatenated, which leaves each row's groups as they
-were). A fused set whose members are not all of a kept type (Q4_0, Q4_1, Q8_0), or mix 4 and 8 bits,
+were). A fused set whose members are not all of a kept type (Q4_0, Q4_1, Q4_K, Q8_0), or mix 4 and 8 bits,
 is loaded in full precision as before, and `prepare_for_decoding(quantize="int4")` quantises it.
 
 The embedding table is looked up, not multiplied, so it is dequantised as before; the LM head of a

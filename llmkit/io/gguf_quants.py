@@ -44,7 +44,8 @@ def dequantize_simple(raw: np.ndarray, qtype: QT) -> Tensor | None:
 
 # The block types whose codes llmkit's int4/int8 layers hold as they are (one scale, and an offset,
 # per group of 32 weights of a row: llmkit/layers/quantized.py), and their bits.
-KEPT_BITS = {QT.Q8_0: 8, QT.Q4_0: 4, QT.Q4_1: 4}
+KEPT_BITS = {QT.Q8_0: 8, QT.Q4_0: 4, QT.Q4_1: 4, QT.Q4_K: 4}
+Q4_K_BYTES = 144  # per 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of pairs
 
 
 def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -54,11 +55,16 @@ def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | N
         int8 (Q8_0):  w = code · scale                      code = q ∈ −127..127
         int4:         w = (code − 8) · scale + offset       Q4_0: code = q, offset = 0
                                                             Q4_1: code = q, offset = m + 8·d
+        Q4_K, per 32 weights j of a 256-weight block: w = d·sc_j · q − dmin·m_j
+                                                            code = q, scale = d·sc_j,
+                                                            offset = 8·scale − dmin·m_j
 
     The codes are the file's own; the scales and offsets are its fp16 numbers (the layers store them
     in bf16, as they store any other model's)."""
     if qtype not in KEPT_BITS:
         return None
+    if qtype == QT.Q4_K:
+        return _q4_k_codes(raw)
     type_size, header = _SIMPLE[qtype]
     rows = raw.shape[0]
     blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, type_size)  # (rows, blocks, bytes)
@@ -71,3 +77,22 @@ def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | N
         return codes, d, torch.zeros_like(d)
     m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
     return codes, d, m + 8 * d
+
+
+def _q4_k_codes(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Q4_K (ggml-common.h block_q4_K): eight groups of 32 under one fp16 d and dmin, each group's scale
+    and min a 6-bit integer; byte j of each 32-byte chunk c holds weight j of group 2c in its low nibble
+    and weight j of group 2c + 1 in its high nibble."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, Q4_K_BYTES).to(torch.int32)
+    d = blocks[..., 0:2].to(torch.uint8).contiguous().view(torch.float16).float()  # (rows, blocks, 1)
+    dmin = blocks[..., 2:4].to(torch.uint8).contiguous().view(torch.float16).float()
+    packed = blocks[..., 4:16]  # bytes 0-3: low 6 bits scales 0-3; 4-7: mins 0-3; 8-11: 4 + 4 bits of 4-7
+    lo, mid, hi = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat([lo & 63, (hi & 15) | ((lo >> 6) << 4)], dim=-1)  # (rows, blocks, 8)
+    mn = torch.cat([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], dim=-1)
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)  # (rows, blocks, chunk, 1, byte)
+    codes = torch.cat([qs & 15, qs >> 4], dim=-2).reshape(rows, -1).to(torch.uint8)  # group 2c, then 2c + 1
+    scale = (d * sc).reshape(rows, -1)
+    offset = (8 * d * sc - dmin * mn).reshape(rows, -1)
+    return codes, scale, offset

@@ -1,4 +1,4 @@
-"""A GGUF file's Q4_0/Q4_1/Q8_0 blocks kept as int4/int8 layers (llmkit/io/gguf_kept.py): the codes are
+"""A GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 blocks kept as int4/int8 layers (llmkit/io/gguf_kept.py): the codes are
 the file's, the weights they stand for are the file's, and no full-precision copy of them is held."""
 
 import importlib.util
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.io.gguf import load_gguf
@@ -30,6 +30,24 @@ def test_block_codes_stand_for_the_files_weights(qtype):
     # of terms of size |m| + 16|d| (a few ulps); Q8_0 and Q4_0 are the same products.
     bound = 4 * torch.finfo(torch.float32).eps * (offset.abs() + 16 * scale.abs()).max()
     assert (ours - file_weights).abs().max() <= bound
+
+
+def test_q4_k_codes_stand_for_the_files_weights():
+    """Q4_K has no quantiser in the gguf package: random blocks (any bytes are valid codes and 6-bit
+    scales; d and dmin set to finite fp16) against its reference dequantiser."""
+    rng = np.random.default_rng(1)
+    rows, blocks = 5, 3
+    raw = rng.integers(0, 256, size=(rows, blocks, 144), dtype=np.uint8)
+    for start in (0, 2):  # d, dmin
+        raw[..., start:start + 2] = np.float16(rng.uniform(1e-3, 0.1, (rows, blocks))).view(np.uint8).reshape(
+            rows, blocks, 2)
+    raw = raw.reshape(rows, -1)
+    codes, scale, offset = block_codes(raw, QT.Q4_K)
+    assert codes.shape == (rows, 768) and scale.shape == offset.shape == (rows, 24) and int(codes.max()) <= 15
+    reference = torch.from_numpy(dequantize(raw, QT.Q4_K).astype(np.float32))
+    # (q − 8)·(d·sc) + (8·d·sc − dmin·m) against d·sc·q − dmin·m: fp32 rounding of terms of size |offset| + 16·scale
+    bound = 4 * torch.finfo(torch.float32).eps * (offset.abs() + 16 * scale.abs()).max()
+    assert (dequantize_weight(codes, scale, offset) - reference).abs().max() <= bound
 
 
 def test_other_types_are_not_kept():
