@@ -9,9 +9,9 @@ gradient norm (nothing non-finite reaches the weights), gradient clipping, AdamW
 `eval_interval` steps: evaluation, then an atomic checkpoint that holds all exact resume needs
 (llmkit/training/trainer_checkpoint.py).
 
-With `time_budget`, the length is planned from timed steps (llmkit/training/budget.py) and remade at
-each log line and checkpoint from the measured speeds, until the learning rate starts to decay; the
-speeds and time used are checkpointed, so a resumed run plans as the uninterrupted one would have.
+With `time_budget`, the length is planned from timed steps (training/trainer_budget.py, budget.py) and
+remade at each log line and checkpoint from the measured speeds, until the learning rate starts to
+decay; the speeds and time used are checkpointed, so a resumed run plans as the uninterrupted one would.
 
 Under torchrun (llmkit/training/distributed.py) the same loop runs on every rank: the model and its
 loss are one module under DistributedDataParallel, a step's micro-batches are dealt out across the
@@ -34,10 +34,10 @@ from torch import Tensor, nn
 from llmkit.errors import ConfigError, NonFiniteError
 from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir
 from llmkit.runtime import Runtime, make_runtime, to_device
-from llmkit.training import distributed, trainer_checkpoint
-from llmkit.training.budget import Speeds, plan_steps, warmup_for
+from llmkit.training import distributed, trainer_budget, trainer_checkpoint
+from llmkit.training.budget import Speeds
 from llmkit.training.config import TrainConfig
-from llmkit.training.optim import build_optimizer, decay_steps, lr_at
+from llmkit.training.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict[str, float]]]
 MicroBatches = Callable[[int], Any]  # one optimizer update's data: micro-batch i (0 ≤ i < grad_accum) → batch
@@ -267,63 +267,14 @@ class Trainer:
         self.state.tokens_seen += tokens
         return {"train_loss": total_loss, "grad_norm": grad_norm, "tokens": tokens, "extra": extra}
 
-    # -- budgets ----------------------------------------------------------------------------------
-    def _probe_speeds(self) -> Speeds:
-        """Time two forward/backward passes of the first step's micro-batches (the weights and the
-        RNG are left as they were) and estimate an evaluation and a checkpoint from them."""
-        rng = torch.get_rng_state()
-        times = []
-        for _ in range(2):  # the first pass pays for kernel selection and first touches of memory
-            start = self.clock()
-            self._micro_batches(self._batches_of(self.state.step))
-            self.optimizer.zero_grad(set_to_none=True)
-            times.append(self.clock() - start)
-        torch.set_rng_state(rng)
-        step_s = times[-1]
-        # An evaluation is eval_batches forward passes (about a third of a forward + backward each);
-        # a checkpoint writes weights and two AdamW moments. Evaluations are measured when they
-        # happen; the checkpoint stays an estimate, as its own time cannot be recorded in it.
-        eval_s = step_s / 3 / self.cfg.grad_accum * self.cfg.eval_batches if self.evaluate is not None else 0.0
-        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) * 3
-        return Speeds(step_s, eval_s, 0.2 + n_bytes / 200e6)
-
-    def _replan(self, notify: Notify) -> None:
-        """Plan (or remake the plan of) a budgeted run from the current speeds; final once the decay
-        has begun, as the learning rates from there on depend on the length."""
-        cfg, state = self.cfg, self.state
-        if cfg.time_budget is None or state.plan_final or self.speeds is None:
-            return
-        if state.planned_steps is not None and cfg.lr_schedule == "wsd" and \
-                state.step >= state.planned_steps - decay_steps(state.planned_steps, cfg):
-            state.plan_final = True  # the decay has begun: its length is fixed
-            self._notify_plan(notify, first=False)
-            return
-        total = plan_steps(budget_s=cfg.time_budget * 60, elapsed_s=self._elapsed(), step=state.step,
-                           speeds=self.speeds, eval_interval=cfg.eval_interval, max_steps=cfg.steps)
-        total = int(distributed.from_main([total])[0])  # one plan: rank 0's clock decides for every rank
-        if state.planned_warmup is None:
-            state.planned_warmup = warmup_for(total, cfg.warmup_steps)
-        decay_start = total - (decay_steps(total, cfg) if cfg.lr_schedule == "wsd" else total)
-        first = state.planned_steps is None
-        if cfg.lr_schedule != "wsd" or state.step >= decay_start:
-            state.plan_final = True  # cosine decays from the first step after warm-up: plan once
-        if first or total != state.planned_steps or state.plan_final:
-            state.planned_steps = total
-            self._notify_plan(notify, first=first)
-
-    def _notify_plan(self, notify: Notify, *, first: bool) -> None:
-        cfg, state = self.cfg, self.state
-        notify("plan", {"steps": state.planned_steps, "warmup": state.planned_warmup, "step": state.step,
-                        "step_s": self.speeds.step_s, "budget_s": cfg.time_budget * 60, "elapsed_s": self._elapsed(),
-                        "final": state.plan_final, "first": first, "schedule": cfg.lr_schedule})
-
     def announce(self, emit: Notify) -> None:
         """The events a training command prints before the first step: the device and precision
         chosen, and where the run starts (the step count of a budgeted run comes with its plan)."""
         emit("runtime", {"line": self.runtime.describe(), "warning": self.runtime.warning})
         emit("start", {"step": self.state.step, "steps": self.total_steps, "budget_min": self.cfg.time_budget})
 
-    def _elapsed(self) -> float:
+    def elapsed(self) -> float:
+        """Seconds of the budget used: earlier sessions' (checkpointed) and this one's."""
         return self.state.elapsed_s + (self.clock() - self._session_start)
 
     def run(self, *, on_step: Event | None = None, on_eval: Event | None = None,
@@ -346,8 +297,8 @@ class Trainer:
         self._session_start = self.started_at if self.state.step == 0 else started
         if cfg.time_budget is not None and not self.state.plan_final and self.state.step < self.total_steps:
             # a resumed plan goes on from the speeds it was made from, as it would have without the stop
-            self.speeds = Speeds(**self.state.speeds) if self.state.speeds else self._probe_speeds()
-            self._replan(notify)
+            self.speeds = Speeds(**self.state.speeds) if self.state.speeds else trainer_budget.probe_speeds(self)
+            trainer_budget.replan(self, notify)
         window_tokens, window_start, window_steps = 0, self.clock(), 0
         stopped: str | None = None
         try:
@@ -366,7 +317,7 @@ class Trainer:
                         if self.speeds is not None:  # the real step time replaces the probe's
                             self.speeds = dataclasses.replace(self.speeds, step_s=elapsed_window / window_steps)
                         window_tokens, window_start, window_steps = 0, self.clock(), 0
-                        self._replan(notify)
+                        trainer_budget.replan(self, notify)
                     if on_step is not None:
                         on_step({**row, "steps": self.total_steps})
                 out_of_time = cfg.max_minutes is not None and bool(distributed.from_main(
@@ -391,7 +342,7 @@ class Trainer:
                                "lr": lr_at(max(self.state.step - 1, 0), cfg, steps=self.total_steps,
                                            warmup=self.warmup)})
         if cfg.time_budget is not None:
-            notify("budget", {"elapsed_s": self._elapsed(), "budget_s": cfg.time_budget * 60,
+            notify("budget", {"elapsed_s": self.elapsed(), "budget_s": cfg.time_budget * 60,
                               "steps": self.state.step})
         return self.state
 
@@ -417,5 +368,5 @@ class Trainer:
             self.speeds = dataclasses.replace(self.speeds, eval_s=self.clock() - start)
         if self._session_start is not None:
             self._bank_elapsed()
-            self._replan(notify or (lambda kind, info: None))
+            trainer_budget.replan(self, notify or (lambda kind, info: None))
         self.save()
