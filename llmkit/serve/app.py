@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from llmkit.serve.errors import APIError, install_error_handlers
+from llmkit.serve.explain_routes import add_explain_routes
 from llmkit.serve.generation import MAX_REQUEST_SECONDS, QUEUE_TIMEOUT_SECONDS, Served, respond
 from llmkit.serve.guard import LOOPBACK_HOSTS, Guard
 from llmkit.serve.metrics import Metrics
@@ -91,6 +92,7 @@ def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = Non
     page_route("/", "index.html")
     page_route("/static/chat.js", "chat.js")
     page_route("/static/chat.css", "chat.css")
+    add_explain_routes(app, lm, model_id=model_id)  # /explain: the explain views as pages
 
     routes = frozenset(getattr(r, "path", "") for r in app.routes)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, metrics=served.metrics, routes=routes)
