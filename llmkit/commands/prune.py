@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-FINETUNE_DEFAULTS = dict(lr=1e-4, batch_size=8)
-
 
 def _check_flags(args: argparse.Namespace):
     """The scheme and every flag, checked before any model is loaded."""
@@ -115,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `prune` to the `llmkit` parser."""
     from llmkit.quant.calibrate import DEFAULT_SAMPLES
     from llmkit.quant.pruning.scheme import METHODS, PATTERNS, SCOPES
+    from llmkit.training.config import FINETUNE_DEFAULTS  # the recovery fine-tune's rate and batch: SFT's
 
     p = sub.add_parser("prune", help="remove weights, heads or neurons (magnitude, Wanda or SparseGPT)",
                        description="Prune every linear layer of a decoder's transformer blocks (the embedding and "
