@@ -43,8 +43,9 @@ def test_tuned_lens_beats_the_logit_lens_on_unseen_text(fitted):
     windows = unseen[:len(unseen) // 64 * 64].reshape(-1, 64)
     plain, tuned = kl_by_point(lm.model, fit.lens, windows)
     middle = slice(0, len(plain) - 1)  # every read-out before the model's own output
-    # measured (random llama-tiny, seeds 3 and 4, lr 1e-3 and 3e-3, 30 steps): the tuned lens's KL is
-    # 0.46-0.51 of the logit lens's at each layer (0.0015 → 0.0007 nats after the embeddings); 0.75 leaves room
+    # measured (random llama-tiny, seeds 3-5, 30 steps of 4 x 32 tokens, AVX512 and AVX2): the tuned lens's
+    # KL is 0.46-0.62 of the logit lens's at each layer (seed 3: 0.0015 → 0.0007 nats after the
+    # embeddings); 0.75 of the sum and 0.9 per layer leave room for other seeds' and CPUs' rounding
     assert sum(tuned[middle]) < 0.75 * sum(plain[middle]), (plain, tuned)
     assert all(t < 0.9 * p for t, p in zip(tuned[middle], plain[middle])), (plain, tuned)
     assert plain[-1] == tuned[-1] == 0  # the last read-out is the model's output, read as it is
