@@ -82,8 +82,13 @@ def test_native_dequantisation_is_bit_identical_to_the_reference():
     for group in (32, 128):
         codes, scale, offset = quantize_weight(_weights(k=384, seed=group), WeightFormat(4, group, False))
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        assert torch.equal(NATIVE.ops.int4_dequantize(packed, scale, offset, group),
-                           dequantize_weight(codes, scale, offset))
+        expected = dequantize_weight(codes, scale, offset)
+        assert torch.equal(NATIVE.ops.int4_dequantize(packed, scale, offset, group), expected)
+        for dtype in (torch.float32, torch.bfloat16):  # into a larger reused buffer, as prefill does
+            buffer = torch.full((expected.numel() + 7,), 7.0, dtype=dtype)
+            NATIVE.ops.int4_dequantize_into(packed, scale, offset, group, buffer)
+            assert torch.equal(buffer[:expected.numel()].view_as(expected), expected.to(dtype))
+            assert float(buffer[-1]) == 7.0  # nothing written past N·K
 
 
 @needs_native

@@ -87,83 +87,160 @@ void int4_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) 
   }
 }
 
+// Row n's scales as floats in `sc` and, for int4, its offset term Σ_g (offset − 8·scale)·Σx_g per
+// activation row in `minimum`: vector work once per row, so the loop over groups only broadcasts.
 template <int R>
-__attribute__((target("avx2,fma"))) void int4_rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+__attribute__((always_inline)) inline void row_params(const Problem& p, int64_t n, int64_t row0, float* sc,
+                                                      float* minimum) {
+  const uint16_t* s = p.scales + n * p.G;
+#pragma omp simd
+  for (int64_t g = 0; g < p.G; ++g) sc[g] = bf16_to_float(s[g]);
+  for (int r = 0; r < R; ++r) minimum[r] = 0.f;
+  if (!p.offsets) return;
+  const uint16_t* o = p.offsets + n * p.G;
+  for (int r = 0; r < R; ++r) {
+    const float* sums = p.sums + (row0 + r) * p.G;
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t g = 0; g < p.G; ++g) total += (bf16_to_float(o[g]) - 8.f * sc[g]) * sums[g];
+    minimum[r] = total;
+  }
+}
+
+// Σ code·x over one group, per activation row, into acc (AVX2: 8 lanes; per block of 32 columns,
+// bytes 0..7 hold even columns 0..14 (x[0..7]) and odd 1..15 (x[16..23]); bytes 8..15: x[8..15], x[24..31])
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void int4_group_avx2(const Problem& p, const uint8_t* c,
+                                                                             int64_t row0, int64_t g, __m256* acc) {
   const __m256i low4 = _mm256_set1_epi32(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * (p.K / 2);
-    const uint16_t* scales = p.scales + n * p.G;
-    const uint16_t* offsets = p.offsets + n * p.G;
-    __m256 total[R][2];
-    float minimum_term[R] = {};
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const float scale = bf16_to_float(scales[g]), offset = bf16_to_float(offsets[g]);
-      __m256 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-        // bytes 0..7: even columns 0..14 (x[0..7]) and odd 1..15 (x[16..23]); bytes 8..15: x[8..15], x[24..31]
-        for (int half = 0; half < 2; ++half) {
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-          for (int r = 0; r < R; ++r) {
-            const float* x = p.x + (row0 + r) * p.K + col + 8 * half;
-            acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[r]);
-            acc[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 16), acc[r]);
-          }
-        }
-      }
-      const __m256 s = _mm256_set1_ps(scale);
-      for (int r = 0; r < R; ++r) {  // two running totals: consecutive groups do not wait on each other
-        total[r][g & 1] = _mm256_fmadd_ps(s, acc[r], total[r][g & 1]);
-        minimum_term[r] += (offset - 8.f * scale) * p.sums[(row0 + r) * p.G + g];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK)
+    for (int half = 0; half < 2; ++half) {
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+      for (int r = 0; r < R; ++r) {
+        const float* x = p.x + (row0 + r) * p.K + col + 8 * half;
+        acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[r]);
+        acc[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 16), acc[r]);
       }
     }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"), always_inline)) inline void int8_group_avx2(const Problem& p, const uint8_t* c,
+                                                                             int64_t row0, int64_t g, __m256* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 8) {
+    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col))));
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float sum_avx2(__m256 t) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// Groups two at a time into two running totals, so consecutive groups' scalings do not wait on each other.
+template <int R, bool INT4>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  std::vector<float> sc(p.G);
+  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * row_bytes;
+    float minimum[R];
+    row_params<R>(p, n, row0, sc.data(), minimum);
+    __m256 t0[R], t1[R], a0[R], a1[R];
+    for (int r = 0; r < R; ++r) t0[r] = t1[r] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < p.G; g += 2) {
+      if (INT4) {
+        int4_group_avx2<R>(p, c, row0, g, a0);
+        int4_group_avx2<R>(p, c, row0, g + 1, a1);
+      } else {
+        int8_group_avx2<R>(p, c, row0, g, a0);
+        int8_group_avx2<R>(p, c, row0, g + 1, a1);
+      }
+      const __m256 s0 = _mm256_broadcast_ss(sc.data() + g), s1 = _mm256_broadcast_ss(sc.data() + g + 1);
+      for (int r = 0; r < R; ++r) {
+        t0[r] = _mm256_fmadd_ps(s0, a0[r], t0[r]);
+        t1[r] = _mm256_fmadd_ps(s1, a1[r], t1[r]);
+      }
+    }
+    if (g < p.G) {
+      if (INT4) int4_group_avx2<R>(p, c, row0, g, a0); else int8_group_avx2<R>(p, c, row0, g, a0);
+      const __m256 s0 = _mm256_broadcast_ss(sc.data() + g);
+      for (int r = 0; r < R; ++r) t0[r] = _mm256_fmadd_ps(s0, a0[r], t0[r]);
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(t0[r], t1[r])) + minimum[r] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void int4_group_avx512(
+    const Problem& p, const uint8_t* c, int64_t row0, int64_t g, __m512* acc) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     for (int r = 0; r < R; ++r) {
-      const __m256 t = _mm256_add_ps(total[r][0], total[r][1]);
-      __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-      q = _mm_add_ss(q, _mm_movehdup_ps(q));
-      p.out[(row0 + r) * p.N + n] = _mm_cvtss_f32(q) + minimum_term[r] + (p.bias ? p.bias[n] : 0.f);
+      const float* x = p.x + (row0 + r) * p.K + col;
+      acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[r]);
+      acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[r]);
     }
   }
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int4_rows_avx512(const Problem& p, int64_t row0,
-                                                                               int64_t n0, int64_t n1) {
-  const __m512i low4 = _mm512_set1_epi32(15);
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void int8_group_avx512(
+    const Problem& p, const uint8_t* c, int64_t row0, int64_t g, __m512* acc) {
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
+    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col))));
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
+  }
+}
+
+template <int R, bool INT4>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void rows_avx512(const Problem& p, int64_t row0, int64_t n0,
+                                                                          int64_t n1) {
+  std::vector<float> sc(p.G);
+  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * (p.K / 2);
-    const uint16_t* scales = p.scales + n * p.G;
-    const uint16_t* offsets = p.offsets + n * p.G;
-    __m512 total[R][2];
-    float minimum_term[R] = {};
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const float scale = bf16_to_float(scales[g]), offset = bf16_to_float(offsets[g]);
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-        for (int r = 0; r < R; ++r) {
-          const float* x = p.x + (row0 + r) * p.K + col;
-          acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[r]);
-          acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[r]);
-        }
+    const uint8_t* c = p.codes + n * row_bytes;
+    float minimum[R];
+    row_params<R>(p, n, row0, sc.data(), minimum);
+    __m512 t0[R], t1[R], a0[R], a1[R];
+    for (int r = 0; r < R; ++r) t0[r] = t1[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < p.G; g += 2) {
+      if (INT4) {
+        int4_group_avx512<R>(p, c, row0, g, a0);
+        int4_group_avx512<R>(p, c, row0, g + 1, a1);
+      } else {
+        int8_group_avx512<R>(p, c, row0, g, a0);
+        int8_group_avx512<R>(p, c, row0, g + 1, a1);
       }
-      const __m512 s = _mm512_set1_ps(scale);
+      const __m512 s0 = _mm512_set1_ps(sc[g]), s1 = _mm512_set1_ps(sc[g + 1]);
       for (int r = 0; r < R; ++r) {
-        total[r][g & 1] = _mm512_fmadd_ps(s, acc[r], total[r][g & 1]);
-        minimum_term[r] += (offset - 8.f * scale) * p.sums[(row0 + r) * p.G + g];
+        t0[r] = _mm512_fmadd_ps(s0, a0[r], t0[r]);
+        t1[r] = _mm512_fmadd_ps(s1, a1[r], t1[r]);
       }
     }
+    if (g < p.G) {
+      if (INT4) int4_group_avx512<R>(p, c, row0, g, a0); else int8_group_avx512<R>(p, c, row0, g, a0);
+      const __m512 s0 = _mm512_set1_ps(sc[g]);
+      for (int r = 0; r < R; ++r) t0[r] = _mm512_fmadd_ps(s0, a0[r], t0[r]);
+    }
     for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1])) +
-                                    minimum_term[r] + (p.bias ? p.bias[n] : 0.f);
+      p.out[(row0 + r) * p.N + n] =
+          _mm512_reduce_add_ps(_mm512_add_ps(t0[r], t1[r])) + minimum[r] + (p.bias ? p.bias[n] : 0.f);
   }
 }
 
@@ -185,58 +262,13 @@ void int8_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) 
   }
 }
 
-template <int R>
-__attribute__((target("avx2,fma"))) void int8_rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-    __m256 total[R][2];
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      __m256 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 8) {
-        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col))));
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
-      }
-      const __m256 s = _mm256_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
-      for (int r = 0; r < R; ++r) total[r][g & 1] = _mm256_fmadd_ps(s, acc[r], total[r][g & 1]);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m256 t = _mm256_add_ps(total[r][0], total[r][1]);
-      __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-      q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-      q = _mm_add_ss(q, _mm_movehdup_ps(q));
-      p.out[(row0 + r) * p.N + n] = _mm_cvtss_f32(q) + (p.bias ? p.bias[n] : 0.f);
-    }
-  }
-}
-
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int8_rows_avx512(const Problem& p, int64_t row0,
-                                                                               int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-    __m512 total[R][2];
-    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      __m512 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
-        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col))));
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
-      }
-      const __m512 s = _mm512_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
-      for (int r = 0; r < R; ++r) total[r][g & 1] = _mm512_fmadd_ps(s, acc[r], total[r][g & 1]);
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] =
-          _mm512_reduce_add_ps(_mm512_add_ps(total[r][0], total[r][1])) + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
 // ---- dispatch ----------------------------------------------------------------------------------
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
+template <int R> constexpr RowsFn int4_avx2 = rows_avx2<R, true>;
+template <int R> constexpr RowsFn int8_avx2 = rows_avx2<R, false>;
+template <int R> constexpr RowsFn int4_avx512 = rows_avx512<R, true>;
+template <int R> constexpr RowsFn int8_avx512 = rows_avx512<R, false>;
 
 template <template <int> class Pick>
 RowsFn pick_rows(int r) {
@@ -254,11 +286,11 @@ RowsFn pick_rows(int r) {
     static constexpr RowsFn fn = FN<R>; \
   };
 KERNEL_TABLE(Int4Portable, int4_rows_portable)
-KERNEL_TABLE(Int4Avx2, int4_rows_avx2)
-KERNEL_TABLE(Int4Avx512, int4_rows_avx512)
+KERNEL_TABLE(Int4Avx2, int4_avx2)
+KERNEL_TABLE(Int4Avx512, int4_avx512)
 KERNEL_TABLE(Int8Portable, int8_rows_portable)
-KERNEL_TABLE(Int8Avx2, int8_rows_avx2)
-KERNEL_TABLE(Int8Avx512, int8_rows_avx512)
+KERNEL_TABLE(Int8Avx2, int8_avx2)
+KERNEL_TABLE(Int8Avx512, int8_avx512)
 
 RowsFn rows_kernel(bool int4, int64_t isa, int r) {
   if (int4) return isa >= 2 ? pick_rows<Int4Avx512>(r) : isa == 1 ? pick_rows<Int4Avx2>(r) : pick_rows<Int4Portable>(r);
@@ -358,31 +390,48 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
-// The fp32 weight (N, K) as the Python reference computes it: code·scale, then + (offset − 8·scale), each
-// rounded (the build passes -ffp-contract=off: no fused multiply-add), so bit-identical to it.
-at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
-                           int64_t group) {
+// The weight (N, K) as the Python reference computes it: code·scale, then + (offset − 8·scale), each
+// rounded in fp32 (the build passes -ffp-contract=off: no fused multiply-add), so bit-identical to it;
+// into the first N·K elements of `out` (fp32, or bf16 rounded to nearest even, as .to(bfloat16)).
+// Prefill reuses one buffer for every layer: a fresh multi-megabyte tensor per product costs page
+// faults worth several times the dequantisation itself.
+void int4_dequantize_into(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset, int64_t group,
+                          const at::Tensor& out) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2, G = scale.size(1);
   TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && offset.is_contiguous() && G * group == K &&
               group % 2 == 0 && packed.scalar_type() == at::kByte && scale.scalar_type() == at::kBFloat16 &&
               offset.scalar_type() == at::kBFloat16 && offset.sizes() == scale.sizes(),
               "int4 shapes do not fit together");
-  at::Tensor w = at::empty({N, K}, packed.options().dtype(at::kFloat));
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == at::kFloat) && out.is_contiguous() && out.numel() >= N * K,
+              "out must be a contiguous fp32 or bf16 buffer of at least N·K elements");
   const uint8_t* c = packed.data_ptr<uint8_t>();
   const uint16_t *scales = bf16_data(scale), *offsets = bf16_data(offset);
-  float* out = w.data_ptr<float>();
+  float* out32 = bf16 ? nullptr : out.data_ptr<float>();
+  at::BFloat16* out16 = bf16 ? out.data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      float* o = bf16 ? row.data() : out32 + n * K;
       for (int64_t g = 0; g < G; ++g) {
         const float s = bf16_to_float(scales[n * G + g]), minimum = bf16_to_float(offsets[n * G + g]) - 8.f * s;
         const uint8_t* cb = c + n * (K / 2) + g * group / 2;
-        float* o = out + n * K + g * group;
+        float* og = o + g * group;
         for (int64_t j = 0; j < group / 2; ++j) {
-          o[2 * j] = static_cast<float>(cb[j] & 15) * s + minimum;
-          o[2 * j + 1] = static_cast<float>(cb[j] >> 4) * s + minimum;
+          og[2 * j] = static_cast<float>(cb[j] & 15) * s + minimum;
+          og[2 * j + 1] = static_cast<float>(cb[j] >> 4) * s + minimum;
         }
       }
+      if (bf16)
+        for (int64_t k = 0; k < K; ++k) out16[n * K + k] = at::BFloat16(o[k]);
+    }
   });
+}
+
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& offset,
+                           int64_t group) {
+  at::Tensor w = at::empty({packed.size(0), packed.size(1) * 2}, packed.options().dtype(at::kFloat));
+  int4_dequantize_into(packed, scale, offset, group, w);
   return w;
 }
 
@@ -561,6 +610,7 @@ TORCH_LIBRARY(llmkit_lowbit, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int group, Tensor? bias, Tensor? act_scale, "
         "int isa) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
+  m.def("int4_dequantize_into(Tensor packed, Tensor scale, Tensor offset, int group, Tensor(a!) out) -> ()");
   m.def("decode_block(Tensor x, Tensor[] weights, int[] groups, Tensor?[] biases, Tensor[] norms, float[] eps, "
         "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int pos, int[] heads, float scale, int isa) "
         "-> Tensor");
@@ -570,5 +620,6 @@ TORCH_LIBRARY(llmkit_lowbit, m) {
 TORCH_LIBRARY_IMPL(llmkit_lowbit, CPU, m) {
   m.impl("linear", lowbit_linear);
   m.impl("int4_dequantize", int4_dequantize);
+  m.impl("int4_dequantize_into", int4_dequantize_into);
   m.impl("decode_block", decode_block);
 }
