@@ -47,6 +47,7 @@ def cmd_extend(args: argparse.Namespace) -> None:
     from llmkit.cli import cmd_train
     from llmkit.commands.training_flags import training_config
     from llmkit.errors import ConfigError
+    from llmkit.training import distributed
     from llmkit.training.extend import extended_config, load_llmkit_checkpoint, save_extended
     from llmkit.training.pretrain import check_output_dir
 
@@ -63,11 +64,13 @@ def cmd_extend(args: argparse.Namespace) -> None:
     ckpt, cfg, tensors = load_llmkit_checkpoint(args.model)
     new_cfg = extended_config(cfg, args.factor, args.method)
     out = check_output_dir(args.out, resume=False, empty=True)
+    distributed.checked_before_written()  # under torchrun: every rank checked --out before rank 0 writes
     print(f"extending {ckpt}: context {cfg.max_seq_len} → {new_cfg.max_seq_len} "
           f"({args.method}, factor {args.factor:g})", file=sys.stderr)
     if not args.finetune_steps:
-        path = save_extended(out, new_cfg, tensors, ckpt / "tokenizer.json", source=ckpt)
-        print(f"saved to {path}", file=sys.stderr)
+        if distributed.world().main:  # (under torchrun, with nothing to train, rank 0 alone writes)
+            path = save_extended(out, new_cfg, tensors, ckpt / "tokenizer.json", source=ckpt)
+            print(f"saved to {path}", file=sys.stderr)
         return
     steps = args.finetune_steps
     knobs = {name: getattr(train_cfg, name) for name in (*FINETUNE_KNOBS, "weight_decay")}

@@ -12,6 +12,7 @@ accuracy logged as `val_accuracy` in metrics.jsonl. The output directory is an o
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from llmkit.io.checkpoint import read_json
 from llmkit.io.weights import model_tensors
 from llmkit.models.masked_lm import MaskedLM
 from llmkit.tokenizer import Tokenizer
+from llmkit.training import distributed
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.training.pretrain import check_output_dir, run_config_json, run_trainer
@@ -151,6 +153,7 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
+    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
     examples = read_examples(data_path, labels)
     if val_path is not None:
         label_set = list(labels) if labels else sorted({e.label for e in examples})
@@ -194,18 +197,23 @@ def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: T
                        on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainState:
     """Run the one Trainer on a fine-tuned encoder in `out` (tokenizer.json, metrics.jsonl, checkpoints
     whose config.json holds the model config and `meta`), resuming there when asked. A run that fails
-    leaves no directory it created (Ctrl-C keeps its checkpoint)."""
+    leaves no directory it created (Ctrl-C keeps its checkpoint). Under torchrun every rank trains
+    (the Trainer deals each step's micro-batches out) and evaluates the same weights on the same
+    held-out data, with no collective; rank 0 alone writes."""
     emit = on_event or (lambda kind, info: None)
     created = not out.exists()
-    with hold_run_dir(out):  # one writer per run directory (llmkit.io.run_dir)
+    distributed.checked_before_written()
+    main = distributed.world().main
+    with hold_run_dir(out) if main else contextlib.nullcontext():  # one writer per run directory (llmkit.io.run_dir)
         try:
-            tokenizer.save(out)
+            if main:
+                tokenizer.save(out)
             trainer = Trainer(model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
                               checkpoint_json={"config.json": run_config_json(model.cfg, **meta)},
                               checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
                               fingerprint=fingerprint)
             return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)
         except Exception:
-            if created:
+            if created and main:
                 shutil.rmtree(out, ignore_errors=True)
             raise

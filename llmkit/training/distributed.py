@@ -32,9 +32,10 @@ from llmkit.errors import ConfigError
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
 FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
                     "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
-# the commands that run under torchrun so far (the pretraining, the fine-tunes that share llmkit/training/
-# finetune.py, and PPO); the others refuse in one line
-COMMANDS = ("train", "sft", "reward", "dpo", "ppo")
+# the commands that run under torchrun (every training command on the one Trainer: the pretraining, the
+# fine-tunes, PPO, and extend's fine-tune); the others refuse in one line
+COMMANDS = ("train", "sft", "reward", "dpo", "ppo", "finetune-classifier", "finetune-tokens", "finetune-qa",
+            "finetune-seq2seq", "extend")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ def shutdown() -> None:
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()
+
+
+def checked_before_written() -> None:
+    """Called after a command's checks of its --out (which every rank makes) and before rank 0 writes
+    there: otherwise a rank checking late could find rank 0's first files and refuse the directory."""
+    barrier()
 
 
 @contextlib.contextmanager

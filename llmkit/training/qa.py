@@ -38,6 +38,7 @@ from llmkit.models.token_heads import SpanQA, bare_encoder
 from llmkit.runtime import set_threads
 from llmkit.training.classify import batch_picks, train_encoder_task
 from llmkit.training.config import TrainConfig
+from llmkit.training import distributed
 from llmkit.training.pretrain import check_output_dir
 from llmkit.training.squad_metrics import best_thresholds, squad_scores
 
@@ -134,6 +135,7 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
+    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
     squad = read_squad(data_path)
     if val_path is not None:
         val_squad = read_squad(val_path)

@@ -4,10 +4,14 @@ records (validated up front, llmkit.data.seq2seq_records) → the base model and
 (`llmkit.load`: an llmkit encoder-decoder run or checkpoint) → the fine-tunes' held-out split
 (llmkit.data.split) → the one training loop with the teacher-forced seq2seq loss → out/checkpoints/,
 metrics.jsonl, loss.png. The output directory loads with `llmkit.load` like any training run.
+Under torchrun every rank reads the same records and split; the Trainer deals each step's
+micro-batches out, each rank evaluates the same weights on the same held-out pairs (no collective),
+and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from pathlib import Path
@@ -18,6 +22,7 @@ from llmkit.data.seq2seq_records import read_seq2seq_records, tokenize_examples
 from llmkit.data.split import hold_out
 from llmkit.errors import ConfigError
 from llmkit.io.finetuned import chat_info_json
+from llmkit.training import distributed
 from llmkit.training.config import TrainConfig
 from llmkit.training.loop import Trainer, TrainState
 from llmkit.io.run_dir import hold_run_dir
@@ -36,6 +41,7 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
     emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
     check_output_dir(out_dir, resume=resume)
+    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
     examples = read_seq2seq_records(data_path)  # every record checked before anything is loaded or written
     lm = llmkit.load(model_path)
     model_cfg, tokenizer = lm.model.cfg, lm.tokenizer
@@ -52,11 +58,14 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
                   "truncated_sources": train.truncated_sources + val.truncated_sources,
                   "truncated_targets": train.truncated_targets + val.truncated_targets})
     created = not out_dir.exists()
-    with hold_run_dir(out_dir):  # one writer per run directory (llmkit.io.run_dir)
+    distributed.checked_before_written()
+    main = distributed.world().main  # under torchrun, rank 0 alone writes (llmkit/training/distributed.py)
+    with hold_run_dir(out_dir) if main else contextlib.nullcontext():  # one writer per run directory
         try:
-            tokenizer.save(out_dir)
+            if main:
+                tokenizer.save(out_dir)
         except Exception:
-            if created:
+            if created and main:
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0

@@ -28,6 +28,7 @@ from llmkit.models.token_heads import TokenClassifier, bare_encoder
 from llmkit.runtime import model_device, set_threads, to_device
 from llmkit.training.classify import batch_picks, train_encoder_task
 from llmkit.training.config import TrainConfig
+from llmkit.training import distributed
 from llmkit.training.pretrain import check_output_dir
 from llmkit.training.ner_metrics import entity_scores
 
@@ -113,6 +114,7 @@ def finetune_tokens(model_path: str | Path, data_path: str | Path, out_dir: str 
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
+    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
     sentences = read_tagged(data_path, labels)
     label_names = list(labels) if labels else tag_set(sentences)
     if val_path is not None:

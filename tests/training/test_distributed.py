@@ -1,5 +1,6 @@
-"""`torchrun --nproc_per_node=2 -m llmkit train …` on this machine's CPU (gloo): the same losses as one
-process, rank 0 alone writes, exact resume, a checkpoint one process loads, and clear refusals.
+"""`torchrun --nproc_per_node=2 -m llmkit train …` (and the fine-tunes, PPO) on this machine's CPU (gloo):
+the same losses as one process, rank 0 alone writes, exact resume, a checkpoint one process loads, and
+clear refusals.
 
 Real torchrun subprocesses (`--standalone`: a free loopback port each), a tiny LLaMA and the test corpus.
 """
@@ -20,6 +21,7 @@ import pytest
 
 import llmkit
 from conftest import make_corpus
+from llmkit.cli import main as cli_main
 from llmkit.io.checkpoint import load_tensors
 
 TRAIN = ["train", "--preset", "llama-tiny", "--batch-size", "2", "--seq-len", "32", "--dtype", "fp32",
@@ -333,3 +335,74 @@ def test_ppo_under_two_ranks_is_the_one_process_run(runs, monkeypatch):
     with torch.no_grad():
         # margin: one of the 16 responses changing entirely (measured: equal)
         assert abs(heldout_score(double) - heldout_score(single)) <= 1 / 16
+
+
+def tiny_base(directory: Path, preset_name: str, texts: list[str]) -> Path:
+    """A randomly initialised llmkit model (the preset's, at the texts' own small vocabulary) saved as a
+    checkpoint directory that `llmkit.load` reads: the base a fine-tune starts from."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmkit.config import preset
+    from llmkit.io.weights import model_tensors
+    from llmkit.models.build import build_model
+    from llmkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(preset(preset_name, vocab_size=tokenizer.vocab_size))
+    directory.mkdir()
+    tokenizer.save(directory)
+    save_file({k: v.contiguous() for k, v in model_tensors(model).items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"format": "llmkit", "model": model.cfg.to_dict()}))
+    return directory
+
+
+TASK_BASES = {"finetune-classifier": "bert-tiny", "finetune-seq2seq": "t5v11-tiny"}
+
+
+@pytest.mark.parametrize("command", sorted(TASK_BASES))
+def test_encoder_and_seq2seq_fine_tunes_under_two_ranks_train_the_same_losses(tmp_path, monkeypatch, capsys,
+                                                                             command):
+    """The fine-tunes outside finetune.py through the same Trainer: --batch-size 2 --grad-accum 2 gives
+    each of two ranks one micro-batch of 2 per step (one process runs both); every rank evaluates the
+    same weights on the same held-out split, rank 0 alone writes, and the result loads in one process."""
+    words = "red green blue cat dog sun moon tree".split()
+    if command == "finetune-classifier":
+        records = [{"text": f"{words[i % 8]} {words[(3 * i) % 8]} {label}", "label": label}
+                   for i, label in enumerate(["yes", "no"] * 8)]
+        texts = [r["text"] for r in records]
+    else:
+        records = [{"source": f"{words[i % 8]} {words[(3 * i) % 8]}",
+                    "target": f"{words[(3 * i) % 8]} {words[i % 8]}"} for i in range(16)]
+        texts = [r["source"] for r in records]
+    tiny_base(tmp_path / "base", TASK_BASES[command], texts)
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = [command, "--model", "base", "--data", "data.jsonl", "--val-fraction", "0.25", "--warmup-steps", "1",
+            *FINETUNE]
+    torchrun = subprocess.Popen(llmkit_argv(*args, "--out", "ranks-2", ranks=2), cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    # meanwhile the one-process run, in this process (the same command line, without a torch import)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli_main([*args, "--out", "ranks-1"]) == 0
+    results = {1: capsys.readouterr(), 2: torchrun.communicate(timeout=240)}
+    assert torchrun.returncode == 0, results[2][1]
+
+    one, two = losses(tmp_path / "ranks-1"), losses(tmp_path / "ranks-2")
+    assert [row[:2] for row in two] == [row[:2] for row in one] and len(one) >= 6  # rank 0's rows, once each
+    assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)  # (RTOL: fp32 reduction order)
+    assert len({v for _, kind, v in one if kind == "train"}) > 2  # the losses move
+
+    out, err = results[2]
+    assert err.count("saved to ranks-2") == 1 and "Traceback" not in err  # rank 1 is silent
+    if command == "finetune-classifier":  # its JSON summary (the final held-out scores), printed once
+        assert len(out.splitlines()) == 1
+        assert json.loads(out)["val_loss"] == pytest.approx(json.loads(results[1][0])["val_loss"], rel=RTOL)
+    newest = tmp_path / "ranks-2" / "checkpoints" / "step-00000004"
+    assert json.loads((newest / "train_state.json").read_text())["world_size"] == 2
+    assert set(load_tensors(newest / "rng.safetensors")) == {"torch_cpu", "torch_cpu_rank1"}
+    single, double = llmkit.load(tmp_path / "ranks-1"), llmkit.load(tmp_path / "ranks-2")
+    for name, tensor in single.model.state_dict().items():
+        torch_close(double.model.state_dict()[name], tensor)
