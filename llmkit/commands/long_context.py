@@ -17,8 +17,9 @@ import sys
 
 # The fine-tune's knobs that extend takes (llmkit.training.config.EXTEND_FINETUNE_DEFAULTS has their
 # defaults); --finetune-steps is its --steps, and its evaluation and logging follow the step count.
-FINETUNE_KNOBS = ("seq_len", "batch_size", "lr", "warmup_steps", "eval_batches", "device", "dtype", "threads",
-                  "seed")
+# (--grad-accum: under torchrun a step's micro-batches are dealt out over the ranks, so N ranks need N.)
+FINETUNE_KNOBS = ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_batches", "device", "dtype",
+                  "threads", "seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
