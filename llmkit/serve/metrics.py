@@ -69,6 +69,9 @@ class Metrics:
              self.queue_timeouts),
             ("llmkit_engine_requests_total", "Requests the engine accepted.", engine_stats.get("requests_total", 0)),
             ("llmkit_engine_tokens_total", "Tokens the engine generated.", engine_stats.get("tokens_total", 0)),
+            ("llmkit_draft_tokens_proposed_total", "Tokens a --draft model guessed (speculative decoding).",
+             engine_stats.get("draft_proposed", 0)),
+            ("llmkit_draft_tokens_accepted_total", "Guessed tokens the model kept.", engine_stats.get("draft_accepted", 0)),
         ]
         for name, help_text, value in counters:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]

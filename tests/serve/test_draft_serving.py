@@ -11,7 +11,7 @@ from llmkit.cli import main
 from llmkit.inference.engine import Engine
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServerThread
-from serve_helpers import MODEL_ID, save_scripted_model, sse_payloads
+from serve_helpers import MODEL_ID, metric, save_scripted_model, sse_payloads
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
@@ -33,7 +33,10 @@ def answers(lm, draft) -> tuple[list, dict]:
             chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
             out.append(client.post(url + CHAT, json={**chat, "temperature": 0}).json()["choices"][0]["message"])
             out.append(client.post(url + CHAT, json={**chat, "temperature": 0.8, "seed": 3}).json()["choices"])
-        return out, engine.stats()
+            stats = engine.stats()
+            assert metric(url, "llmkit_draft_tokens_proposed_total") == stats["draft_proposed"]
+            assert metric(url, "llmkit_draft_tokens_accepted_total") == stats["draft_accepted"]
+        return out, stats
     finally:
         engine.close()
 
