@@ -42,7 +42,7 @@ class BlockStep:
     def __call__(self, x: Tensor, args: dict) -> Tensor | None:
         cache, rope = args.get("cache"), args.get("rope")
         if (type(cache) is not KVCache or rope is None or x.shape[0] != 1 or x.shape[1] != 1
-                or x.dtype != torch.float32 or args.get("mask") is not None or args.get("bias") is not None
+                or x.dtype != torch.float32 or not x.is_cpu or args.get("mask") is not None or args.get("bias") is not None
                 or not ATTENTION_ARGS.issuperset(args) or torch.is_grad_enabled()
                 or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"):
             return None
