@@ -108,7 +108,7 @@ def test_drafts_that_cannot_draft_are_refused(model, tok):
 def test_generate_and_chat_with_draft_print_the_same_answer(tmp_path, capsys):
     target = save_tiny_model(tmp_path / "target", seed=0)
     draft = save_tiny_model(tmp_path / "draft", seed=1, preset_name="gpt2-tiny")  # same tokenizer, other model
-    flags = ["--max-new-tokens", "12", "--dtype", "fp32", "--temperature", "0"]
+    flags = ["--max-new-tokens", "8", "--dtype", "fp32", "--temperature", "0"]
     outputs = []
     for extra in ([], ["--draft", str(draft), "--draft-tokens", "3"]):
         assert main(["generate", "--model", str(target), "--prompt", "What is", *flags, *extra]) == 0

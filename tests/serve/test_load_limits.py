@@ -98,9 +98,10 @@ def test_soak_with_random_disconnects_has_no_5xx_and_frees_every_row(lm):
     engine = lm.engine(max_batch=4, max_queued=16)
     try:
         with ServerThread(create_app(lm, engine, model_id=MODEL_ID)) as url:
-            tally = asyncio.run(soak(url, clients=6, seconds=2.0, disconnect=0.4))
+            tally = asyncio.run(soak(url, clients=6, seconds=1.5, disconnect=0.4))
             assert set(tally["status"]) == {200}, tally  # no 5xx, and with 6 clients ≤ 4 + 16 no 429 either
-            assert tally["broken"] == 0 and tally["completed"] >= 3 and tally["disconnected"] >= 3, tally
+            # (each client makes several requests: at least 6 in all, 40 % of them hanging up)
+            assert tally["broken"] == 0 and tally["completed"] >= 2 and tally["disconnected"] >= 2, tally
             # every row freed: the gauges, the engine's own counts and its batch (rows, handles, detokenizers)
             assert wait_until(lambda: metric(url, "llmkit_requests_running") == 0
                               and metric(url, "llmkit_requests_queued") == 0, 2.0)
