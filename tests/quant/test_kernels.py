@@ -226,3 +226,34 @@ def test_a_block_in_one_native_call_decodes_as_its_layers_do(overrides):
     for b in blocks:
         b.decode_step = None
     assert with_steps == generate(m, [ids[0].tolist()], max_new_tokens=20, params=greedy)
+
+
+@needs_native
+def test_a_bf16_models_block_step_keeps_its_stream_and_cache_in_bf16():
+    """A bf16 model: the step reads and writes its bf16 stream and cache and computes in fp32 between, so
+    it is no further from the fp32 model than the bf16 layers are: each of ~10 bf16 roundings in series
+    per block (2^-9 relative) adds, ≲ 2 × 10 × 2^-9 ≈ 4 % of the logit scale over two blocks."""
+    m32, _ = _tiny_int4()
+    m16, report = _tiny_int4()
+    m16.to(torch.bfloat16)
+    assert report.block_steps == 2
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    with torch.inference_mode():
+        for name, model, steps in (("fp32", m32, True), ("bf16 step", m16, True), ("bf16 layers", m16, False)):
+            saved = [b.decode_step for b in model.stack.blocks]
+            if not steps:
+                for b in model.stack.blocks:
+                    b.decode_step = None
+            cache = KVCache.empty(model.cfg, 1, 40, dtype=next(model.parameters()).dtype)
+            model(ids, cache=cache)
+            logits[name] = torch.cat([model(torch.tensor([[t]]), cache=cache).float() for t in (5, 17, 33)], 1)
+            for b, step in zip(model.stack.blocks, saved):
+                b.decode_step = step
+    ref = logits["fp32"]
+    step_error = (logits["bf16 step"] - ref).abs().max()
+    print(f"bf16 vs fp32 max |Δlogit|: step {step_error:.4f}, layers {(logits['bf16 layers'] - ref).abs().max():.4f}"
+          f" of {ref.abs().max():.2f}")
+    assert step_error < 0.04 * ref.abs().max()
+    assert not torch.equal(logits["bf16 step"], logits["bf16 layers"])  # the step served (it rounds less)
+    assert step_error <= (logits["bf16 layers"] - ref).abs().max() * 1.5  # no worse than the layers

@@ -4,9 +4,9 @@ Decoding a token through SmolLM2's 30 blocks makes ~1,000 small torch calls (nor
 the cache, attention, the MLP), each a few microseconds of Python and dispatch: more time than the
 4-bit weights take to stream. `decode_block` (lowbit.cpp) computes a pre-norm LLaMA-style block
 (RMSNorm, q/k/v → RoPE → cache → attention over the cache → output projection, RMSNorm, SwiGLU MLP)
-in fp32 with the quantised layers' own kernels, in one call. `BlockStep` decides per call whether
-that applies (one position of one sequence, fp32, a plain KV cache, no mask or bias, nothing observing
-the attention); otherwise the Block runs its ordinary layers, which stay the reference (the tests
+in fp32 with the quantised layers' own kernels, in one call (a bf16 model's stream, norms and cache
+stay bf16 at its edges). `BlockStep` decides per call whether that applies (one position of one
+sequence, fp32 or bf16, a plain KV cache, no mask or bias, nothing observing the attention); otherwise the Block runs its ordinary layers, which stay the reference (the tests
 compare the two). `install` gives each eligible Block of a prepared model its step.
 """
 
@@ -41,10 +41,12 @@ class BlockStep:
 
     def __call__(self, x: Tensor, args: dict) -> Tensor | None:
         cache, rope = args.get("cache"), args.get("rope")
+        norm1, norm2 = self.block.norm1.weight, self.block.norm2.weight
         if (type(cache) is not KVCache or rope is None or x.shape[0] != 1 or x.shape[1] != 1
-                or x.dtype != torch.float32 or not x.is_cpu or args.get("mask") is not None or args.get("bias") is not None
+                or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or args.get("mask") is not None or args.get("bias") is not None
                 or not ATTENTION_ARGS.issuperset(args) or torch.is_grad_enabled()
-                or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"):
+                or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"
+                or norm1.dtype != x.dtype or norm2.dtype != x.dtype or cache.k.dtype != x.dtype):
             return None
         weights, groups, biases = [], [], []
         for layer in self.projections:
@@ -55,7 +57,7 @@ class BlockStep:
         keys, values = cache.layer_views()
         index = args["layer"]
         cos, sin = rope
-        return self.op(x, weights, groups, biases, [self.block.norm1.weight, self.block.norm2.weight], self.eps,
+        return self.op(x, weights, groups, biases, [norm1, norm2], self.eps,
                        cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, self.heads,
                        self.scale, self.native.isa)
 
@@ -68,8 +70,7 @@ def eligible(block: nn.Module) -> bool:
             and isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.act is F.silu
             and attn.q_norm is None and attn.disentangled is None):
         return False
-    norms = (block.norm1, block.norm2)
-    if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+    if not (isinstance(block.norm1, RMSNorm) and isinstance(block.norm2, RMSNorm)):
         return False
     for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
         if getattr(layer, "_native_op", None) is None or layer.act_scale is not None or layer._bias_after is not None:

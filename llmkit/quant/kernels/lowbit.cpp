@@ -456,10 +456,14 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }  // a bf16 cache
+
+template <typename T>  // float, or uint16_t for bf16
 struct Attention {
   const float* q;  // (H, D) after RoPE
-  const float* keys;  // head h, position t, dim d at h·head_stride + t·time_stride + d
-  const float* values;
+  const T* keys;   // head h, position t, dim d at h·head_stride + t·time_stride + d
+  const T* values;
   int64_t head_stride, time_stride;
   int64_t H, Hkv, D, length;  // length: cached positions, the new one included
   float scale;
@@ -468,17 +472,18 @@ struct Attention {
 };
 
 // softmax(q·kᵀ·scale)·v per query head h, reading key/value head h / (H / Hkv) (GQA), as attend() does
-__attribute__((always_inline)) inline void attend_heads(const Attention& a, int64_t h0, int64_t h1) {
+template <typename T>
+__attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, int64_t h0, int64_t h1) {
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t kv = h / (a.H / a.Hkv);
     const float* q = a.q + h * a.D;
     float* scores = a.scores + h * a.length;
     float best = -3.4e38f;
     for (int64_t t = 0; t < a.length; ++t) {
-      const float* k = a.keys + kv * a.head_stride + t * a.time_stride;
+      const T* k = a.keys + kv * a.head_stride + t * a.time_stride;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < a.D; ++d) dot += q[d] * k[d];
+      for (int64_t d = 0; d < a.D; ++d) dot += q[d] * to_float(k[d]);
       scores[t] = dot * a.scale;
       best = scores[t] > best ? scores[t] : best;
     }
@@ -491,21 +496,40 @@ __attribute__((always_inline)) inline void attend_heads(const Attention& a, int6
     float* out = a.out + h * a.D;
     for (int64_t d = 0; d < a.D; ++d) out[d] = 0.f;
     for (int64_t t = 0; t < a.length; ++t) {
-      const float* v = a.values + kv * a.head_stride + t * a.time_stride;
+      const T* v = a.values + kv * a.head_stride + t * a.time_stride;
       const float p = scores[t] / total;
 #pragma omp simd
-      for (int64_t d = 0; d < a.D; ++d) out[d] += p * v[d];
+      for (int64_t d = 0; d < a.D; ++d) out[d] += p * to_float(v[d]);
     }
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_avx512(const Attention& a, int64_t h0, int64_t h1) {
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_avx512(const Attention<T>& a, int64_t h0,
+                                                                            int64_t h1) {
   attend_heads(a, h0, h1);
 }
-__attribute__((target("avx2,fma"))) void attend_avx2(const Attention& a, int64_t h0, int64_t h1) {
+template <typename T>
+__attribute__((target("avx2,fma"))) void attend_avx2(const Attention<T>& a, int64_t h0, int64_t h1) {
   attend_heads(a, h0, h1);
 }
-void attend_portable(const Attention& a, int64_t h0, int64_t h1) { attend_heads(a, h0, h1); }
+template <typename T>
+void attend_portable(const Attention<T>& a, int64_t h0, int64_t h1) { attend_heads(a, h0, h1); }
+
+template <typename T>
+void attend(const Attention<T>& a, int64_t isa) {
+  at::parallel_for(0, a.H, 1, [&](int64_t h0, int64_t h1) {
+    (isa >= 2 ? attend_avx512<T> : isa == 1 ? attend_avx2<T> : attend_portable<T>)(a, h0, h1);
+  });
+}
+
+// `t` (fp32 or bf16, contiguous) as floats: its own data, or converted into `scratch`
+const float* floats(const at::Tensor& t, float* scratch) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  const uint16_t* v = bf16_data(t);
+  for (int64_t i = 0; i < t.numel(); ++i) scratch[i] = bf16_to_float(v[i]);
+  return scratch;
+}
 
 // y = x / sqrt(mean(x²) + eps) · weight, as F.rms_norm
 void rms_norm(const float* x, const float* weight, int64_t C, double eps, float* y) {
@@ -546,51 +570,74 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
   const int64_t F = w[2].N / 2;
   TORCH_CHECK(w[0].K == C && w[0].N == (H + 2 * Hkv) * D && w[1].K == H * D && w[1].N == C && w[2].K == C &&
               w[3].K == F && w[3].N == C && H % Hkv == 0 && D % 2 == 0, "decode_block: shapes do not fit together");
-  TORCH_CHECK(x.numel() == C && x.scalar_type() == at::kFloat && x.is_contiguous(), "decode_block: one fp32 position");
+  // fp32 or bf16 (a bf16 model: its stream, norms and cache are bf16; everything between stays fp32)
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(x.numel() == C && (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous(),
+              "decode_block: one fp32 or bf16 position");
   for (const auto& t : {norms[0], norms[1], cos, sin})
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "decode_block: fp32 norms, cos and sin");
+    TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "decode_block: norms, cos and sin in x's dtype");
   TORCH_CHECK(norms[0].numel() == C && norms[1].numel() == C && cos.numel() == D && sin.numel() == D,
               "decode_block: norm or RoPE sizes");
-  TORCH_CHECK(keys.scalar_type() == at::kFloat && values.scalar_type() == at::kFloat && keys.dim() == 4 &&
+  TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype && keys.dim() == 4 &&
               keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.size(0) == 1 &&
               keys.size(1) == Hkv && keys.size(3) == D && keys.stride(3) == 1 && 0 <= pos && pos < keys.size(2),
-              "decode_block: an fp32 (1, Hkv, T, D) cache with room at pos");
+              "decode_block: a (1, Hkv, T, D) cache in x's dtype with room at pos");
 
   thread_local std::vector<float> scratch;
   const int64_t length = pos + 1;
-  scratch.resize(C + (H + 2 * Hkv) * D + H * D + C + 3 * F + H * length);
-  float* normed = scratch.data();
+  scratch.resize(5 * C + 2 * D + (H + 2 * Hkv) * D + H * D + C + 3 * F + H * length);
+  float* converted = scratch.data();  // x, the two norms and cos/sin as floats (bf16 models)
+  float* y = converted + 3 * C + 2 * D;
+  float* normed = y + C;
   float* qkv = normed + C;
   float* attended = qkv + (H + 2 * Hkv) * D;
   float* projected = attended + H * D;
   float* gate_up = projected + C;
   float* act = gate_up + 2 * F;
   float* scores = act + F;
-  at::Tensor out = at::empty_like(x);
-  const float* xin = x.data_ptr<float>();
-  float* y = out.data_ptr<float>();
+  const float* xin = floats(x, converted);
+  const float* norm1 = floats(norms[0], converted + C);
+  const float* norm2 = floats(norms[1], converted + 2 * C);
 
-  rms_norm(xin, norms[0].data_ptr<float>(), C, eps[0], normed);
+  rms_norm(xin, norm1, C, eps[0], normed);
   product(w[0], normed, 1, qkv, isa);
-  rope(qkv, H + Hkv, D, cos.data_ptr<float>(), sin.data_ptr<float>());  // the query and key heads
-  float* kc = keys.data_ptr<float>();
-  float* vc = values.data_ptr<float>();
+  rope(qkv, H + Hkv, D, floats(cos, converted + 3 * C), floats(sin, converted + 3 * C + D));  // query and key heads
   const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2);
-  for (int64_t h = 0; h < Hkv; ++h) {
-    std::memcpy(kc + h * head_stride + pos * time_stride, qkv + (H + h) * D, D * sizeof(float));
-    std::memcpy(vc + h * head_stride + pos * time_stride, qkv + (H + Hkv + h) * D, D * sizeof(float));
+  if (dtype == at::kFloat) {
+    float* kc = keys.data_ptr<float>();
+    float* vc = values.data_ptr<float>();
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::memcpy(kc + h * head_stride + pos * time_stride, qkv + (H + h) * D, D * sizeof(float));
+      std::memcpy(vc + h * head_stride + pos * time_stride, qkv + (H + Hkv + h) * D, D * sizeof(float));
+    }
+    attend(Attention<float>{qkv, kc, vc, head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale),
+                            scores, attended}, isa);
+  } else {
+    at::BFloat16* kc = keys.data_ptr<at::BFloat16>();
+    at::BFloat16* vc = values.data_ptr<at::BFloat16>();
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t d = 0; d < D; ++d) {  // rounded to nearest even, as the cache's copy_ would
+        kc[h * head_stride + pos * time_stride + d] = at::BFloat16(qkv[(H + h) * D + d]);
+        vc[h * head_stride + pos * time_stride + d] = at::BFloat16(qkv[(H + Hkv + h) * D + d]);
+      }
+    attend(Attention<uint16_t>{qkv, reinterpret_cast<const uint16_t*>(kc), reinterpret_cast<const uint16_t*>(vc),
+                               head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale), scores,
+                               attended}, isa);
   }
-  const Attention a{qkv, kc, vc, head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale), scores, attended};
-  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
-    (isa >= 2 ? attend_avx512 : isa == 1 ? attend_avx2 : attend_portable)(a, h0, h1);
-  });
   product(w[1], attended, 1, projected, isa);
   for (int64_t i = 0; i < C; ++i) y[i] = xin[i] + projected[i];
-  rms_norm(y, norms[1].data_ptr<float>(), C, eps[1], normed);
+  rms_norm(y, norm2, C, eps[1], normed);
   product(w[2], normed, 1, gate_up, isa);
   for (int64_t i = 0; i < F; ++i) act[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * gate_up[F + i];
   product(w[3], act, 1, projected, isa);
-  for (int64_t i = 0; i < C; ++i) y[i] += projected[i];
+  at::Tensor out = at::empty_like(x);
+  if (dtype == at::kFloat) {
+    float* o = out.data_ptr<float>();
+    for (int64_t i = 0; i < C; ++i) o[i] = y[i] + projected[i];
+  } else {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < C; ++i) o[i] = at::BFloat16(y[i] + projected[i]);
+  }
   return out;
 }
 
