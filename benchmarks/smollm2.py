@@ -10,14 +10,19 @@ Rows (every llmkit row is prepared as `llmkit chat` prepares it: fused q/k/v and
 llmkit/inference/optimize.py):
   llmkit fp32         llmkit.load(gguf): Q4_1 weights dequantized to float32
   llmkit bf16         llmkit.load(gguf, dtype=torch.bfloat16)
-  llmkit int4         bf16, layer weights as 4-bit groups, LM head as 8-bit (--quantize int4; the file's codes)
+  llmkit int4         fp32 activations, layer weights as 4-bit groups, LM head as 8-bit (--quantize int4 --dtype
+                      fp32; the file's codes); the runtime line names the kernel that multiplies them
   llmkit auto (…)     `llmkit chat`'s default precision with --quantize int4: llmkit.load(gguf, dtype="auto"),
                       int4 layers computing in the dtype chosen here (bf16 only where the CPU has native
                       bf16 and a probe measures it faster; else fp32 activations and fp32 prefill); the
                       row names the choice
   transformers fp32   AutoModelForCausalLM.from_pretrained(dir, gguf_file=name, dtype=torch.float32)
   transformers bf16   a copy of that model, .to(torch.bfloat16)
-  llama.cpp           llama_cpp.Llama(gguf) on the quantized weights, only if llama_cpp imports
+  llama.cpp           llama_cpp.Llama(gguf) on the quantized weights, only if llama_cpp imports. llmkit never
+                      installs it (PyPI has only its source: `.venv/bin/pip install llama-cpp-python` compiles
+                      llama.cpp for this CPU, several minutes). LLAMA_CPP_LIB_PATH=DIR makes llama_cpp load
+                      the libraries in DIR instead, e.g. a build with -DGGML_NATIVE=OFF -DGGML_AVX512=OFF for
+                      an AVX2-only comparison (printed in the header)
 
     .venv/bin/python benchmarks/smollm2.py --threads 2            # 512-token prompt, 128 new tokens
     .venv/bin/python benchmarks/smollm2.py --threads 2 --quick    # 64-token prompt, 16 new tokens
@@ -265,19 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     elif transformers is None:
         print(f"- transformers rows skipped: transformers is not importable ({HF_ERROR})")
     if llama_cpp is None:
-        print(f"- llama.cpp row skipped: llama_cpp is not importable ({LLAMA_ERROR}); not installed by llmkit")
+        print(f"- llama.cpp row skipped: llama_cpp is not importable ({LLAMA_ERROR}); not installed by llmkit "
+              "(`.venv/bin/pip install llama-cpp-python` builds it, several minutes)")
+    elif os.environ.get("LLAMA_CPP_LIB_PATH"):
+        print(f"- llama.cpp libraries from LLAMA_CPP_LIB_PATH={os.environ['LLAMA_CPP_LIB_PATH']}")
     print()
     sys.stdout.flush()
 
     t0 = time.perf_counter()
     lm32 = llmkit.load(path)
     lm16 = llmkit.load(path, dtype=torch.bfloat16)
-    lm4 = llmkit.load(path, dtype=torch.bfloat16)
+    lm4 = llmkit.load(path)
     lm_auto = llmkit.load(path, dtype="auto")  # the probe runs here, on this machine's threads
     for lm, quantize in ((lm32, None), (lm16, None), (lm4, "int4"), (lm_auto, "int4")):
         prepare_for_decoding(lm.model, quantize=quantize, dtype=lm.runtime.torch_dtype)
     load_notes = [f"llmkit: the four loads and preparations took {time.perf_counter() - t0:.1f} s",
-                  f"llmkit auto: {lm_auto.runtime.describe()}"]
+                  f"llmkit int4: {lm4.model.decoding_report.describe()}",
+                  f"llmkit auto: {lm_auto.runtime.describe()}, {lm_auto.model.decoding_report.describe()}"]
     prompt = build_prompt(lm32, P)
     if P + N > lm32.config.max_seq_len:
         raise SystemExit(f"--prompt-len + --new-tokens = {P + N} exceed the model's context {lm32.config.max_seq_len}")
@@ -321,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
 
     by = {r.name: r for r in rows}
     base, ref = by["llmkit fp32"], by.get("transformers fp32")
+    llama = next((r for r in rows if r.name.startswith("llama.cpp")), None)
 
     out = []
     for r in rows:
@@ -329,7 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         out.append([
             r.name, fmt(prefill_tps, ",.0f"), fmt(r.decode_tps(), ",.1f"), fmt(N / r.t_generate, ",.1f"),
             fmt(r.decode_tps() / ref.decode_tps(), ".2f") if ref else "n/a",
+            fmt(r.decode_tps() / llama.decode_tps(), ".2f") if llama else "n/a",
             fmt(prefill_tps / (P / ref.t_prefill), ".2f") if ref else "n/a",
+            fmt(base.t_prefill / r.t_prefill, ".2f"),
             f"{agree(r.tokens, ref.tokens)}/{N}" if ref else "n/a",
             f"{agree(r.tokens, base.tokens)}/{N}" if r is not base else "-",
             fmt(drift, ".3g") if r is not base else "-",
@@ -337,14 +349,14 @@ def main(argv: list[str] | None = None) -> None:
         if len(r.tokens) != N:
             load_notes.append(f"{r.name} returned {len(r.tokens)} tokens, not {N}")
     print(f"## SmolLM2-135M-Instruct: prompt {P} tokens, {N} new tokens, batch 1, greedy\n")
-    print(table(["row", "prefill tok/s", "decode tok/s", "generate tok/s", "decode vs HF32", "prefill vs HF32",
-                 "=HF32 tokens", "=llmkit32 tokens", "max |Δlogit| vs llmkit32"], out))
+    print(table(["row", "prefill tok/s", "decode tok/s", "generate tok/s", "decode vs HF32", "decode vs llama.cpp",
+                 "prefill vs HF32", "prefill vs llmkit32", "=HF32 tokens", "=llmkit32 tokens", "max |Δlogit| vs llmkit32"], out))
     print()
     notes = [f"prefill tok/s = {P} / one forward over the prompt (best of {args.prefill_repeats}); "
              f"decode tok/s = 1 / median time per output token (the {N - 1} steps between new tokens) of the "
              f"best of {args.repeats} rounds; generate tok/s = {N} / whole generate call (prefill included, best of "
              f"{args.repeats})",
-             "vs HF32 = this row ÷ transformers fp32 (> 1: faster); =X tokens = leading greedy tokens shared "
+             "vs X = this row ÷ row X (> 1: faster); =X tokens = leading greedy tokens shared "
              "with row X; max |Δlogit| = at the prompt's last position, vs llmkit fp32",
              *load_notes]
     if impl is not None:

@@ -51,7 +51,7 @@ def _bound(codes, scale, offset, x, bits):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("group", [32, 64, 256])  # 256: one scale per row here
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 11])  # 1..4 rows share one expansion of the weights; then blocks
+@pytest.mark.parametrize("rows", [1, 2, 11])  # up to 4 rows share one expansion of the weights: 11 = 4 + 4 + 3
 def test_int4_kernel_is_the_dequantised_fp32_matmul(isa, group, rows):
     codes, scale, offset = quantize_weight(_weights(), WeightFormat(4, group, False))
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
