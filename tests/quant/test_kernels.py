@@ -169,6 +169,7 @@ def test_without_a_compiler_a_model_still_runs_on_plain_pytorch(tmp_path):
     assert "native None |" in done.stdout and "shape (1, 48)" in done.stdout
     reason = done.stdout.split("|")[-1].strip().splitlines()[0]
     assert reason and "Error" in reason, done.stdout
+    assert f"llmkit: no native int4/int8 kernels ({reason}); using torch's" in done.stderr
 
 
 @needs_native

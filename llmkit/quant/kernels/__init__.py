@@ -63,6 +63,7 @@ def native() -> Kernels | None:
             _loaded = _load()
         except Exception as exc:  # a failed build must never stop a model from running: fall back
             _reason = _one_line(exc)
+            print(f"llmkit: no native int4/int8 kernels ({_reason}); using torch's", file=sys.stderr, flush=True)
     return _loaded
 
 
