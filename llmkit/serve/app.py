@@ -4,6 +4,7 @@
     GET  /v1/models             GET  /v1/models/{model}
     GET  /health                GET  /metrics            (Prometheus text)
     GET  /                      GET  /static/chat.js     GET /static/chat.css   (the page)
+    GET  /explain               GET  /explain/{view}     (llmkit explain's pages: explain_routes.py)
 
 `create_app(lm, engine, model_id=...)` builds it around a loaded model and a running engine;
 llmkit/serve/server.py runs it under uvicorn. FastAPI's interactive docs are off: they load scripts
