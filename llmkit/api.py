@@ -64,8 +64,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
             on the model's decoding shapes), "fp32", "bf16", "fp16" or a torch dtype; None (the
             default) keeps float32 for Hugging Face and GGUF weights, and llmkit checkpoints as stored.
         quantize: "int4" when the model is loaded to generate with 4-bit weights (as `--quantize int4`
-            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1 and
-            Q8_0 layers then keep the file's own codes, with no full-precision copy in memory; for
+            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1, Q4_K
+            and Q8_0 layers then keep the file's own codes, with no full-precision copy in memory; for
             decoding only. Other models load as without it.
     The choice, with its reason, is `lm.runtime` (`lm.runtime.describe()` says it in one line).
     """
@@ -249,7 +249,9 @@ class LanguageModel:
 
     def answer(self, question: str, context: str, **settings: Any) -> dict[str, Any]:
         """The span of `context` answering `question`, by an extractive QA model (`llmkit finetune-qa`
-        output or a *ForQuestionAnswering directory): {"answer", "start", "end", "score"}."""
+        output or a *ForQuestionAnswering directory): {"answer", "start", "end", "score", "null_margin"}.
+        An answer of "" (start = end = 0) is "no answer" (SQuAD 2.0): the null score beat the best span by
+        more than `null_threshold` (a setting; by default the model's own, from its fine-tune)."""
         from llmkit.inference.token_tasks import answer
 
         return answer(self.model, self.tokenizer, question, context, **settings)
