@@ -3,10 +3,11 @@ llmkit train …` runs N ranks, each a process with a replica of the model (Dist
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` joins the
 process group (gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
-others fail within COLLECTIVE_TIMEOUT_S instead of waiting forever (a rank that dies is torchrun's to
-handle: it stops the others). Everything else here is the few collectives the one Trainer needs —
-means of metrics, rank 0's decisions broadcast so every rank runs the same schedule, per-rank RNG
-states gathered into one checkpoint — each a no-op in a single process.
+others fail within COLLECTIVE_TIMEOUT_S (or LLMKIT_COLLECTIVE_TIMEOUT_S) with one `error:` line
+instead of waiting forever (a rank that dies is torchrun's to handle: it stops the others).
+Everything else here is the few collectives the one Trainer needs — means of metrics, rank 0's
+decisions broadcast so every rank runs the same schedule, per-rank RNG states gathered into one
+checkpoint — each a no-op in a single process.
 
 How the work is split (llmkit/training/loop.py): a step's `grad_accum` micro-batches are dealt out
 across the ranks (rank r takes micro-batches r, r + N, …), so the global batch, the data order, the
@@ -27,9 +28,10 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from llmkit.errors import ConfigError
+from llmkit.errors import ConfigError, LlmkitError
 
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
+TIMEOUT_ENV = "LLMKIT_COLLECTIVE_TIMEOUT_S"  # seconds, instead of COLLECTIVE_TIMEOUT_S (tests use a few)
 FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
                     "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
 # the commands that run under torchrun (every training command on the one Trainer: the pretraining, the
@@ -70,9 +72,32 @@ def init_from_env(command: str) -> World:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=collective_timeout_s()))
     return world()
+
+
+class CollectiveTimeout(LlmkitError):
+    """A collective waited longer than the timeout for the other ranks: one line, not a traceback."""
+
+
+def timed_out(exc: BaseException) -> bool:
+    """A collective's timeout as the backends raise it: gloo's "Timed out waiting …ms for recv", from an
+    explicit collective (DistBackendError) or from DDP's gradient all-reduce in backward (RuntimeError)."""
+    return "timed out" in str(exc).lower() and isinstance(exc, RuntimeError)
+
+
+def collective_timeout_s() -> float:
+    """How long a collective waits for the other ranks: LLMKIT_COLLECTIVE_TIMEOUT_S, else 120 s."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return COLLECTIVE_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds < float("inf")):
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: must be a number of seconds > 0")
+    return seconds
 
 
 def shutdown() -> None:
@@ -296,6 +321,12 @@ def command_session(command: str) -> Iterator[World]:
             os.dup2(devnull, 1), os.dup2(devnull, 2)
             os.close(devnull)
         yield w
+    except RuntimeError as exc:
+        if not timed_out(exc):
+            raise
+        raise CollectiveTimeout(f"rank {w.rank}: waited {collective_timeout_s():g} s for the other ranks in a "
+                                f"collective, which timed out (a rank hung, stopped or too slow; {TIMEOUT_ENV} "
+                                f"sets the wait, default {COLLECTIVE_TIMEOUT_S} s)") from None
     finally:
         if saved:
             sys.stdout.flush(), sys.stderr.flush()

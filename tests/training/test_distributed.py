@@ -7,6 +7,7 @@ Real torchrun subprocesses (`--standalone`: a free loopback port each), a tiny L
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -406,3 +407,72 @@ def test_encoder_and_seq2seq_fine_tunes_under_two_ranks_train_the_same_losses(tm
     single, double = llmkit.load(tmp_path / "ranks-1"), llmkit.load(tmp_path / "ranks-2")
     for name, tensor in single.model.state_dict().items():
         torch_close(double.model.state_dict()[name], tensor)
+
+
+def test_a_hung_rank_makes_the_other_stop_in_one_line_within_the_timeout(runs):
+    """SIGSTOP rank 1 mid-run (hung: alive, its sockets open, never answering): rank 0's next collective
+    gives up after LLMKIT_COLLECTIVE_TIMEOUT_S and it exits with one `error:` line, not a traceback."""
+    root, _, _ = runs
+    # 4 s: long enough for two ranks started together on a busy 2-core machine to meet in the process
+    # group's first rendezvous (the same timeout), short enough for this test
+    timeout = 4
+    (root / "hung.jsonl").write_text("".join(json.dumps({"instruction": f"say {i}", "output": f"{i}"}) + "\n"
+                                             for i in range(8)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMKIT_COLLECTIVE_TIMEOUT_S": str(timeout)}
+    with (root / "hung.err").open("w") as err:
+        proc = subprocess.Popen(llmkit_argv("sft", "--model", "one", "--data", "hung.jsonl", "--out", "hung",
+                                            "--steps", "100000", "--batch-size", "1", "--grad-accum", "2",
+                                            "--eval-interval", "100000", "--log-interval", "1", "--threads", "1",
+                                            "--dtype", "fp32", ranks=2),
+                                cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    ranks: dict[str, int] = {}
+    try:
+        metrics = root / "hung" / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.1)
+        ranks = {environ(pid).get("RANK"): pid for pid in worker_pids(proc.pid)}
+        os.kill(ranks["1"], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while running(ranks["0"]):
+            # margin: the step under way when rank 1 stopped, and rank 0's exit on a busy machine
+            assert time.monotonic() - stopped_at < timeout + 8, "rank 0 still waits on the hung rank"
+            time.sleep(0.05)
+        os.kill(ranks["1"], signal.SIGKILL)  # (torchrun's SIGTERM waits on a stopped process)
+        proc.wait(timeout=60)
+        assert proc.returncode != 0
+        log = (root / "hung.err").read_text()
+        errors = [line for line in log.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: rank 0: waited {timeout} s for the other ranks in a collective, which timed out "
+                          "(a rank hung, stopped or too slow; LLMKIT_COLLECTIVE_TIMEOUT_S sets the wait, default "
+                          "120 s)"], log
+    finally:
+        for pid in ranks.values():  # the workers run in their own sessions
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting for its parent (torchrun) to collect it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("value", ["0", "soon", "inf"])
+def test_a_bad_collective_timeout_is_one_line(monkeypatch, value):
+    from llmkit.errors import ConfigError
+    from llmkit.training.distributed import collective_timeout_s
+
+    monkeypatch.setenv("LLMKIT_COLLECTIVE_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match=f"LLMKIT_COLLECTIVE_TIMEOUT_S='{value}': must be a number of seconds > 0"):
+        collective_timeout_s()
+    monkeypatch.setenv("LLMKIT_COLLECTIVE_TIMEOUT_S", "2.5")
+    assert collective_timeout_s() == 2.5
+    monkeypatch.delenv("LLMKIT_COLLECTIVE_TIMEOUT_S")
+    assert collective_timeout_s() == 120
