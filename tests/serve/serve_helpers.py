@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -89,3 +90,13 @@ def sse_payloads(body: str) -> list:
         data = block[len("data: "):]
         payloads.append(data if data == "[DONE]" else json.loads(data))
     return payloads
+
+
+def wait_until(condition, seconds: float) -> bool:
+    """Poll `condition` every 20 ms for up to `seconds`; its last value."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()

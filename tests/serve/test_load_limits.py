@@ -15,7 +15,7 @@ import pytest
 import llmkit
 from llmkit.serve.app import create_app
 from llmkit.serve.server import ServerThread
-from serve_helpers import MODEL_ID, metric, running_server, save_scripted_model
+from serve_helpers import MODEL_ID, metric, running_server, save_scripted_model, wait_until
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -24,15 +24,6 @@ USER = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     return llmkit.load(save_scripted_model(tmp_path_factory.mktemp("scripted")))
-
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_a_request_waiting_past_the_queue_timeout_gets_503(lm):

@@ -13,7 +13,7 @@ import torch
 
 import llmkit
 from serve_helpers import (CHAIN_ANSWER, CONTEXT, IMG, MODEL_ID, MORE, SCRIPT, metric, running_server,
-                           save_scripted_model, sse_payloads)
+                           save_scripted_model, sse_payloads, wait_until)
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -96,15 +96,6 @@ def test_concurrent_requests_each_get_their_own_answer(url):
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(ask, range(6)))
     assert answers == [CHAIN_ANSWER + MORE * i for i in range(6)]
-
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_disconnect_mid_stream_cancels_the_request(url):
