@@ -393,7 +393,9 @@ def test_encoder_and_seq2seq_fine_tunes_under_two_ranks_train_the_same_losses(tm
 
     one, two = losses(tmp_path / "ranks-1"), losses(tmp_path / "ranks-2")
     assert [row[:2] for row in two] == [row[:2] for row in one] and len(one) >= 6  # rank 0's rows, once each
-    assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)  # (RTOL: fp32 reduction order)
+    # measured equal bit for bit (AVX512, and AVX2): DDP halves the sum of two gradients where one process
+    # adds two halves, both exact; RTOL is this file's fp32 reduction-order bound
+    assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)
     assert len({v for _, kind, v in one if kind == "train"}) > 2  # the losses move
 
     out, err = results[2]
