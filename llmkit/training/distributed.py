@@ -321,6 +321,10 @@ def command_session(command: str) -> Iterator[World]:
             os.dup2(devnull, 1), os.dup2(devnull, 2)
             os.close(devnull)
         yield w
+        # Leave together: a rank that tears its process group down while another still writes its last
+        # checkpoint, plot or summary could abort in gloo's teardown ("terminate called without an active
+        # exception", seen with FSDP2 under load). Only on success: after an error the others may be gone.
+        barrier()
     except RuntimeError as exc:
         if not timed_out(exc):
             raise
