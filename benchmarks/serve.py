@@ -15,14 +15,16 @@ Each client loops: one streaming chat request (a prompt drawn from PROMPTS, --ma
 temperature 0, stream_options.include_usage), timing the first content chunk (TTFT) and the gaps
 between content chunks (ITL); a new request starts only while the level's time lasts, and requests
 under way at the end finish and count. A request fails on a non-200 status, an error event, or a
-stream without `data: [DONE]`.
+stream without `data: [DONE]` or without a `finish_reason` (an answer the server cut off: llama-cpp-python's
+server, by default, ends a running request with an empty stream when another arrives; run it with
+`--interrupt_requests false` to queue them).
 
 | column | meaning |
 |---|---|
 | clients | concurrent streaming clients |
 | ok / failed | finished requests; failed ones (must be 0) |
 | req/s | finished requests ÷ the level's wall time (until its last request ended) |
-| out tok/s | completion tokens (from `usage`) ÷ the same wall time: the aggregate decode rate |
+| out tok/s | completion tokens (from `usage`; content chunks where the server sends none, marked ‡) ÷ the same wall time: the aggregate decode rate |
 | TTFT p50 / p99 | request sent → first content chunk, seconds |
 | ITL p50 / p99 | between consecutive content chunks of one answer, milliseconds |
 | RSS MB | the server's resident memory after the level (psutil; only for the child server) |
@@ -66,6 +68,7 @@ def cpu_line() -> str:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
     command = [str(Path(sys.executable).with_name("llmkit")), "serve", "--port", "0", "--max-batch",
                str(args.max_batch), "--max-queued", str(args.max_queued), "--dtype", args.dtype,
+               "--quantize", args.quantize,
                *(["--model", args.model] if args.model else []), *(["--threads", str(args.threads)] if args.threads else [])]
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server must never block on a full pipe
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -96,7 +99,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     last = first = None
-    tokens, done = 0, False
+    tokens, chunks, done, finished = 0, 0, False, False
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -114,9 +117,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                 chunk = json.loads(data)
                 if "error" in chunk:
                     break
+                finished = finished or any(c.get("finish_reason") for c in chunk.get("choices", []))
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    chunks += 1
                     now = time.perf_counter()
                     if first is None:
                         first = now
@@ -126,9 +131,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     last = now
     except httpx.HTTPError:
         done = False
-    if done:
+    if done and finished:  # an answer cut off without a finish_reason (an interrupted one) is a failure
         record["ok"] += 1
-        record["tokens"] += tokens
+        # a server that sends no usage (llama-cpp-python's ignores stream_options) streams one token a chunk
+        record["tokens"] += tokens or chunks
+        record["no_usage"] = record.get("no_usage", False) or not tokens
     else:
         record["failed"] += 1
 
@@ -180,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="llmkit serve --max-batch (default: 16)")
     p.add_argument("--max-queued", type=int, default=64, help="llmkit serve --max-queued (default: 64)")
     p.add_argument("--dtype", default="auto", help="llmkit serve --dtype (default: auto)")
+    p.add_argument("--quantize", choices=("none", "int4"), default="none",
+                   help="llmkit serve --quantize: int4 keeps a GGUF's own 4-bit blocks, as llama.cpp runs them "
+                        "(default: none)")
     p.add_argument("--threads", type=int, help="llmkit serve --threads (default: one per core)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     print("# llmkit serve load test\n")
     print(f"- CPU: {cpu_line()}")
     print(f"- server: {url} ({'llmkit serve, child process' if proc else 'given with --url'}), model {model}"
-          + (f", --max-batch {args.max_batch} --max-queued {args.max_queued} --dtype {args.dtype}" if proc else ""))
+          + (f", --max-batch {args.max_batch} --max-queued {args.max_queued} --dtype {args.dtype} --quantize {args.quantize}" if proc else ""))
     if proc:
         print(f"- server's runtime line: {server_log(proc).strip().splitlines()[0]}")
     print(f"- each request: a chat prompt of ~10 words, {args.max_tokens} new tokens, greedy, streamed; "
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
             r = asyncio.run(level(url, model, clients, args.seconds, args.max_tokens))
             rss = f"{psutil.Process(proc.pid).memory_info().rss / 2**20:.0f}" if proc and psutil else "n/a"
             print(f"| {clients} | {r['ok']} | {r['failed']}{' ' + str(r['statuses']) if r['statuses'] else ''} | "
-                  f"{r['ok'] / r['wall']:.2f} | {r['tokens'] / r['wall']:.1f} | {fmt(quantile(r['ttft'], .5))} | "
+                  f"{r['ok'] / r['wall']:.2f} | {r['tokens'] / r['wall']:.1f}{' ‡' if r.get('no_usage') else ''} | "
+                  f"{fmt(quantile(r['ttft'], .5))} | "
                   f"{fmt(quantile(r['ttft'], .99))} | {fmt(quantile(r['itl'], .5), 1e3, '.1f')} | "
                   f"{fmt(quantile(r['itl'], .99), 1e3, '.1f')} | {rss} |", flush=True)
     finally:
