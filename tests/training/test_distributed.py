@@ -242,9 +242,10 @@ FINETUNE = ["--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--dtype",
             "--log-interval", "1", "--threads", "1", "--lr", "1e-3"]
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo"])
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
 def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command):
-    """SFT, and DPO (whose loss also runs the frozen reference model), through the same Trainer."""
+    """SFT, the reward model (a scalar head on the pairs), and DPO (whose loss also runs the frozen
+    reference model), through the same Trainer."""
     root, _, _ = runs
     data = root / f"{command}.jsonl"
     with data.open("w") as f:
