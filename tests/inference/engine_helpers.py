@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
+from llmkit.inference.engine import Finished, TokenEvent
 from llmkit.models.build import build_model
 from llmkit.models.causal_lm import CausalLM
 from llmkit.presets import preset
+from post_training_helpers import tiny_tokenizer
 
 VOCAB = 97
 # 8 prompts of different lengths, joining a running batch at different decode steps
@@ -57,3 +60,20 @@ def drain(handle, timeout: float = 60.0) -> list:
     reader.join(timeout)
     assert not reader.is_alive(), f"no Finished within {timeout} s (got {len(events)} events)"
     return events
+
+
+# Fixtures shared by the engine test files (import them by name: pytest finds fixtures in a module's namespace).
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny("llama-tiny", vocab_size=tok.vocab_size)
+
+
+def tokens_of(events) -> list[int]:
+    """The token ids of one request's events, which must be tokens and then one Finished."""
+    assert isinstance(events[-1], Finished) and all(isinstance(e, TokenEvent) for e in events[:-1])
+    return [e.token_id for e in events[:-1]]

@@ -12,25 +12,9 @@ from llmkit.errors import GenerationError
 from llmkit.inference.engine import Engine, EngineFull, Finished, TokenEvent
 from llmkit.inference.generate import generate
 from llmkit.inference.sampling import SamplingParams
-from engine_helpers import chain_model, drain, prompts, tiny
-from post_training_helpers import tiny_tokenizer
+from engine_helpers import chain_model, drain, model, prompts, tiny, tok, tokens_of  # noqa: F401 (fixtures)
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny("llama-tiny", vocab_size=tok.vocab_size)
-
-
-def tokens_of(events):
-    assert isinstance(events[-1], Finished) and all(isinstance(e, TokenEvent) for e in events[:-1])
-    return [e.token_id for e in events[:-1]]
 
 
 def test_concurrent_requests_get_what_they_get_alone(model, tok):

@@ -12,20 +12,10 @@ from llmkit.errors import GenerationError
 from llmkit.inference.engine import Engine
 from llmkit.inference.generate import generate
 from llmkit.inference.sampling import SamplingParams
-from engine_helpers import chain_model, drain, prompts, tiny
-from post_training_helpers import save_tiny_model, tiny_tokenizer
+from engine_helpers import chain_model, drain, model, prompts, tiny, tok, tokens_of  # noqa: F401 (fixtures)
+from post_training_helpers import save_tiny_model
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny("llama-tiny", vocab_size=tok.vocab_size)
 
 
 def settled_stats(engine, tokens: int) -> dict:
@@ -34,10 +24,6 @@ def settled_stats(engine, tokens: int) -> dict:
     while engine.stats()["tokens_total"] < tokens and time.monotonic() < deadline:
         time.sleep(0.01)
     return engine.stats()
-
-
-def tokens_of(events):
-    return [e.token_id for e in events[:-1]]
 
 
 @pytest.mark.parametrize("which", ["itself", "a 1-layer sibling"])
