@@ -115,8 +115,8 @@ def frame_pieces(tokenizer: Tokenizer, text: str, ids: list[int]) -> tuple[list[
 
 def positions_of(pieces: list[Piece], text: str, word: str) -> list[int]:
     """Indices of the pieces covering the first occurrence of `word` in `text` ([] if absent)."""
-    start = text.find(word)
-    if not word or start < 0:
+    start = text.find(word) if word else -1  # no word (None: a text without a default focus) is absent too
+    if start < 0:
         return []
     end = start + len(word)
     return [i for i, p in enumerate(pieces) if not p.special and p.start < end and p.end > start]
