@@ -317,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
             p.add_argument("--arch", choices=tuple(ARCH_PRESETS),
                            help="model family: its default preset, and its objective (bert: masked-LM)")
-            p.add_argument("--fsdp", action="store_true",
-                           help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
-                                "(FSDP2) instead of a full replica on each (DDP)")
+            from llmkit.commands.training_flags import add_fsdp_flag
+
+            add_fsdp_flag(p)
         p.add_argument("--out", default=DEFAULT_OUT if demo else None, required=not demo, metavar="DIR",
                        help="output directory" + (f" (default: {DEFAULT_OUT})" if demo else ""))
         # (the demo samples text, so its model is a decoder: masked-LM masking has nothing to select)

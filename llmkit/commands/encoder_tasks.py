@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_encoder_task_flags(p: argparse.ArgumentParser, data_help: str, *, unit: str) -> None:
     """What every encoder fine-tune (finetune-classifier, -tokens, -qa) takes: the model, the data, the
-    output, --val-data, --resume and its training knobs; each command adds --max-len and its own."""
-    from llmkit.commands.training_flags import add_training_knobs
+    output, --val-data, --resume, its training knobs and --fsdp; each command adds --max-len and its own."""
+    from llmkit.commands.training_flags import add_fsdp_flag, add_training_knobs
     from llmkit.training.config import ENCODER_FINETUNE_DEFAULTS, PRETRAINING_ONLY
 
     p.add_argument("--model", required=True, metavar="PATH",
@@ -64,6 +64,7 @@ def add_encoder_task_flags(p: argparse.ArgumentParser, data_help: str, *, unit: 
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     add_training_knobs(p, defaults=ENCODER_FINETUNE_DEFAULTS, skip=(*PRETRAINING_ONLY, *ENCODER_TASK_SKIP),
                        config_file=False)
+    add_fsdp_flag(p)
 
 
 def parse_labels(args: argparse.Namespace) -> list[str] | None:
@@ -79,10 +80,11 @@ def parse_labels(args: argparse.Namespace) -> list[str] | None:
 def run_encoder_task(args: argparse.Namespace, train, describe, **kwargs) -> None:
     """Run an encoder fine-tune with the shared flags, print its JSON summary."""
     from llmkit.commands.progress import Progress
-    from llmkit.commands.training_flags import training_config
+    from llmkit.commands.training_flags import fsdp_requested, training_config
     from llmkit.errors import ConfigError
 
     cfg = training_config(args)
+    fsdp = fsdp_requested(args)
     if args.max_len is not None and args.max_len <= 1:
         raise ConfigError(f"--max-len must be > 1, got {args.max_len}")
     progress = Progress()
@@ -95,7 +97,7 @@ def run_encoder_task(args: argparse.Namespace, train, describe, **kwargs) -> Non
 
     try:
         summary = train(args.model, args.data, args.out, cfg, val_path=args.val_data, max_len=args.max_len,
-                        resume=args.resume, on_event=on_event, on_step=progress.on_step, **kwargs)
+                        resume=args.resume, on_event=on_event, on_step=progress.on_step, fsdp=fsdp, **kwargs)
     finally:
         progress.close()
     print(json.dumps(summary))

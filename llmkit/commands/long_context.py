@@ -24,7 +24,7 @@ FINETUNE_KNOBS = ("seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this area's subcommands to the `llmkit` parser."""
-    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.commands.training_flags import add_fsdp_flag, add_training_knobs
     from llmkit.training.config import EXTEND_FINETUNE_DEFAULTS, TrainConfig
 
     p = sub.add_parser("extend", help="make a longer-context model from a trained RoPE model",
@@ -41,12 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", metavar="NAME", help="skip directories with this name in --data")
     add_training_knobs(p, defaults=EXTEND_FINETUNE_DEFAULTS, config_file=False,
                        skip=tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FINETUNE_KNOBS))
+    add_fsdp_flag(p)
     p.set_defaults(handler=cmd_extend)
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
     from llmkit.cli import cmd_train
-    from llmkit.commands.training_flags import training_config
+    from llmkit.commands.training_flags import fsdp_requested, training_config
     from llmkit.errors import ConfigError
     from llmkit.training import distributed
     from llmkit.training.extend import extended_config, load_llmkit_checkpoint, save_extended
@@ -56,12 +57,13 @@ def cmd_extend(args: argparse.Namespace) -> None:
         raise ConfigError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.finetune_steps and not args.data:
         raise ConfigError("--finetune-steps needs --data (the text to fine-tune on)")
-    given = [name for name in ("data", "exclude") if getattr(args, name)] + [
+    given = [name for name in ("data", "exclude", "fsdp") if getattr(args, name)] + [
         name for name in args.training_knobs.names if hasattr(args, name)]  # (knob flags are unset unless given)
     if given and not args.finetune_steps:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ConfigError(f"{flags}: settings of the fine-tune; give --finetune-steps N with them")
     train_cfg = training_config(args)  # its flags checked before anything is read
+    fsdp = fsdp_requested(args)
     ckpt, cfg, tensors = load_llmkit_checkpoint(args.model)
     new_cfg = extended_config(cfg, args.factor, args.method)
     out = check_output_dir(args.out, resume=False, empty=True)
@@ -76,7 +78,7 @@ def cmd_extend(args: argparse.Namespace) -> None:
     steps = args.finetune_steps
     knobs = {name: getattr(train_cfg, name) for name in (*FINETUNE_KNOBS, "weight_decay")}
     train_args = argparse.Namespace(
-        data=args.data, out=str(out), tokenizer=str(ckpt / "tokenizer.json"), config=None, resume=False,
+        data=args.data, out=str(out), tokenizer=str(ckpt / "tokenizer.json"), config=None, resume=False, fsdp=fsdp,
         exclude=args.exclude, **{**knobs, "steps": steps, "seq_len": train_cfg.seq_len or new_cfg.max_seq_len,
                                  "warmup_steps": min(train_cfg.warmup_steps, steps), "eval_interval": steps,
                                  "log_interval": min(10, steps)})

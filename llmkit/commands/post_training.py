@@ -2,7 +2,7 @@
 
 The training commands take the fine-tuning knobs (TrainConfig flags less the pretraining-only ones,
 --config, --resume) with defaults suited to fine-tuning (llmkit.training.config), plus the adapter
-(--lora-*) and length (--overlength) options.
+(--lora-*) and length (--overlength) options, and --fsdp under torchrun.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults: dict[str, Any]) -> None:
-    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.commands.training_flags import add_fsdp_flag, add_training_knobs
     from llmkit.data.chat_examples import OVERLENGTH_POLICIES
     from llmkit.training.config import PRETRAINING_ONLY
 
@@ -32,6 +32,7 @@ def _add_training_flags(p: argparse.ArgumentParser, *, data_help: str, defaults:
     p.add_argument("--lora-targets", default="q_proj,v_proj", metavar="NAMES",
                    help="comma-separated linear layers to adapt (default: q_proj,v_proj)")
     add_training_knobs(p, defaults=defaults, skip=PRETRAINING_ONLY, config_file=True)
+    add_fsdp_flag(p)
 
 
 def add_skip_bad_lines_flag(p: argparse.ArgumentParser) -> None:
@@ -95,11 +96,14 @@ def _progress() -> tuple[Callable[[str, dict[str, Any]], None], Callable[[dict],
 
 
 def _run(args: argparse.Namespace, train: Callable, **extra: Any) -> None:
+    from llmkit.commands.training_flags import fsdp_requested
+
     cfg, lora = _options(args)
+    fsdp = fsdp_requested(args)
     on_event, on_step, close = _progress()
     try:
         train(args.model, args.data, args.out, cfg, lora=lora, overlength=args.overlength, resume=args.resume,
-              skip_bad_lines=args.skip_bad_lines, on_event=on_event, on_step=on_step, **extra)
+              skip_bad_lines=args.skip_bad_lines, on_event=on_event, on_step=on_step, fsdp=fsdp, **extra)
     finally:
         close()
     print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)

@@ -25,10 +25,11 @@ DEMO_SKIP = ("val_fraction", "seq_len", "tokenizer_sample_bytes", "depth", "mlm_
 
 def cmd_finetune_seq2seq(args: argparse.Namespace) -> None:
     """Fine-tune an encoder-decoder model on a JSONL of source/target (or instruction) records."""
-    from llmkit.commands.training_flags import training_config
+    from llmkit.commands.training_flags import fsdp_requested, training_config
     from llmkit.training.seq2seq_finetune import finetune_seq2seq
 
     cfg = training_config(args)
+    fsdp = fsdp_requested(args)
     progress = Progress()
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -41,7 +42,7 @@ def cmd_finetune_seq2seq(args: argparse.Namespace) -> None:
 
     try:
         finetune_seq2seq(args.model, args.data, args.out, cfg, resume=args.resume, on_event=on_event,
-                         on_step=progress.on_step)
+                         on_step=progress.on_step, fsdp=fsdp)
     finally:
         progress.close()
     print(f"saved to {args.out} (metrics.jsonl, loss.png, checkpoints/)", file=sys.stderr)
@@ -77,7 +78,7 @@ def cmd_seq2seq_demo(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmkit.commands.training_flags import add_training_knobs
+    from llmkit.commands.training_flags import add_fsdp_flag, add_training_knobs
     from llmkit.training.config import PRETRAINING_ONLY, SEQ2SEQ_FINETUNE_DEFAULTS
 
     ft = sub.add_parser("finetune-seq2seq", help="fine-tune an encoder-decoder (T5/BART) on source/target JSONL")
@@ -87,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ft.add_argument("--out", required=True, metavar="DIR", help="output directory")
     ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     add_training_knobs(ft, defaults=SEQ2SEQ_FINETUNE_DEFAULTS, skip=PRETRAINING_ONLY, config_file=True)
+    add_fsdp_flag(ft)
     ft.set_defaults(handler=cmd_finetune_seq2seq)
 
     demo = sub.add_parser("seq2seq-demo", help="train a tiny T5 from scratch to spell numbers; report exact match")

@@ -65,3 +65,20 @@ def training_config(args: argparse.Namespace):
             raise ConfigError(f"{args.config}: {', '.join(fixed)}: not a setting of `llmkit {args.command}`")
     flags = {name: getattr(args, name) for name in knobs.names if hasattr(args, name)}
     return TrainConfig(**{**knobs.defaults, **values, **flags})
+
+
+def add_fsdp_flag(p: argparse.ArgumentParser) -> None:
+    """--fsdp, for the commands whose model the one Trainer can shard (not PPO: each rank samples its own
+    share of a rollout, so the ranks' forward passes do not line up as FSDP's gathers need)."""
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state over the ranks "
+                        "(FSDP2) instead of a full replica on each (DDP)")
+
+
+def fsdp_requested(args: argparse.Namespace) -> bool:
+    """--fsdp, refused in one line before any work when no torchrun ranks are there to shard over."""
+    from llmkit.training import distributed
+
+    if args.fsdp and not distributed.launched_by_torchrun():
+        raise distributed.fsdp_needs_ranks(args.command)
+    return args.fsdp

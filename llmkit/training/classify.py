@@ -146,14 +146,15 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
                         labels: Sequence[str] | None = None, val_path: str | Path | None = None,
                         max_len: int | None = None, resume: bool = False,
                         on_step: Callable[[dict], None] | None = None,
-                        on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                        fsdp: bool = False) -> dict[str, Any]:
     """Fine-tune (or, with `resume`, continue the run in `out_dir` from its newest checkpoint); returns
     a summary (labels, example counts, truncated texts, final val_accuracy)."""
     from llmkit.training.finetune import fingerprint_of
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
-    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp, command="finetune-classifier")  # under torchrun: before any work
     examples = read_examples(data_path, labels)
     if val_path is not None:
         label_set = list(labels) if labels else sorted({e.label for e in examples})
@@ -180,9 +181,11 @@ def finetune_classifier(model_path: str | Path, data_path: str | Path, out_dir: 
                    "data": fingerprint_of([(e.text, e.label) for e in train], [(e.text, e.label) for e in val]),
                    "model_config": model.cfg.non_default_fields(), "tokenizer": lm.tokenizer.fingerprint(),
                    "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum}
-    state = train_encoder_task(model, lm.tokenizer, out, cfg, loss_fn=classification_loss, get_batch=train_data.batch,
-                               evaluate=lambda m: evaluate_classifier(m, val_data), meta={"labels": label_names},
-                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit)
+    state = train_encoder_task(model, lm.tokenizer, out, cfg, loss_fn=classification_loss,
+                               get_batch=train_data.batch, evaluate=lambda m: evaluate_classifier(m, val_data),
+                               meta={"labels": label_names},
+                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit,
+                               fsdp=fsdp)
     final = evaluate_classifier(model.eval(), val_data)
     return {"labels": label_names, "train_examples": len(train), "val_examples": len(val),
             "truncated": train_data.truncated + val_data.truncated, "steps": state.step, **final}
@@ -194,12 +197,14 @@ def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: T
                        get_batch: Callable[[int], Any], evaluate: Callable[[nn.Module], dict[str, float]],
                        meta: dict[str, Any], fingerprint: dict[str, Any] | None = None, resume: bool = False,
                        on_step: Callable[[dict], None] | None = None,
-                       on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TrainState:
+                       on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                       fsdp: bool = False) -> TrainState:
     """Run the one Trainer on a fine-tuned encoder in `out` (tokenizer.json, metrics.jsonl, checkpoints
     whose config.json holds the model config and `meta`), resuming there when asked. A run that fails
     leaves no directory it created (Ctrl-C keeps its checkpoint). Under torchrun every rank trains
     (the Trainer deals each step's micro-batches out) and evaluates the same weights on the same
-    held-out data, with no collective; rank 0 alone writes."""
+    held-out data, with no collective of its own (with `fsdp` the model is sharded: every rank's
+    evaluation runs the same forward passes, so their weight gathers line up); rank 0 alone writes."""
     emit = on_event or (lambda kind, info: None)
     created = not out.exists()
     distributed.checked_before_written()
@@ -211,7 +216,7 @@ def train_encoder_task(model: nn.Module, tokenizer: Tokenizer, out: Path, cfg: T
             trainer = Trainer(model, cfg, loss_fn=loss_fn, get_batch=get_batch, out_dir=out, evaluate=evaluate,
                               checkpoint_json={"config.json": run_config_json(model.cfg, **meta)},
                               checkpoint_files={"tokenizer.json": out / "tokenizer.json"},
-                              fingerprint=fingerprint)
+                              fingerprint=fingerprint, fsdp=fsdp)
             return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)
         except Exception:
             if created and main:

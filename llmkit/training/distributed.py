@@ -15,6 +15,12 @@ schedule and the logged losses do not depend on N; DDP averages the gradients. P
 ppo.py) also splits each rollout: rank r samples and scores its block of the rollout's rows (each row
 with the seed it has in one process), and `gather_rows` gives every rank the whole batch. Rank 0
 alone writes checkpoints, metrics and plots, and holds the run directory's lock.
+
+With --fsdp (every command on the one Trainer but PPO) the model is sharded instead of replicated
+(FSDP2: `shard`, in the run's precision: `mixed_precision`); checkpoints gather the shards into the
+usual whole tensors (llmkit/training/trainer_checkpoint.py), never torch.distributed.checkpoint's
+pickled metadata. Every rank then runs the same forward passes — training and evaluation alike — as
+each one gathers weights from all; PPO's per-rank sampling could not, so it takes no --fsdp.
 """
 
 from __future__ import annotations
@@ -23,17 +29,23 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
 
 from llmkit.errors import ConfigError, LlmkitError
 
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from llmkit.runtime import Runtime
+
 COLLECTIVE_TIMEOUT_S = 120  # a collective that waits longer (a rank hung or gone) fails on every rank
 TIMEOUT_ENV = "LLMKIT_COLLECTIVE_TIMEOUT_S"  # seconds, instead of COLLECTIVE_TIMEOUT_S (tests use a few)
-FSDP_NEEDS_RANKS = ("--fsdp shards the model over the ranks torchrun starts: run it as "
-                    "`torchrun --nproc_per_node=N -m llmkit train … --fsdp`")
+# methods other than forward that the objectives call on a model (a classifier's pooled logits): FSDP2
+# gathers a unit's weights in hooks on forward, so these are hooked the same way
+FORWARD_METHODS = ("classify",)
 # the commands that run under torchrun (every training command on the one Trainer: the pretraining, the
 # fine-tunes, PPO, and extend's fine-tune); the others refuse in one line
 COMMANDS = ("train", "sft", "reward", "dpo", "ppo", "finetune-classifier", "finetune-tokens", "finetune-qa",
@@ -205,29 +217,35 @@ def gather_rng_states() -> list[torch.Tensor]:
     return [s.cpu() for s in states]
 
 
-def check_split(grad_accum: int, *, fsdp: bool = False) -> None:
+def fsdp_needs_ranks(command: str) -> ConfigError:
+    return ConfigError(f"--fsdp shards the model over the ranks torchrun starts: run it as "
+                       f"`torchrun --nproc_per_node=N -m llmkit {command} … --fsdp`")
+
+
+def check_split(grad_accum: int, *, fsdp: bool = False, command: str = "train") -> None:
     """A step's micro-batches must deal out evenly over the ranks, and --fsdp needs ranks (checked before
     any work is done)."""
     size = world().size
     if fsdp and size == 1:
-        raise ConfigError(FSDP_NEEDS_RANKS)
+        raise fsdp_needs_ranks(command)
     if grad_accum % size:
         raise ConfigError(f"--grad-accum {grad_accum} cannot be dealt out over {size} ranks: use a multiple of "
                           f"{size} (each rank runs grad_accum / ranks micro-batches of every step, so the global "
                           f"batch stays batch_size × grad_accum)")
 
 
-def wrap(objective: torch.nn.Module, *, fsdp: bool = False) -> torch.nn.Module:
+def wrap(objective: torch.nn.Module, *, fsdp: bool = False, runtime: "Runtime | None" = None) -> torch.nn.Module:
     """The Trainer's objective (the model and its loss as one module) ready for several ranks: under
-    DistributedDataParallel, or with the model sharded by FSDP2 (`fsdp`); itself in one process.
+    DistributedDataParallel, or with the model sharded by FSDP2 (`fsdp`, in `runtime`'s precision:
+    see mixed_precision); itself in one process.
 
     DDP's static_graph: an objective may leave some weights out of every step (a pooler, a head it does
     not use); DDP learns which from the first step, then knows when every gradient it will get has
     arrived, without a search of the graph at each step."""
     if fsdp:
         if world().size == 1:
-            raise ConfigError(FSDP_NEEDS_RANKS)
-        shard(objective.model)
+            raise fsdp_needs_ranks("train")
+        shard(objective.model, mixed_precision(runtime) if runtime is not None else None)
         return objective
     if world().size == 1:
         return objective
@@ -238,21 +256,41 @@ def wrap(objective: torch.nn.Module, *, fsdp: bool = False) -> torch.nn.Module:
                                    static_graph=True)
 
 
-def shard(model: torch.nn.Module) -> None:
+def mixed_precision(runtime: "Runtime") -> "MixedPrecisionPolicy | None":
+    """FSDP2's own mixed precision for a run whose precision (llmkit/runtime.py's one choice: bf16 only
+    where the device runs it natively — a CUDA GPU with bf16, a CPU with native bf16 that the probe
+    measured faster) is bf16: each unit's weights are gathered in bf16 (half the all-gather traffic and
+    the memory of the unsharded weights), the gradients reduced in fp32 into the fp32 shards that AdamW
+    updates. The Trainer's autocast stays on around it, so the ops autocast keeps in fp32 (softmax,
+    norms, the losses) still run in fp32. gloo does both casts on the CPU as NCCL does on CUDA (tried:
+    bf16 gathers, fp32 gradient shards). An fp32 run: None, nothing to cast."""
+    if runtime.dtype == "fp32":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=runtime.torch_dtype, reduce_dtype=torch.float32)
+
+
+def shard(model: torch.nn.Module, mp_policy: "MixedPrecisionPolicy | None" = None) -> None:
     """FSDP2 (`fully_shard`) in place: each layer block its own unit (its weights gathered just before it
     runs and freed after), the rest of the model (embeddings, final norm, head — tied weights stay in one
     unit) the root. Each rank keeps 1/N of every parameter, gradient and AdamW moment. A model whose
-    layers share one block (ALBERT) is one unit."""
-    from torch.distributed.fsdp import fully_shard
+    layers share one block (ALBERT) is one unit. Frozen weights (LoRA's base) are sharded too, and get
+    no gradient. `mp_policy`: see mixed_precision."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from llmkit.models.recurrent import MambaBlock, RWKVBlock
     from llmkit.models.transformer import Block
 
+    policy = mp_policy or MixedPrecisionPolicy()  # (the default: no casts)
     if not getattr(getattr(model, "cfg", None), "share_layers", False):
         for module in list(model.modules()):
             if isinstance(module, (Block, RWKVBlock, MambaBlock)):
-                fully_shard(module)
-    fully_shard(model)
+                fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for name in FORWARD_METHODS:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -47,12 +47,14 @@ class FinetuneRun:
     data_fingerprint: str
     lora: LoraConfig | None = None
     heads: tuple[str, ...] = ()  # extra modules whose tensors `llmkit.load` sets aside
+    fsdp: bool = False  # under torchrun: shard the model over the ranks (FSDP2) instead of DDP's replicas
 
 
-def load_start_model(path: str | Path, cfg: TrainConfig) -> Any:
-    """The starting model, in float32 and train mode (bf16 is autocast, never stored weights)."""
+def load_start_model(path: str | Path, cfg: TrainConfig, *, kind: str, fsdp: bool = False) -> Any:
+    """The starting model, in float32 and train mode (bf16 is autocast, never stored weights), once the
+    run's split over torchrun's ranks is checked (`kind`: the command, for the error)."""
     set_threads(cfg.threads)
-    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp, command=kind)  # under torchrun: before any work
     lm = llmkit.load(path)
     lm.model.float().train()
     return lm
@@ -109,5 +111,6 @@ def train(run: FinetuneRun, *, loss_fn: Callable, get_batch: Callable[[int], Any
             fingerprint={"kind": run.kind, "model_config": run.lm.model.cfg.non_default_fields(),
                          "data": run.data_fingerprint, "tokenizer": run.lm.tokenizer.fingerprint(),
                          "batch_size": run.cfg.batch_size, "grad_accum": run.cfg.grad_accum,
-                         "lora": run.lora.to_dict() if run.lora else None})
+                         "lora": run.lora.to_dict() if run.lora else None},
+            fsdp=run.fsdp)
         return run_trainer(trainer, out, resume=resume, emit=emit, on_step=on_step)

@@ -107,7 +107,8 @@ class Trainer:
         dtype/threads on this model's shapes). `clock`: seconds, for budgets (tests pass a fake).
         `started_at`: the clock reading when the run's work began (data preparation counts against
         --time-budget too); default: now. `fsdp`: under torchrun, shard the model, its gradients and
-        AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP)."""
+        AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP); bf16 on CUDA gathers
+        the weights in bf16 (distributed.mixed_precision)."""
         assert (get_batch is None) != (collector is None), "a Trainer reads get_batch or a collector"
         assert weights is None or not fsdp, "FSDP checkpoints the whole model"
         if collector is not None and cfg.time_budget is not None:
@@ -126,7 +127,7 @@ class Trainer:
         model.to(self.runtime.device)
         self.world = distributed.world()
         distributed.check_split(cfg.grad_accum)
-        self.objective = distributed.wrap(Objective(model, loss_fn), fsdp=fsdp)
+        self.objective = distributed.wrap(Objective(model, loss_fn), fsdp=fsdp, runtime=self.runtime)
         self.sharded = fsdp
         self.optimizer = build_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -117,13 +117,13 @@ def _pad_id(lm: Any) -> int:
 
 
 def _setup(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
-           overlength: str, resume: bool, skip_bad_lines: int, emit: Event,
+           overlength: str, resume: bool, skip_bad_lines: int, emit: Event, kind: str, fsdp: bool,
            ) -> tuple[Any, Path, list[Pair], list[Pair], str]:
     out_dir = finetune.check_output_dir(out_dir, resume)
     records = read_preference_pairs(data_path, skip_bad_lines=skip_bad_lines)  # checked before any model work
     emit("records", {"summary": records[1].summary(), "unknown_keys": dict(records[1].unknown_keys),
                      "skipped": records[1].skipped})
-    lm = finetune.load_start_model(model_path, cfg)
+    lm = finetune.load_start_model(model_path, cfg, kind=kind, fsdp=fsdp)
     pairs, fingerprint = prepare_pairs(lm, records, finetune.context_length(lm, cfg), overlength, emit)
     train_pairs, val_pairs = hold_out(pairs, cfg.val_fraction, cfg.seed, source=str(data_path), unit="usable pair")
     emit("split", {"train": len(train_pairs), "val": len(val_pairs)})
@@ -168,19 +168,22 @@ def evaluate_reward(model: RewardModel, pairs: list[Pair], cfg: TrainConfig, pad
 def train_reward_model(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                        lora: LoraConfig | None = None, overlength: str = "truncate", resume: bool = False,
                        skip_bad_lines: int = 0, on_event: Event | None = None,
-                       on_step: Callable[[dict], None] | None = None) -> TrainState:
-    """Train a reward model (LM backbone + scalar head) on preference pairs; see the module docstring."""
+                       on_step: Callable[[dict], None] | None = None, fsdp: bool = False) -> TrainState:
+    """Train a reward model (LM backbone + scalar head) on preference pairs; see the module docstring.
+    `fsdp`: under torchrun, shard the model over the ranks (llmkit/training/distributed.py)."""
     emit = on_event or (lambda kind, info: None)
     lm, out_dir, train_pairs, val_pairs, fingerprint = _setup(model_path, data_path, out_dir, cfg,
                                                               overlength=overlength, resume=resume,
-                                                              skip_bad_lines=skip_bad_lines, emit=emit)
+                                                              skip_bad_lines=skip_bad_lines, emit=emit,
+                                                              kind="reward", fsdp=fsdp)
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_lm(lm.model).train()
     lm.model = model  # the reward model holds the backbone now; lm keeps the tokenizer and chat format
     finetune.maybe_lora(model, lora, emit)
     model.reward_head.requires_grad_(True)  # a new head always trains, adapters or not
     pad_id = _pad_id(lm)
-    run = finetune.FinetuneRun(lm, model, cfg, out_dir, "reward", fingerprint, lora=lora, heads=(REWARD_HEAD,))
+    run = finetune.FinetuneRun(lm, model, cfg, out_dir, "reward", fingerprint, lora=lora, heads=(REWARD_HEAD,),
+                               fsdp=fsdp)
     evaluate = (lambda m: evaluate_reward(m, val_pairs, cfg, pad_id)) if val_pairs else None
     return finetune.train(run, loss_fn=reward_loss, get_batch=_batches(train_pairs, cfg, pad_id), evaluate=evaluate,
                           resume=resume, on_event=on_event, on_step=on_step)
@@ -205,14 +208,16 @@ def make_dpo_loss(reference: nn.Module, beta: float) -> Callable[[nn.Module, Bat
 def dpo(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         beta: float = 0.1, lora: LoraConfig | None = None, overlength: str = "truncate", resume: bool = False,
         skip_bad_lines: int = 0, on_event: Event | None = None,
-        on_step: Callable[[dict], None] | None = None) -> TrainState:
-    """Direct preference optimisation of the model at `model_path` against a frozen copy of itself."""
+        on_step: Callable[[dict], None] | None = None, fsdp: bool = False) -> TrainState:
+    """Direct preference optimisation of the model at `model_path` against a frozen copy of itself (under
+    torchrun the copy is whole on every rank; `fsdp` shards only the policy that trains)."""
     if not beta > 0 or beta != beta or beta == float("inf"):
         raise ConfigError(f"--beta must be a positive number, got {beta}")
     emit = on_event or (lambda kind, info: None)
     lm, out_dir, train_pairs, val_pairs, fingerprint = _setup(model_path, data_path, out_dir, cfg,
                                                               overlength=overlength, resume=resume,
-                                                              skip_bad_lines=skip_bad_lines, emit=emit)
+                                                              skip_bad_lines=skip_bad_lines, emit=emit,
+                                                              kind="dpo", fsdp=fsdp)
     reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
     finetune.maybe_lora(lm.model, lora, emit)
     pad_id = _pad_id(lm)
@@ -231,7 +236,7 @@ def dpo(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
         return {k: v / n for k, v in sums.items()}
 
     run = finetune.FinetuneRun(lm, lm.model, cfg, out_dir, "dpo", finetune.fingerprint_of(fingerprint, beta),
-                               lora=lora)
+                               lora=lora, fsdp=fsdp)
     return finetune.train(run, loss_fn=loss_fn, get_batch=_batches(train_pairs, cfg, pad_id),
                           evaluate=evaluate if val_pairs else None, resume=resume, on_event=on_event,
                           on_step=on_step)

@@ -127,7 +127,8 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
                 val_path: str | Path | None = None, max_len: int | None = None, doc_stride: int | None = None,
                 max_answer_len: int = 30, null_threshold: float | None = None, resume: bool = False,
                 on_step: Callable[[dict], None] | None = None,
-                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                fsdp: bool = False) -> dict[str, Any]:
     """Fine-tune; returns a summary (question and window counts, final held-out exact match and F1).
     `null_threshold` (default 0.0 when the training data has unanswerable questions, else none:
     never abstain) is kept with the model for `answer()`."""
@@ -135,7 +136,7 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
-    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp, command="finetune-qa")  # under torchrun: before any work
     squad = read_squad(data_path)
     if val_path is not None:
         val_squad = read_squad(val_path)
@@ -185,7 +186,8 @@ def finetune_qa(model_path: str | Path, data_path: str | Path, out_dir: str | Pa
                                evaluate=lambda m: evaluate_reader(m, lm.tokenizer, val_data, max_answer_len,
                                                                   null_threshold),
                                meta={"task": model.task_json(), "started_from": str(model_path)},
-                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit)
+                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit,
+                               fsdp=fsdp)
     final = evaluate_reader(model.eval(), lm.tokenizer, val_data, max_answer_len, null_threshold)
     return {"train_questions": len(train), "val_questions": len(val), "train_windows": len(train_data.rows_),
             "val_windows": len(val_data.rows_), "train_unanswerable": train_data.unanswerable,

@@ -35,13 +35,14 @@ Event = Callable[[str, dict[str, Any]], None]
 
 def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                      resume: bool = False, on_event: Event | None = None,
-                     on_step: Callable[[dict], None] | None = None) -> TrainState:
-    """Fine-tune an encoder-decoder model on `data_path`; see the module docstring."""
+                     on_step: Callable[[dict], None] | None = None, fsdp: bool = False) -> TrainState:
+    """Fine-tune an encoder-decoder model on `data_path`; see the module docstring. `fsdp`: under
+    torchrun, shard the model over the ranks (llmkit/training/distributed.py)."""
     out_dir = Path(out_dir)
     emit = on_event or (lambda kind, info: None)
     set_threads(cfg.threads)
     check_output_dir(out_dir, resume=resume)
-    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp, command="finetune-seq2seq")  # under torchrun: before any work
     examples = read_seq2seq_records(data_path)  # every record checked before anything is loaded or written
     lm = llmkit.load(model_path)
     model_cfg, tokenizer = lm.model.cfg, lm.tokenizer
@@ -85,5 +86,6 @@ def finetune_seq2seq(model_path: str | Path, data_path: str | Path, out_dir: str
             fingerprint={"model_config": model_cfg.non_default_fields(), "base_model": str(lm.path.resolve()),
                          "data": hashlib.sha256(Path(data_path).read_bytes()).hexdigest(),
                          "tokenizer": tokenizer.fingerprint(), "seq_len": context, "batch_size": cfg.batch_size,
-                         "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction})
+                         "grad_accum": cfg.grad_accum, "val_fraction": cfg.val_fraction},
+            fsdp=fsdp)
         return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)

@@ -59,13 +59,14 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
         lora: LoraConfig | None = None, overlength: str = "truncate", packing: bool = False,
         resume: bool = False, skip_bad_lines: int = 0,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
-        on_step: Callable[[dict], None] | None = None) -> TrainState:
-    """Fine-tune the model at `model_path` on the SFT records of `data_path`; see the module docstring."""
+        on_step: Callable[[dict], None] | None = None, fsdp: bool = False) -> TrainState:
+    """Fine-tune the model at `model_path` on the SFT records of `data_path`; see the module docstring.
+    `fsdp`: under torchrun, shard the model over the ranks (llmkit/training/distributed.py)."""
     emit = on_event or (lambda kind, info: None)
     out_dir = finetune.check_output_dir(out_dir, resume)
     records, stats = read_sft_records(data_path, skip_bad_lines=skip_bad_lines)  # checked before any model work
     emit("records", {"summary": stats.summary(), "unknown_keys": dict(stats.unknown_keys), "skipped": stats.skipped})
-    lm = finetune.load_start_model(model_path, cfg)
+    lm = finetune.load_start_model(model_path, cfg, kind="sft", fsdp=fsdp)
     max_len = finetune.context_length(lm, cfg)
     counts: Counter = Counter()
     examples = prepare_examples(lm, records, max_len, overlength, counts)
@@ -85,8 +86,9 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
     pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else (lm.eos_ids or [0])[0]
     model = lm.model
     finetune.maybe_lora(model, lora, emit)
-    run = finetune.FinetuneRun(lm, model, cfg, out_dir, "sft", lora=lora, data_fingerprint=finetune.fingerprint_of(
-        [e.ids for e in examples], [e.labels for e in examples], packing, cfg.seed, cfg.val_fraction))
+    fingerprint = finetune.fingerprint_of([e.ids for e in examples], [e.labels for e in examples], packing, cfg.seed,
+                                          cfg.val_fraction)
+    run = finetune.FinetuneRun(lm, model, cfg, out_dir, "sft", fingerprint, lora=lora, fsdp=fsdp)
 
     def get_batch(index: int) -> Batch:
         return pad_batch([train_examples[i] for i in sample_order(len(train_examples), cfg.batch_size, index,

@@ -108,13 +108,14 @@ def evaluate_tagger(model: nn.Module, data: TaggedData, *, per_type: bool = Fals
 def finetune_tokens(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                     labels: Sequence[str] | None = None, val_path: str | Path | None = None,
                     max_len: int | None = None, resume: bool = False, on_step: Callable[[dict], None] | None = None,
-                    on_event: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                    fsdp: bool = False) -> dict[str, Any]:
     """Fine-tune; returns a summary (labels, sentence counts, truncated sentences, final held-out scores)."""
     from llmkit.training.finetune import fingerprint_of
 
     emit = on_event or (lambda kind, info: None)
     out = check_output_dir(out_dir, resume=resume, empty=True)
-    distributed.check_split(cfg.grad_accum)  # under torchrun: before any work
+    distributed.check_split(cfg.grad_accum, fsdp=fsdp, command="finetune-tokens")  # under torchrun: before any work
     sentences = read_tagged(data_path, labels)
     label_names = list(labels) if labels else tag_set(sentences)
     if val_path is not None:
@@ -143,7 +144,8 @@ def finetune_tokens(model_path: str | Path, data_path: str | Path, out_dir: str 
     state = train_encoder_task(model, lm.tokenizer, out, cfg, loss_fn=token_loss, get_batch=train_data.batch,
                                evaluate=lambda m: evaluate_tagger(m, val_data),
                                meta={"task": model.task_json(), "started_from": str(model_path)},
-                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit)
+                               fingerprint=fingerprint, resume=resume, on_step=on_step, on_event=emit,
+                               fsdp=fsdp)
     final = evaluate_tagger(model.eval(), val_data, per_type=True)
     return {"labels": label_names, "train_sentences": len(train), "val_sentences": len(val), "truncated": truncated,
             "steps": state.step, **final}

@@ -242,10 +242,13 @@ FINETUNE = ["--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--dtype",
             "--log-interval", "1", "--threads", "1", "--lr", "1e-3"]
 
 
-@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
-def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command):
+# (DDP for each, FSDP2 for SFT: the fine-tunes' sharded path is the one Trainer's, as train's is)
+@pytest.mark.parametrize("command,modes", [("sft", ("ddp", "fsdp")), ("reward", ("ddp",)), ("dpo", ("ddp",))])
+def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command, modes):
     """SFT, the reward model (a scalar head on the pairs), and DPO (whose loss also runs the frozen
-    reference model), through the same Trainer."""
+    reference model), through the same Trainer: two ranks with per-rank batch b (--batch-size 2 and
+    --grad-accum 2 deal one micro-batch of 2 to each) train one process's losses, replicated (DDP) or
+    sharded (--fsdp), and the sharded run's result loads in one process with DDP's weights."""
     root, _, _ = runs
     data = root / f"{command}.jsonl"
     with data.open("w") as f:
@@ -254,13 +257,23 @@ def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command):
                       else {"prompt": f"say {i}", "chosen": f"{i} is {i}", "rejected": f"no {i + 1}"})
             f.write(json.dumps(record) + "\n")
     single = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-one", *FINETUNE, cwd=root)
-    double = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-two", *FINETUNE, ranks=2,
-                 cwd=root)
     assert single.returncode == 0, single.stderr
-    assert double.returncode == 0, double.stderr
-    one, two = losses(root / f"{command}-one"), losses(root / f"{command}-two")
-    assert [row[:2] for row in two] == [row[:2] for row in one] and len(one) >= 4
-    assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL)
+    one = losses(root / f"{command}-one")
+    assert len(one) >= 4 and len({v for *_, v in one}) > 2  # the losses move
+    for mode in modes:
+        out = f"{command}-{mode}"
+        double = run(command, "--model", "one", "--data", data.name, "--out", out, *FINETUNE,
+                     *(["--fsdp"] if mode == "fsdp" else []), ranks=2, cwd=root)
+        assert double.returncode == 0, double.stderr
+        two = losses(root / out)
+        assert [row[:2] for row in two] == [row[:2] for row in one], mode
+        assert [v for *_, v in two] == pytest.approx([v for *_, v in one], rel=RTOL), mode
+    if "fsdp" in modes:
+        newest = root / f"{command}-fsdp" / "checkpoints" / "step-00000004"
+        assert json.loads((newest / "train_state.json").read_text())["sharded"] is True
+        sharded, replicated = llmkit.load(root / f"{command}-fsdp"), llmkit.load(root / f"{command}-ddp")
+        for name, tensor in replicated.model.state_dict().items():  # whole tensors, in llmkit's usual format
+            torch_close(sharded.model.state_dict()[name], tensor)
 
 
 PPO = dict(steps=3, rollout_batch=8, minibatch_size=4, grad_accum=2, max_new_tokens=6, lr=3e-3)
@@ -410,6 +423,11 @@ def test_encoder_and_seq2seq_fine_tunes_under_two_ranks_train_the_same_losses(tm
     single, double = llmkit.load(tmp_path / "ranks-1"), llmkit.load(tmp_path / "ranks-2")
     for name, tensor in single.model.state_dict().items():
         torch_close(double.model.state_dict()[name], tensor)
+    if command == "finetune-classifier":  # sharded too: its loss calls model.classify, not forward
+        sharded = run(*args, "--out", "fsdp", "--fsdp", ranks=2, cwd=tmp_path)
+        assert sharded.returncode == 0, sharded.stderr
+        assert [v for *_, v in losses(tmp_path / "fsdp")] == pytest.approx([v for *_, v in one], rel=RTOL)
+        assert json.loads(sharded.stdout)["val_loss"] == pytest.approx(json.loads(results[1][0])["val_loss"], rel=RTOL)
 
 
 def test_a_hung_rank_makes_the_other_stop_in_one_line_within_the_timeout(runs):
