@@ -85,10 +85,11 @@ def write_gguf(path: Path, *, arch: str = "llama", vocab_size: int | None = None
                heads: int = 4, kv_heads: int = 2, ff: int = 128, context: int = 128, tied: bool = True,
                qtype: Q = Q.F32, alignment: int | None = None, pre: str = "default",
                meta: dict[str, Any] | None = None, tensors: dict[str, np.ndarray | None] | None = None,
-               seed: int = 0) -> dict[str, np.ndarray]:
-    """Write a tiny model; 2-D weights in `qtype`, norms and biases in F32. `meta` overrides metadata
-    (None deletes a key; (value, GGUFValueType[, item type]) forces a type), `tensors` adds, replaces or
-    (None) drops tensors. Returns the weights written, in Hugging Face layout before permutation."""
+               tensor_types: dict[str, Q] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a tiny model; 2-D weights in `qtype` (or `tensor_types[name]`), norms and biases in F32. `meta`
+    overrides metadata (None deletes a key; (value, GGUFValueType[, item type]) forces a type), `tensors`
+    adds, replaces or (None) drops tensors (a uint8 array: that type's blocks, written as they are).
+    Returns the weights written, in Hugging Face layout before permutation."""
     tokens, merges, types = toy_vocab()
     vocab_size = vocab_size or len(tokens)
     weights = random_weights(vocab=vocab_size, d=d, layers=layers, heads=heads, kv_heads=kv_heads, ff=ff,
@@ -129,8 +130,8 @@ def write_gguf(path: Path, *, arch: str = "llama", vocab_size: int | None = None
             continue
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")) and name in weights:
             arr = permute(arr, heads if "attn_q" in name else kv_heads)
-        t = qtype if arr.ndim == 2 else Q.F32
-        data = encode_tensor(arr, t, rng)
+        t = (tensor_types or {}).get(name, qtype) if arr.ndim == 2 else Q.F32
+        data = arr if arr.dtype == np.uint8 else encode_tensor(arr, t, rng)
         writer.add_tensor(name, data, raw_dtype=t if data.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
