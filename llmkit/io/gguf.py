@@ -196,8 +196,8 @@ def load_gguf(path: str | Path, *, keep_quantized: bool = False) -> GGUFModel:
     """Load a GGUF file: an llmkit CausalLM in eval mode with float32 weights (quantised tensors are
     dequantised), its tokenizer, prefix and EOS ids, and its chat template. Header, config, tensor
     shapes and types, and tokenizer are all checked before the model's weights are allocated.
-    `keep_quantized`: linear layers stored as Q4_0, Q4_1, Q4_K or Q8_0 become int4/int8 layers holding the
-    file's own codes (llmkit/io/gguf_kept.py), for decoding only; the rest loads as before."""
+    `keep_quantized`: linear layers stored as Q4_0, Q4_1, Q4_K, Q5_0, Q6_K or Q8_0 become int4/int8 layers
+    holding the file's own codes (llmkit/io/gguf_kept.py), for decoding only; the rest loads as before."""
     path = Path(path)
     where = str(path)
     header = read_header(path)

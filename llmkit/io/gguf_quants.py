@@ -1,4 +1,5 @@
-"""Dequantisation of GGUF's simple block formats (Q8_0, Q4_0, Q4_1) in vectorised torch.
+"""Dequantisation of GGUF's simple block formats (Q8_0, Q4_0, Q4_1; Q5_0 and Q6_K through their codes)
+in vectorised torch, and the codes llmkit's int4/int8 layers keep (`block_codes`).
 
 The `gguf` package dequantises in numpy, group of rows by group of rows; for SmolLM2-135M's 210
 Q4_1 tensors that was 2.8 s of a 7.7 s load. These formats are one scale (and offset) per block of
@@ -9,7 +10,8 @@ Q4_1 tensors that was 2.8 s of a 7.7 s load. These formats are one scale (and of
     Q4_1: fp16 d, fp16 m, 16 bytes of pairs    → x = d·q + m
 
 In a 4-bit block, byte j holds weight j in its low nibble and weight j + 16 in its high nibble.
-Other types (the K-quants, …) return None and fall back to the `gguf` package.
+Q5_0 and Q6_K are dequantised from `block_codes`: the same float32 products (exact, see there).
+Other types (Q4_K, Q5_K, Q5_1, …) return None and fall back to the `gguf` package.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ _SIMPLE = {QT.Q8_0: (34, 2), QT.Q4_0: (18, 2), QT.Q4_1: (20, 4)}
 
 def dequantize_simple(raw: np.ndarray, qtype: QT) -> Tensor | None:
     """`raw` (..., blocks·bytes per block) uint8 → float32 (..., blocks·32), or None for other types."""
+    if qtype in (QT.Q5_0, QT.Q6_K):
+        flat = raw.reshape(-1, raw.shape[-1])
+        codes, scale, _ = block_codes(flat, qtype)
+        out = codes.reshape(flat.shape[0], scale.shape[1], -1).float() * scale[..., None]
+        return out.reshape(*raw.shape[:-1], -1)
     if qtype not in _SIMPLE:
         return None
     type_size, header = _SIMPLE[qtype]
@@ -42,29 +49,43 @@ def dequantize_simple(raw: np.ndarray, qtype: QT) -> Tensor | None:
     return out.reshape(*raw.shape[:-1], -1)
 
 
-# The block types whose codes llmkit's int4/int8 layers hold as they are (one scale, and an offset,
-# per group of 32 weights of a row: llmkit/layers/quantized.py), and their bits.
-KEPT_BITS = {QT.Q8_0: 8, QT.Q4_0: 4, QT.Q4_1: 4, QT.Q4_K: 4}
+# The block types whose codes llmkit's int4/int8 layers hold as they are (llmkit/layers/quantized.py),
+# and the layer each becomes: (bits, weights of a row per scale). Q5_1 and Q5_K are not here: their
+# 5-bit codes need 8-bit storage, and llmkit's int8 layers are symmetric (no offset to hold their mins).
+KEPT_FORMATS = {QT.Q8_0: (8, 32), QT.Q5_0: (8, 32), QT.Q6_K: (8, 16),
+                QT.Q4_0: (4, 32), QT.Q4_1: (4, 32), QT.Q4_K: (4, 32)}
 Q4_K_BYTES = 144  # per 256 weights: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of pairs
+Q5_0_BYTES = 22  # per 32 weights: fp16 d, 4 bytes of fifth bits, 16 bytes of 4-bit pairs
+Q6_K_BYTES = 210  # per 256 weights: 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, fp16 d
 
 
 def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | None:
-    """`raw` (rows, blocks·bytes per block) uint8 → codes (rows, blocks·32) and float32 scale and
-    offset (rows, blocks) in the form of llmkit's quantised layers, or None for other types:
+    """`raw` (rows, blocks·bytes per block) uint8 → codes (rows, blocks·block size) and float32 scale
+    and offset (rows, row length / group) in the form of llmkit's quantised layers, or None for other
+    types:
 
         int8 (Q8_0):  w = code · scale                      code = q ∈ −127..127
+        int8 (Q5_0):  w = d·(q − 16)                        code = q − 16, scale = d, group 32
+        int8 (Q6_K), per 16 weights j of a 256-weight block: w = d·sc_j·(q − 32)
+                                                            code = q − 32, scale = d·sc_j, group 16
         int4:         w = (code − 8) · scale + offset       Q4_0: code = q, offset = 0
                                                             Q4_1: code = q, offset = m + 8·d
         Q4_K, per 32 weights j of a 256-weight block: w = d·sc_j · q − dmin·m_j
                                                             code = q, scale = d·sc_j,
                                                             offset = 8·scale − dmin·m_j
 
-    The codes are the file's own; the scales and offsets are its fp16 numbers (the layers store them
-    in bf16, as they store any other model's)."""
-    if qtype not in KEPT_BITS:
+    The codes are the file's own and the scales its numbers, exactly: an fp16 d times a 6-bit or
+    8-bit integer has at most 18 significant bits, which float32 holds (and times a Q6_K code at most
+    24, so the float32 weight is the file's too). A layer that stores them in bf16 rounds them (see
+    llmkit/io/gguf_kept.py)."""
+    if qtype not in KEPT_FORMATS:
         return None
     if qtype == QT.Q4_K:
         return _q4_k_codes(raw)
+    if qtype == QT.Q6_K:
+        return _q6_k_codes(raw)
+    if qtype == QT.Q5_0:
+        return _q5_0_codes(raw)
     type_size, header = _SIMPLE[qtype]
     rows = raw.shape[0]
     blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, type_size)  # (rows, blocks, bytes)
@@ -77,6 +98,38 @@ def block_codes(raw: np.ndarray, qtype: QT) -> tuple[Tensor, Tensor, Tensor] | N
         return codes, d, torch.zeros_like(d)
     m = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
     return codes, d, m + 8 * d
+
+
+def _q5_0_codes(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Q5_0 (ggml-common.h block_q5_0): weight i's low 4 bits as in Q4_0 (byte i of the 16 for i < 16,
+    its high nibble for 16 + i), its fifth bit bit i of the little-endian 32-bit qh."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, Q5_0_BYTES)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float().squeeze(-1)  # (rows, blocks)
+    qh = blocks[..., 2:6].to(torch.int32)  # byte b holds the fifth bits of weights 8b … 8b + 7
+    fifth = (qh[..., :, None] >> torch.arange(8, dtype=torch.int32)) & 1  # (rows, blocks, 4, 8)
+    payload = blocks[..., 6:]
+    low = torch.cat([payload & 0x0F, payload >> 4], dim=-1).to(torch.int32)  # (rows, blocks, 32)
+    codes = (low | (fifth.reshape(rows, -1, 32) << 4)) - 16
+    return codes.to(torch.int8).reshape(rows, -1), d.reshape(rows, -1), torch.zeros_like(d.reshape(rows, -1))
+
+
+def _q6_k_codes(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Q6_K (ggml-common.h block_q6_K): two halves of 128 weights, each with 64 bytes of low nibbles
+    and 32 of 2-bit high parts; weight 32k + l (k = 0…3, l = 0…31) of a half takes the low nibble
+    (k < 2) or high nibble (k ≥ 2) of low byte l + 32·(k mod 2), and bits 2k, 2k + 1 of high byte l.
+    Its 16 scales run in order over the 16 groups of 16 weights."""
+    rows = raw.shape[0]
+    blocks = torch.from_numpy(np.array(raw)).reshape(rows, -1, Q6_K_BYTES)
+    low = blocks[..., 0:128].reshape(rows, -1, 2, 64)  # (rows, blocks, half, byte)
+    low = torch.cat([low & 15, low >> 4], dim=-1)  # weights 0–63 of a half from the low nibbles, 64–127 high
+    high = blocks[..., 128:192].reshape(rows, -1, 2, 32)
+    high = torch.cat([(high >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)  # (rows, blocks, half, 128)
+    codes = (low | (high << 4)).to(torch.int8) - 32  # 0…63 → −32…31
+    sc = blocks[..., 192:208].contiguous().view(torch.int8).float()  # (rows, blocks, 16)
+    d = blocks[..., 208:210].contiguous().view(torch.float16).float()  # (rows, blocks, 1)
+    scale = (d * sc).reshape(rows, -1)
+    return codes.reshape(rows, -1), scale, torch.zeros_like(scale)
 
 
 def _q4_k_codes(raw: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:

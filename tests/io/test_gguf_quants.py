@@ -1,4 +1,4 @@
-"""The vectorised Q8_0/Q4_0/Q4_1 dequantisers equal the `gguf` package's reference, bit for bit."""
+"""The vectorised Q8_0/Q4_0/Q4_1/Q5_0 dequantisers equal the `gguf` package's reference, bit for bit."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from gguf.quants import dequantize, quantize
 from llmkit.io.gguf_quants import dequantize_simple
 
 
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1])
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0])
 @pytest.mark.parametrize("shape", [(1, 32), (7, 96), (3, 4, 64)])
 def test_simple_formats_match_gguf_reference(qtype, shape):
     rng = np.random.default_rng(0)
@@ -24,4 +24,4 @@ def test_simple_formats_match_gguf_reference(qtype, shape):
 
 def test_other_types_fall_back():
     raw = quantize(np.ones((2, 256), dtype=np.float32), QT.Q8_0)
-    assert dequantize_simple(raw, QT.Q6_K) is None
+    assert dequantize_simple(raw, QT.Q5_K) is None
