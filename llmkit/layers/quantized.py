@@ -59,10 +59,15 @@ NATIVE_BLOCK = 32  # llmkit's kernel takes groups of whole blocks of 32 columns
 # at 512 rows, where the kernel takes ~16 ms). The fp32 matmul on an AVX2-only CPU moves the crossover
 # no lower (1536×576, 2 threads: kernel 1.5 ms at 128 rows; dequantise 2.1 ms + fp32 matmul 1.2 ms).
 KERNEL_MAX_ROWS = 128
-# llmkit's own kernel (llmkit/quant/kernels) expands each weight once per call for up to this many rows
-# at a time, and serves products of up to NATIVE_MAX_ROWS rows; more rows dequantise (measured: see
-# docs/quantization.md).
-NATIVE_MAX_ROWS = 8
+# llmkit's own kernel (llmkit/quant/kernels) serves products of up to this many rows (a decoding batch:
+# each block of weights is expanded once per tile of rows), by its vector ISA (2 AVX-512, 1 AVX2, 0
+# portable C++); more rows dequantise the weight and use the ordinary matmul. Measured on SmolLM2's four
+# block layers (1 thread, CPU time, Zen 5, load ~6): AVX-512 kernel 1.1-1.4 ms at 16 rows, 2.8 at 32,
+# 5.6 at 64, against dequantise + fp32 matmul 1.6-1.8, 2.6, 4.6-5.0; AVX2 kernel 1.4-1.6 at 16, 3.2 at
+# 32, against 1.7 and 2.6-2.8. Where many-row products compute in bf16 on AVX-512 (native bf16: Zen 5's
+# `--dtype auto`), the bf16 matmul catches up sooner: 1.6 ms at 16 rows, 1.8 at 32, 2.2 at 64.
+NATIVE_MAX_ROWS = {2: 32, 1: 24, 0: 8}
+NATIVE_MAX_ROWS_BF16 = 16
 
 
 @dataclass(frozen=True)
@@ -253,10 +258,18 @@ class _KernelLinear(nn.Module):
         """The dequantised weight for one many-row product (a prompt), valid until the next such call."""
         return self.dequantize(dtype)
 
+    def native_max_rows(self) -> int:
+        """The most rows a product runs on llmkit's kernel (0 without it); more dequantise."""
+        if self.native is None:
+            return 0
+        if self.native.isa == 2 and self.compute_dtype == torch.bfloat16:
+            return NATIVE_MAX_ROWS_BF16
+        return NATIVE_MAX_ROWS[self.native.isa]
+
     def forward(self, x: Tensor) -> Tensor:
         if self._native_op is not None and x.is_cpu:
             n = x.numel() // self.in_features
-            if n <= NATIVE_MAX_ROWS and n <= KERNEL_MAX_ROWS:  # one call: reshape, AWQ, bias, dtype inside
+            if n == 1 or n <= self.native_max_rows():  # one call: reshape, AWQ, bias, dtype inside
                 y = self._native_op(x, *self._native_args)
                 return y if self._bias_after is None else y + self._bias_after
         rows = x.reshape(-1, self.in_features)

@@ -14,7 +14,7 @@ from llmkit.inference.generate import generate
 from llmkit.inference.kv_cache import KVCache
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.inference.sampling import SamplingParams
-from llmkit.layers.quantized import (NATIVE_MAX_ROWS, Int4Linear, Int8Linear, QuantizedWeight, WeightFormat,
+from llmkit.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, WeightFormat,
                                      dequantize_weight, quantize_weight, quantized_layer)
 from llmkit.models.build import build_model
 from llmkit.quant import kernels
@@ -102,7 +102,7 @@ def test_layers_use_the_native_kernel_with_bf16_inputs_awq_and_bf16_bias():
     assert layer.native is not None and not layer.kernel_passes  # torch's packing is not made
     assert layer.kernel_name() == f"{NATIVE.describe()} kernel"
     w = dequantize_weight(codes, scale, offset)
-    for shape in [(1, 1, 256), (2, 3, 256), (NATIVE_MAX_ROWS + 1, 256)]:
+    for shape in [(1, 1, 256), (2, 3, 256), (layer.native_max_rows() + 1, 256)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
         expected = (x / s) @ w.t() + bias.bfloat16().float()
         got = layer(x.bfloat16()).float()  # bf16 in, bf16 out: the output's rounding (2^-9 relative) dominates

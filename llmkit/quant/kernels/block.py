@@ -1,13 +1,16 @@
-"""A whole decoder block as one native call, for decoding one token of one sequence.
+"""A whole decoder block as one native call, for decoding one token of each row of a batch.
 
 Decoding a token through SmolLM2's 30 blocks makes ~1,000 small torch calls (norms, projections, RoPE,
 the cache, attention, the MLP), each a few microseconds of Python and dispatch: more time than the
 4-bit weights take to stream. `decode_block` (lowbit.cpp) computes a pre-norm LLaMA-style block
 (RMSNorm, q/k/v → RoPE → cache → attention over the cache → output projection, RMSNorm, SwiGLU MLP)
 in fp32 with the quantised layers' own kernels, in one call (a bf16 model's stream, norms and cache
-stay bf16 at its edges). `BlockStep` decides per call whether that applies (one position of one
-sequence, fp32 or bf16, a plain KV cache, no mask or bias, nothing observing the attention); otherwise the Block runs its ordinary layers, which stay the reference (the tests
-compare the two). `install` gives each eligible Block of a prepared model its step.
+stay bf16 at its edges). A batch (the serving engine's rows, llmkit/inference/rows.py: every row writes
+its new position at the same cache index, a padding mask hides what precedes a row's own start) runs
+as one call too, its rows sharing each expansion of the weights. `BlockStep` decides per call whether
+that applies (one new position per row, fp32 or bf16, a plain KV cache, at most a boolean key mask,
+no bias, nothing observing the attention); otherwise the Block runs its ordinary layers, which stay
+the reference (the tests compare the two). `install` gives each eligible Block of a prepared model its step.
 """
 
 from __future__ import annotations
@@ -40,26 +43,33 @@ class BlockStep:
         self.op = native.ops.decode_block.default
 
     def __call__(self, x: Tensor, args: dict) -> Tensor | None:
-        cache, rope = args.get("cache"), args.get("rope")
+        cache, rope, mask = args.get("cache"), args.get("rope"), args.get("mask")
         norm1, norm2 = self.block.norm1.weight, self.block.norm2.weight
-        if (type(cache) is not KVCache or rope is None or x.shape[0] != 1 or x.shape[1] != 1
-                or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or args.get("mask") is not None or args.get("bias") is not None
+        if (type(cache) is not KVCache or rope is None or x.dim() != 3 or x.shape[1] != 1
+                or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or args.get("bias") is not None
                 or not ATTENTION_ARGS.issuperset(args) or torch.is_grad_enabled()
                 or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"
                 or norm1.dtype != x.dtype or norm2.dtype != x.dtype or cache.k.dtype != x.dtype):
             return None
+        keys, values = cache.layer_views()
+        index, rows = args["layer"], x.shape[0]
+        if keys[index].shape[0] != rows or (rows > 1 and rows > self.projections[0].native_max_rows()):
+            return None  # (a batch larger than that: the layers dequantise, faster there)
+        visible = None
+        if mask is not None:  # a padded batch: (B, 1, 1, keys) booleans, each row's own real positions
+            if mask.dtype != torch.bool or mask.shape != (rows, 1, 1, cache.pos + 1):
+                return None
+            visible = mask.reshape(rows, cache.pos + 1).contiguous()
         weights, groups, biases = [], [], []
         for layer in self.projections:
             args_ = layer._native_args  # codes, scale, offset, group, bias, act_scale, isa
             weights += args_[:3]
             groups.append(args_[3])
             biases.append(args_[4])
-        keys, values = cache.layer_views()
-        index = args["layer"]
-        cos, sin = rope
-        return self.op(x, weights, groups, biases, [norm1, norm2], self.eps,
-                       cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, self.heads,
-                       self.scale, self.native.isa)
+        cos, sin = rope  # (B, 1, 1, D), or broadcast over rows
+        return self.op(x.contiguous(), weights, groups, biases, [norm1, norm2], self.eps,
+                       cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, visible,
+                       self.heads, self.scale, self.native.isa)
 
 
 def eligible(block: nn.Module) -> bool:

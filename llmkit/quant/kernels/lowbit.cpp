@@ -35,6 +35,11 @@ namespace {
 
 constexpr int64_t BLOCK = 32;  // columns per step: 16 bytes of int4 codes; every group is whole blocks
 constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the weights
+// int4, two rows or more: rows per tile of the kernel that expands the weights fully (int4_wide_*).
+// Measured on SmolLM2's four block layers (1 thread, CPU time, Zen 5): tiles of 4 rows 0.071 ms a row
+// (AVX-512) and 0.09-0.10 (AVX2), against 0.10 and 0.14-0.15 for the per-row kernel's tiles; tiles of 8
+// were no faster on AVX-512 (0.06-0.09) and would spill AVX2's 16 registers.
+constexpr int WIDE_ROWS = 4;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
@@ -244,6 +249,64 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void rows_avx512(const 
   }
 }
 
+// Many rows (a batch decoding together): each block of 32 columns is expanded once into the dequantised
+// weights themselves, code·scale + (offset − 8·scale) rounded as the Python reference rounds them, and
+// multiplied into all R rows, so the per-group scaling is paid once for the R rows rather than per row.
+// Two accumulators per row (even and odd columns): 2R independent FMA chains.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int4_wide_avx512(const Problem& p, int64_t row0,
+                                                                               int64_t n0, int64_t n1) {
+  const __m512i low4 = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(p.scales[n * p.G + g]);
+      const __m512 s = _mm512_set1_ps(scale), minimum = _mm512_set1_ps(bf16_to_float(p.offsets[n * p.G + g]) - 8.f * scale);
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
+        const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), s), minimum);
+        const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s), minimum);
+        const float* x = p.x + row0 * p.K + col;
+        for (int r = 0; r < R; ++r) {
+          even[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * p.K), even[r]);
+          odd[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * p.K + 16), odd[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int4_wide_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* c = p.codes + n * (p.K / 2);
+    __m256 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const float scale = bf16_to_float(p.scales[n * p.G + g]);
+      const __m256 s = _mm256_set1_ps(scale), minimum = _mm256_set1_ps(bf16_to_float(p.offsets[n * p.G + g]) - 8.f * scale);
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK)
+        for (int half = 0; half < 2; ++half) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
+          const __m256 lo = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), s), minimum);
+          const __m256 hi = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s), minimum);
+          const float* x = p.x + row0 * p.K + col + 8 * half;
+          for (int r = 0; r < R; ++r) {
+            even[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * p.K), even[r]);
+            odd[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * p.K + 16), odd[r]);
+          }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(even[r], odd[r])) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
 // ---- int8 --------------------------------------------------------------------------------------
 
 template <int R>
@@ -297,11 +360,27 @@ RowsFn rows_kernel(bool int4, int64_t isa, int r) {
   return isa >= 2 ? pick_rows<Int8Avx512>(r) : isa == 1 ? pick_rows<Int8Avx2>(r) : pick_rows<Int8Portable>(r);
 }
 
+RowsFn wide_kernel(int64_t isa, int64_t r) {
+  switch (r) {
+    case 2: return isa >= 2 ? int4_wide_avx512<2> : int4_wide_avx2<2>;
+    case 3: return isa >= 2 ? int4_wide_avx512<3> : int4_wide_avx2<3>;
+    default: return isa >= 2 ? int4_wide_avx512<WIDE_ROWS> : int4_wide_avx2<WIDE_ROWS>;
+  }
+}
+
 void run(Problem p, bool int4, int64_t isa) {
   // Each task takes a band of output rows: ~64 KB of codes, so a few tasks per thread even for small layers.
   const int64_t bytes_per_row = int4 ? p.K / 2 : p.K;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
+    if (int4 && isa >= 1 && p.rows >= 2) {  // a batch: tiles of WIDE_ROWS rows, the last 2 or 3 likewise
+      for (int64_t row0 = 0; row0 < p.rows;) {
+        const int64_t r = std::min<int64_t>(WIDE_ROWS, p.rows - row0);
+        (r == 1 ? rows_kernel(int4, isa, 1) : wide_kernel(isa, r))(p, row0, n0, n1);
+        row0 += r;
+      }
+      return;
+    }
     for (int64_t row0 = 0; row0 < p.rows; row0 += MAX_ROWS) {
       const int r = static_cast<int>(std::min<int64_t>(MAX_ROWS, p.rows - row0));
       rows_kernel(int4, isa, r)(p, row0, n0, n1);
@@ -461,31 +540,36 @@ inline float to_float(uint16_t v) { return bf16_to_float(v); }  // a bf16 cache
 
 template <typename T>  // float, or uint16_t for bf16
 struct Attention {
-  const float* q;  // (H, D) after RoPE
-  const T* keys;   // head h, position t, dim d at h·head_stride + t·time_stride + d
+  const float* q;  // row b's (H, D) queries after RoPE at q + b·q_stride
+  const T* keys;   // row b, head h, position t, dim d at b·batch_stride + h·head_stride + t·time_stride + d
   const T* values;
-  int64_t head_stride, time_stride;
+  const bool* visible;  // (B, length): which keys row b sees (its padding hidden), or null: all of them
+  int64_t q_stride, batch_stride, head_stride, time_stride;
   int64_t H, Hkv, D, length;  // length: cached positions, the new one included
   float scale;
-  float* scores;  // (H, length) scratch
-  float* out;     // (H, D)
+  float* scores;  // (B·H, length) scratch
+  float* out;     // (B·H, D)
 };
 
-// softmax(q·kᵀ·scale)·v per query head h, reading key/value head h / (H / Hkv) (GQA), as attend() does
+// softmax(q·kᵀ·scale)·v per row and query head i = b·H + h, reading key/value head h / (H / Hkv) (GQA),
+// keys a row does not see weighing exactly 0 (a boolean mask, as attend() gives SDPA)
 template <typename T>
-__attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, int64_t h0, int64_t h1) {
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t kv = h / (a.H / a.Hkv);
-    const float* q = a.q + h * a.D;
-    float* scores = a.scores + h * a.length;
+__attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
+    const float* q = a.q + b * a.q_stride + h * a.D;
+    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
+    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
+    const bool* visible = a.visible ? a.visible + b * a.length : nullptr;
+    float* scores = a.scores + i * a.length;
     float best = -3.4e38f;
     for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = a.keys + kv * a.head_stride + t * a.time_stride;
+      const T* k = keys + t * a.time_stride;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < a.D; ++d) dot += q[d] * to_float(k[d]);
       scores[t] = dot * a.scale;
-      best = scores[t] > best ? scores[t] : best;
+      if (!visible || visible[t]) best = scores[t] > best ? scores[t] : best;
     }
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
@@ -493,10 +577,18 @@ __attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, i
       scores[t] = exp_nonpositive(scores[t] - best);
       total += scores[t];
     }
-    float* out = a.out + h * a.D;
+    if (visible) {  // a hidden key's score may exceed `best`: recomputed without them
+      total = 0.f;
+      for (int64_t t = 0; t < a.length; ++t) {
+        scores[t] = visible[t] ? scores[t] : 0.f;
+        total += scores[t];
+      }
+    }
+    float* out = a.out + i * a.D;
     for (int64_t d = 0; d < a.D; ++d) out[d] = 0.f;
     for (int64_t t = 0; t < a.length; ++t) {
-      const T* v = a.values + kv * a.head_stride + t * a.time_stride;
+      if (scores[t] == 0.f) continue;  // hidden (or underflowed): adds nothing
+      const T* v = values + t * a.time_stride;
       const float p = scores[t] / total;
 #pragma omp simd
       for (int64_t d = 0; d < a.D; ++d) out[d] += p * to_float(v[d]);
@@ -517,8 +609,8 @@ template <typename T>
 void attend_portable(const Attention<T>& a, int64_t h0, int64_t h1) { attend_heads(a, h0, h1); }
 
 template <typename T>
-void attend(const Attention<T>& a, int64_t isa) {
-  at::parallel_for(0, a.H, 1, [&](int64_t h0, int64_t h1) {
+void attend(const Attention<T>& a, int64_t rows, int64_t isa) {
+  at::parallel_for(0, rows * a.H, 1, [&](int64_t h0, int64_t h1) {
     (isa >= 2 ? attend_avx512<T> : isa == 1 ? attend_avx2<T> : attend_portable<T>)(a, h0, h1);
   });
 }
@@ -552,91 +644,110 @@ void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin
   }
 }
 
-// A pre-norm LLaMA-style block for one position of one sequence: RMSNorm, fused q/k/v projection,
-// RoPE, the new key and value written into the cache at `pos`, attention over positions 0..pos, output
-// projection, residual; RMSNorm, fused gate/up projection, SiLU(gate)·up, down projection, residual.
-// What llmkit's Block computes for this case (tests compare the two), in one call instead of ~30.
-// weights: codes, scale, offset of qkv, o, gate_up, down; keys/values: this layer's (1, Hkv, T, D) cache.
+// A pre-norm LLaMA-style block for one new position of each of B rows: RMSNorm, fused q/k/v projection,
+// RoPE, the new keys and values written into the cache at `pos`, attention over positions 0..pos (those
+// `visible` shows, if given), output projection, residual; RMSNorm, fused gate/up projection,
+// SiLU(gate)·up, down projection, residual. What llmkit's Block computes for this case (tests compare the
+// two), in one call instead of ~30; the B rows share each expansion of the weights (product()).
+// weights: codes, scale, offset of qkv, o, gate_up, down; x: (B, 1, C); cos/sin: (B, D), or (D) for all
+// rows; keys/values: this layer's (B, Hkv, T, D) cache; visible: (B, pos + 1) bool, or none.
 at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArrayRef groups,
                         const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norms,
                         at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
-                        const at::Tensor& keys, const at::Tensor& values, int64_t pos, at::IntArrayRef heads,
-                        double scale, int64_t isa) {
+                        const at::Tensor& keys, const at::Tensor& values, int64_t pos,
+                        const std::optional<at::Tensor>& visible, at::IntArrayRef heads, double scale, int64_t isa) {
   TORCH_CHECK(weights.size() == 12 && groups.size() == 4 && biases.size() == 4 && norms.size() == 2 &&
               eps.size() == 2 && heads.size() == 3, "decode_block: 4 weights (3 tensors each), 2 norms");
-  const int64_t C = x.size(-1), H = heads[0], Hkv = heads[1], D = heads[2];
+  const int64_t C = x.size(-1), H = heads[0], Hkv = heads[1], D = heads[2], B = x.size(0);
   Weight w[4];
   for (int i = 0; i < 4; ++i) w[i] = weight_of(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], groups[i], biases.get(i));
-  const int64_t F = w[2].N / 2;
-  TORCH_CHECK(w[0].K == C && w[0].N == (H + 2 * Hkv) * D && w[1].K == H * D && w[1].N == C && w[2].K == C &&
+  const int64_t F = w[2].N / 2, QKV = (H + 2 * Hkv) * D;
+  TORCH_CHECK(w[0].K == C && w[0].N == QKV && w[1].K == H * D && w[1].N == C && w[2].K == C &&
               w[3].K == F && w[3].N == C && H % Hkv == 0 && D % 2 == 0, "decode_block: shapes do not fit together");
   // fp32 or bf16 (a bf16 model: its stream, norms and cache are bf16; everything between stays fp32)
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(x.numel() == C && (dtype == at::kFloat || dtype == at::kBFloat16) && x.is_contiguous(),
-              "decode_block: one fp32 or bf16 position");
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && B >= 1 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+              x.is_contiguous(), "decode_block: one fp32 or bf16 position per row, (B, 1, C)");
   for (const auto& t : {norms[0], norms[1], cos, sin})
     TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "decode_block: norms, cos and sin in x's dtype");
-  TORCH_CHECK(norms[0].numel() == C && norms[1].numel() == C && cos.numel() == D && sin.numel() == D,
-              "decode_block: norm or RoPE sizes");
+  const bool shared_rope = cos.numel() == D;
+  TORCH_CHECK(norms[0].numel() == C && norms[1].numel() == C && cos.numel() == sin.numel() &&
+              (shared_rope || cos.numel() == B * D), "decode_block: norm or RoPE sizes");
   TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype && keys.dim() == 4 &&
-              keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.size(0) == 1 &&
+              keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.size(0) == B &&
               keys.size(1) == Hkv && keys.size(3) == D && keys.stride(3) == 1 && 0 <= pos && pos < keys.size(2),
-              "decode_block: a (1, Hkv, T, D) cache in x's dtype with room at pos");
+              "decode_block: a (B, Hkv, T, D) cache in x's dtype with room at pos");
+  const int64_t length = pos + 1;
+  TORCH_CHECK(!visible || (visible->scalar_type() == at::kBool && visible->is_contiguous() &&
+                           visible->numel() == B * length), "decode_block: visible must be (B, pos + 1) bool");
 
   thread_local std::vector<float> scratch;
-  const int64_t length = pos + 1;
-  scratch.resize(5 * C + 2 * D + (H + 2 * Hkv) * D + H * D + C + 3 * F + H * length);
+  const int64_t rope_rows = shared_rope ? 1 : B;
+  scratch.resize(B * C + 2 * C + 2 * rope_rows * D + B * (3 * C + QKV + H * D + 3 * F + H * length));
   float* converted = scratch.data();  // x, the two norms and cos/sin as floats (bf16 models)
-  float* y = converted + 3 * C + 2 * D;
-  float* normed = y + C;
-  float* qkv = normed + C;
-  float* attended = qkv + (H + 2 * Hkv) * D;
-  float* projected = attended + H * D;
-  float* gate_up = projected + C;
-  float* act = gate_up + 2 * F;
-  float* scores = act + F;
+  float* y = converted + B * C + 2 * C + 2 * rope_rows * D;
+  float* normed = y + B * C;
+  float* qkv = normed + B * C;
+  float* attended = qkv + B * QKV;
+  float* projected = attended + B * H * D;
+  float* gate_up = projected + B * C;
+  float* act = gate_up + B * 2 * F;
+  float* scores = act + B * F;
   const float* xin = floats(x, converted);
-  const float* norm1 = floats(norms[0], converted + C);
-  const float* norm2 = floats(norms[1], converted + 2 * C);
+  const float* norm1 = floats(norms[0], converted + B * C);
+  const float* norm2 = floats(norms[1], converted + B * C + C);
+  const float* cosf = floats(cos, converted + B * C + 2 * C);
+  const float* sinf = floats(sin, converted + B * C + 2 * C + rope_rows * D);
 
-  rms_norm(xin, norm1, C, eps[0], normed);
-  product(w[0], normed, 1, qkv, isa);
-  rope(qkv, H + Hkv, D, floats(cos, converted + 3 * C), floats(sin, converted + 3 * C + D));  // query and key heads
-  const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2);
+  for (int64_t b = 0; b < B; ++b) rms_norm(xin + b * C, norm1, C, eps[0], normed + b * C);
+  product(w[0], normed, B, qkv, isa);
+  const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2), batch_stride = keys.stride(0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = shared_rope ? 0 : b;
+    rope(qkv + b * QKV, H + Hkv, D, cosf + r * D, sinf + r * D);  // query and key heads
+  }
+  const bool* seen = visible ? visible->data_ptr<bool>() : nullptr;
   if (dtype == at::kFloat) {
     float* kc = keys.data_ptr<float>();
     float* vc = values.data_ptr<float>();
-    for (int64_t h = 0; h < Hkv; ++h) {
-      std::memcpy(kc + h * head_stride + pos * time_stride, qkv + (H + h) * D, D * sizeof(float));
-      std::memcpy(vc + h * head_stride + pos * time_stride, qkv + (H + Hkv + h) * D, D * sizeof(float));
-    }
-    attend(Attention<float>{qkv, kc, vc, head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale),
-                            scores, attended}, isa);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t at = b * batch_stride + h * head_stride + pos * time_stride;
+        std::memcpy(kc + at, qkv + b * QKV + (H + h) * D, D * sizeof(float));
+        std::memcpy(vc + at, qkv + b * QKV + (H + Hkv + h) * D, D * sizeof(float));
+      }
+    attend(Attention<float>{qkv, kc, vc, seen, QKV, batch_stride, head_stride, time_stride, H, Hkv, D, length,
+                            static_cast<float>(scale), scores, attended}, B, isa);
   } else {
     at::BFloat16* kc = keys.data_ptr<at::BFloat16>();
     at::BFloat16* vc = values.data_ptr<at::BFloat16>();
-    for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t d = 0; d < D; ++d) {  // rounded to nearest even, as the cache's copy_ would
-        kc[h * head_stride + pos * time_stride + d] = at::BFloat16(qkv[(H + h) * D + d]);
-        vc[h * head_stride + pos * time_stride + d] = at::BFloat16(qkv[(H + Hkv + h) * D + d]);
-      }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hkv; ++h)
+        for (int64_t d = 0; d < D; ++d) {  // rounded to nearest even, as the cache's copy_ would
+          const int64_t at = b * batch_stride + h * head_stride + pos * time_stride + d;
+          kc[at] = at::BFloat16(qkv[b * QKV + (H + h) * D + d]);
+          vc[at] = at::BFloat16(qkv[b * QKV + (H + Hkv + h) * D + d]);
+        }
     attend(Attention<uint16_t>{qkv, reinterpret_cast<const uint16_t*>(kc), reinterpret_cast<const uint16_t*>(vc),
-                               head_stride, time_stride, H, Hkv, D, length, static_cast<float>(scale), scores,
-                               attended}, isa);
+                               seen, QKV, batch_stride, head_stride, time_stride, H, Hkv, D, length,
+                               static_cast<float>(scale), scores, attended}, B, isa);
   }
-  product(w[1], attended, 1, projected, isa);
-  for (int64_t i = 0; i < C; ++i) y[i] = xin[i] + projected[i];
-  rms_norm(y, norm2, C, eps[1], normed);
-  product(w[2], normed, 1, gate_up, isa);
-  for (int64_t i = 0; i < F; ++i) act[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * gate_up[F + i];
-  product(w[3], act, 1, projected, isa);
+  product(w[1], attended, B, projected, isa);
+  for (int64_t i = 0; i < B * C; ++i) y[i] = xin[i] + projected[i];
+  for (int64_t b = 0; b < B; ++b) rms_norm(y + b * C, norm2, C, eps[1], normed + b * C);
+  product(w[2], normed, B, gate_up, isa);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* gu = gate_up + b * 2 * F;
+    for (int64_t i = 0; i < F; ++i) act[b * F + i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[F + i];
+  }
+  product(w[3], act, B, projected, isa);
   at::Tensor out = at::empty_like(x);
   if (dtype == at::kFloat) {
     float* o = out.data_ptr<float>();
-    for (int64_t i = 0; i < C; ++i) o[i] = y[i] + projected[i];
+    for (int64_t i = 0; i < B * C; ++i) o[i] = y[i] + projected[i];
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < C; ++i) o[i] = at::BFloat16(y[i] + projected[i]);
+    for (int64_t i = 0; i < B * C; ++i) o[i] = at::BFloat16(y[i] + projected[i]);
   }
   return out;
 }
@@ -659,7 +770,8 @@ TORCH_LIBRARY(llmkit_lowbit, m) {
   m.def("int4_dequantize(Tensor packed, Tensor scale, Tensor offset, int group) -> Tensor");
   m.def("int4_dequantize_into(Tensor packed, Tensor scale, Tensor offset, int group, Tensor(a!) out) -> ()");
   m.def("decode_block(Tensor x, Tensor[] weights, int[] groups, Tensor?[] biases, Tensor[] norms, float[] eps, "
-        "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int pos, int[] heads, float scale, int isa) "
+        "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int pos, Tensor? visible, int[] heads, "
+        "float scale, int isa) "
         "-> Tensor");
   m.def("supported_isa(int wanted) -> int", &supported_isa);  // the best of `wanted` this CPU runs
 }
