@@ -5,14 +5,17 @@
     GET  /health                GET  /metrics            (Prometheus text)
     GET  /                      GET  /static/chat.js     GET /static/chat.css   (the page)
     GET  /explain               GET  /explain/{view}     (llmkit explain's pages: explain_routes.py)
+    GET  /openapi.json                                   (the routes' OpenAPI 3.1 document: openapi.py)
 
 `create_app(lm, engine, model_id=...)` builds it around a loaded model and a running engine;
 llmkit/serve/server.py runs it under uvicorn. FastAPI's interactive docs are off: they load scripts
-from a CDN, which the page's Content-Security-Policy (and the no-network rule) forbids.
+from a CDN, which the page's Content-Security-Policy (and the no-network rule) forbids; its generated
+/openapi.json is replaced by openapi.py's, which describes the bodies the routes read themselves.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from typing import Any
@@ -25,6 +28,7 @@ from llmkit.serve.explain_routes import add_explain_routes
 from llmkit.serve.generation import MAX_REQUEST_SECONDS, QUEUE_TIMEOUT_SECONDS, Served, respond
 from llmkit.serve.guard import LOOPBACK_HOSTS, Guard
 from llmkit.serve.metrics import Metrics
+from llmkit.serve.openapi import openapi_document
 from llmkit.serve.requests import MAX_BODY_BYTES, ModelLimits, check_chat, check_completion, read_json_object
 from llmkit.serve.server import READ_TIMEOUT_SECONDS
 
@@ -46,7 +50,8 @@ def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = Non
                     queue_timeout=queue_timeout)
     page = {name: (resources.files("llmkit.serve") / "static" / name).read_bytes() for name in PAGE_FILES}
     created = int(time.time())
-    app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None)
+    app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, swagger_ui_oauth2_redirect_url=None,
+                  openapi_url=None)
     app.state.served = served
     install_error_handlers(app)
 
@@ -93,7 +98,12 @@ def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = Non
     page_route("/", "index.html")
     page_route("/static/chat.js", "chat.js")
     page_route("/static/chat.css", "chat.css")
-    add_explain_routes(app, lm, model_id=model_id)  # /explain: the explain views as pages
+    explain_parsers = add_explain_routes(app, lm, model_id=model_id)  # /explain: the explain views as pages
+    document = json.dumps(openapi_document(limits, explain_parsers)).encode("utf-8")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> Response:
+        return Response(document, media_type="application/json")
 
     routes = frozenset(getattr(r, "path", "") for r in app.routes)
     app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts, metrics=served.metrics, routes=routes)

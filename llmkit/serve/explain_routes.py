@@ -190,8 +190,9 @@ class Explainer:
             self.lock.release()
 
 
-def add_explain_routes(app: FastAPI, lm: Any, *, model_id: str) -> None:
-    """Add the /explain routes for the served `lm` to `app`: one route per view, at fixed paths (which
+def add_explain_routes(app: FastAPI, lm: Any, *, model_id: str) -> dict[str, argparse.ArgumentParser]:
+    """Add the /explain routes for the served `lm` to `app`; returns each view's parser (openapi.py
+    describes the query parameters from them). One route per view, at fixed paths (which
     /metrics labels). They go on the app itself, not through include_router: FastAPI 0.165 keeps an
     included router as one nested entry, which the guard's list of routes would not see."""
     from llmkit.explain.page import CSP, csp_hash
@@ -234,6 +235,7 @@ def add_explain_routes(app: FastAPI, lm: Any, *, model_id: str) -> None:
 
     for name in SERVED_VIEWS:
         view_route(name)
+    return parsers
 
 
 def index_page(model_id: str, parsers: dict[str, argparse.ArgumentParser]) -> bytes:

@@ -11,6 +11,7 @@ ignored and never passed on. A field sent as null counts as absent, as OpenAI's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,24 @@ SHARED = ("model", "n", "stop", "max_tokens", "temperature", "top_p", "top_k", "
           "stream_options", "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs")
 CHAT_FIELDS = frozenset((*SHARED, *IGNORED, "messages", "max_completion_tokens", "top_logprobs"))
 COMPLETION_FIELDS = frozenset((*SHARED, *IGNORED, "prompt"))
+
+
+@dataclass(frozen=True)
+class Range:
+    """An optional numeric field's bounds and the value it takes when absent or null."""
+    low: float
+    high: float
+    default: float | None
+    low_open: bool = False  # (low, high] rather than [low, high]
+
+
+# The ranges of the numeric request fields, read by the checks below and by openapi.py's document, so the
+# two cannot disagree. max_tokens and max_completion_tokens are bounded by the model's context instead.
+NUMBERS = {"temperature": Range(0.0, MAX_TEMPERATURE, 1.0), "top_p": Range(0.0, 1.0, 1.0, low_open=True),
+           "min_p": Range(0.0, 1.0, 0.0), "presence_penalty": Range(-2.0, 2.0, 0.0),
+           "frequency_penalty": Range(-2.0, 2.0, 0.0), "repetition_penalty": Range(*PENALTY_RANGE, 1.0)}
+INTEGERS = {"top_k": Range(0, 1 << 22, 0), "n": Range(1, MAX_N, 1), "seed": Range(*INT64, None),
+            "logprobs": Range(0, MAX_LOGPROBS, None), "top_logprobs": Range(0, MAX_LOGPROBS, None)}
 
 
 @dataclass(frozen=True)
@@ -125,7 +144,7 @@ def parse_body(data: bytes) -> dict[str, Any]:
 def check_chat(body: dict[str, Any], limits: ModelLimits) -> GenerationRequest:
     _check_names(body, CHAT_FIELDS)
     logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS, None)
+    top = _ranged(body, "top_logprobs")
     if top is not None and not logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
     newer = _integer(body, "max_completion_tokens", 1, limits.context, None, too_big=_past_context(limits))
@@ -136,7 +155,7 @@ def check_chat(body: dict[str, Any], limits: ModelLimits) -> GenerationRequest:
 
 def check_completion(body: dict[str, Any], limits: ModelLimits) -> GenerationRequest:
     _check_names(body, COMPLETION_FIELDS)
-    logprobs = _integer(body, "logprobs", 0, MAX_LOGPROBS, None)
+    logprobs = _ranged(body, "logprobs")
     max_tokens = _integer(body, "max_tokens", 1, limits.context, None, too_big=_past_context(limits))
     return _request("completion", body, limits, _prompts(body, limits), max_tokens, logprobs)
 
@@ -158,16 +177,9 @@ def _request(endpoint: str, body: dict[str, Any], limits: ModelLimits, prompts: 
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                        code="invalid_value")
     include_usage = _boolean(options or {}, "include_usage", False, where="stream_options.include_usage")
-    sampling = SamplingParams(
-        temperature=_number(body, "temperature", 0.0, MAX_TEMPERATURE, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 1 << 22, 0),
-        min_p=_number(body, "min_p", 0.0, 1.0, 0.0),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", *PENALTY_RANGE, 1.0))
-    return GenerationRequest(endpoint, prompts, n=_integer(body, "n", 1, MAX_N, 1), max_tokens=max_tokens,
-                             sampling=sampling, seed=_integer(body, "seed", *INT64, None), stop=_stop(body),
+    sampling = SamplingParams(top_k=_ranged(body, "top_k"), **{name: _number(body, name) for name in NUMBERS})
+    return GenerationRequest(endpoint, prompts, n=_ranged(body, "n"), max_tokens=max_tokens,
+                             sampling=sampling, seed=_ranged(body, "seed"), stop=_stop(body),
                              stream=stream, include_usage=include_usage, logprobs=logprobs)
 
 
@@ -186,7 +198,9 @@ def _harmless(name: str, value: Any) -> bool:
         return True
     if name in ("chat_template", "chat_template_kwargs"):
         return False
-    return value is False or value == [] or value == {} or (name, value) in (
+    if isinstance(value, bool):  # true == 1 in Python: best_of: true is not best_of: 1
+        return value is False
+    return value == [] or value == {} or (name, value) in (
         ("response_format", {"type": "text"}), ("best_of", 1), ("tool_choice", "none"))
 
 
@@ -211,7 +225,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if role in ("tool", "function"):
             raise APIError(400, f"{where}.role {role!r} is not supported by this server", param=f"{where}.role",
                            code="unsupported_parameter")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # an array or object would not even hash
             raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {_show(role)}",
                            param=f"{where}.role", code="invalid_value")
         checked.append({"role": ROLES[role], "content": _content(message.get("content"), f"{where}.content")})
@@ -300,8 +314,15 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int, default: int 
     return value
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float, default: float, *,
-            low_open: bool = False) -> float:
+def _ranged(body: dict[str, Any], name: str) -> int | None:
+    """An integer field of INTEGERS, checked against its range."""
+    bounds = INTEGERS[name]
+    return _integer(body, name, bounds.low, bounds.high, bounds.default)
+
+
+def _number(body: dict[str, Any], name: str) -> float:
+    """A number field of NUMBERS, checked against its range."""
+    low, high, default, low_open = dataclasses.astuple(NUMBERS[name])
     value = body.get(name)
     if value is None:
         return default

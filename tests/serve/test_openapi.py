@@ -1,0 +1,333 @@
+"""Schema fuzzing over HTTP (RELIABILITY.md S5, S12): requests generated from the server's own
+/openapi.json — positive ones (valid by the document) and negative ones (each breaking it in one place,
+plus bodies no schema can describe: broken JSON, NaN, deep nesting, lone surrogates, the wrong content
+type) — go to one `llmkit serve` process on the tiny model, at least 500 per endpoint, on one kept-alive
+connection. Every answer must be documented for its route (status, media type, body shape, each event
+of a stream), never a 5xx, never slower than 10 s, with no internals in an error; a valid request must
+be answered 200 (or refused only for what a schema cannot say: prompt + max_tokens past the context, a
+full queue), a violating one refused with a 4xx. So the document and the checks cannot drift apart
+silently. At the end the same process is alive, idle and healthy, and its log holds no traceback.
+tests/serve/test_request_fuzz.py runs thousands more cases at the function level."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import llmkit.errors
+from openapi_helpers import TEXT, Schemas, mutations
+from post_training_helpers import save_tiny_model
+
+# Requests per endpoint: a generation route gets POSITIVE valid ones, NEGATIVE random violating ones and
+# about 700 systematic ones (every field × every kind of wrong value); a read route GET_EXAMPLES. /openapi.json
+# is one fixed document: fewer. Each endpoint gets at least 500.
+POSITIVE, NEGATIVE = 200, 150
+GET_EXAMPLES = 500
+CALL_SECONDS = 10.0
+FUZZ = settings(max_examples=POSITIVE, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                       HealthCheck.data_too_large])
+SENT: Counter = Counter()  # (path template, mode) → requests sent
+CLASS_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:Error|Exception)\b")
+INTERNAL_NAMES = {n for n in (*dir(__builtins__ if isinstance(__builtins__, dict) else __builtins__),
+                              *dir(llmkit.errors)) if CLASS_NAME.fullmatch(n)}
+
+
+class Server:
+    """`llmkit serve` on the tiny model in a child process; its log in a file."""
+
+    def __init__(self, model: Path, log: Path) -> None:
+        self.log = log
+        command = [str(Path(sys.executable).with_name("llmkit")), "serve", "--model", str(model), "--port", "0",
+                   "--dtype", "fp32", "--threads", "1", "--max-batch", "8", "--max-queued", "64"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and selector.select(timeout=0.2) is not None:
+            line = self.proc.stdout.readline()
+            if match := re.match(r"^serving \S+ at (http://\S+)/ ", line):
+                self.url = match.group(1)
+                return
+            if not line and self.proc.poll() is not None:
+                break
+        self.stop()
+        raise AssertionError(f"llmkit serve did not start: {log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("openapi")
+    model = save_tiny_model(root / "tiny")  # llama-tiny: a 128-token context, a 300-token vocabulary
+    server = Server(model, root / "serve.log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=CALL_SECONDS * 3) as client:
+            server.client, server.model_dir = client, model
+            server.document = client.get("/openapi.json").json()
+            server.schemas = Schemas(server.document)
+            yield server
+    finally:
+        server.stop()
+
+
+# ---- checking an answer against the document --------------------------------------------------------
+
+def check(server, response: httpx.Response, template: str, method: str, sent: str) -> dict | None:
+    """Assert the answer is documented for the route and safe; the error object if it is one."""
+    assert response.elapsed.total_seconds() < CALL_SECONDS, (template, response.elapsed)
+    assert response.status_code < 500, (template, response.status_code, response.text[:500])
+    documented = server.document["paths"][template][method]["responses"]
+    assert str(response.status_code) in documented, (template, response.status_code, response.text[:300])
+    spec = documented[str(response.status_code)]
+    if "content" not in spec:  # a redirect
+        return None
+    media = response.headers.get("content-type", "").split(";")[0]
+    assert media in spec["content"], (template, response.status_code, media)
+    content, schemas = spec["content"][media], server.schemas
+    if media == "text/event-stream":
+        events = [block.removeprefix("data: ") for block in response.text.split("\n\n")[:-1]]
+        assert events and all(not e.startswith("data: ") for e in events), response.text[:300]
+        last = events.pop() if events[-1] == "[DONE]" else None
+        for payload in events:
+            errors = schemas.errors(json.loads(payload), content["x-event-schema"])
+            assert not errors, (template, errors[:3], payload[:300])
+        assert last == "[DONE]" or "error" in json.loads(events[-1]), response.text[-300:]
+        return None
+    if media != "application/json":
+        return None
+    body = response.json()
+    errors = schemas.errors(body, content["schema"])
+    assert not errors, (template, response.status_code, errors[:3], response.text[:300])
+    if response.status_code < 400:
+        return None
+    assert_no_internals(server, body["error"]["message"], sent)
+    return body["error"]
+
+
+def assert_no_internals(server, message: str, sent: str) -> None:
+    """S12: no traceback, no path of this machine, no exception class name (unless the request held it)."""
+    assert "Traceback" not in message and 'File "' not in message, message
+    for place in (str(Path(llmkit.errors.__file__).parent.parent), sys.prefix, str(server.model_dir), os.getcwd()):
+        assert place not in message, message
+    names = {m for m in CLASS_NAME.findall(message) if m in INTERNAL_NAMES and m not in sent}
+    assert not names, message
+
+
+# ---- generation routes ----------------------------------------------------------------------------------
+
+ROUTES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+SHORT = {"type": "integer", "minimum": 1, "maximum": 4}
+
+
+def positive_schema(schemas: Schemas, name: str) -> dict:
+    """The route's request schema with max_tokens required and narrowed to 1–4 (the one change: it keeps
+    every answer a few tokens long; everything else is drawn from the document as it is)."""
+    schema = copy.deepcopy(schemas.resolve({"$ref": f"#/components/schemas/{name}"}))
+    schema["required"] = [*schema["required"], "max_tokens"]
+    schema["properties"]["max_tokens"] = SHORT
+    if "max_completion_tokens" in schema["properties"]:
+        schema["properties"]["max_completion_tokens"] = {"anyOf": [{"type": "null"}, SHORT]}
+    return schema
+
+
+# Bodies no JSON value is: broken syntax, non-finite numbers, nesting past the limit, lone surrogates,
+# invalid UTF-8, nothing at all — and a valid body under the wrong content type.
+RAW = st.one_of(
+    st.binary(max_size=40).map(lambda b: (b, "application/json")),
+    st.sampled_from([b'{"prompt": NaN}', b'{"messages": Infinity}', b'{"max_tokens": -Infinity}', b"",
+                     b"[" * 150 + b"]" * 150, b'{"a":' * 120 + b"1" + b"}" * 120, b'{"prompt": "\\ud800"}',
+                     b'{"messages": [{"role": "user", "content": "\\udfff x"}]}', b'{"prompt": "\xff\xfe"}',
+                     b"{", b'{"prompt": "a"', b"null", b"[]", b'"text"', b"12"]).map(lambda b: (b, "application/json")),
+    st.tuples(st.just(b'{"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'),
+              st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", ""])))
+
+
+@pytest.mark.parametrize("template", ROUTES)
+def test_valid_requests_are_answered_as_documented(server, template):
+    schema = positive_schema(server.schemas, ROUTES[template])
+    outcomes: Counter = Counter()
+
+    @FUZZ
+    @given(body=server.schemas.values(schema))
+    def one(body):
+        text = json.dumps(body)
+        response = server.client.post(template, content=text, headers={"content-type": "application/json"})
+        SENT[template, "positive"] += 1
+        error = check(server, response, template, "post", text)
+        if error is not None:  # only what the document cannot say: the prompt's tokens, a full queue
+            assert (response.status_code, error["code"]) in ((400, "context_length_exceeded"),
+                                                             (429, "rate_limit_exceeded")), (body, error)
+        outcomes[response.status_code] += 1
+
+    one()
+    assert SENT[template, "positive"] >= POSITIVE
+    assert outcomes[200] >= 0.9 * sum(outcomes.values()), outcomes  # the generation path itself was exercised
+
+
+@pytest.mark.parametrize("template", ROUTES)
+def test_violating_requests_are_refused_as_documented(server, template):
+    schemas = server.schemas
+    schema = schemas.resolve({"$ref": f"#/components/schemas/{ROUTES[template]}"})
+
+    @settings(FUZZ, max_examples=NEGATIVE)
+    @given(case=schemas.violations(schema).map(lambda v: (json.dumps(v).encode(), "application/json")) | RAW)
+    def one(case):
+        data, content_type = case
+        response = server.client.post(template, content=data, headers={"content-type": content_type})
+        SENT[template, "negative"] += 1
+        check(server, response, template, "post", data.decode("utf-8", "replace"))
+        assert 400 <= response.status_code < 500, (data[:300], response.status_code, response.text[:300])
+
+    one()
+    assert SENT[template, "negative"] >= NEGATIVE
+
+
+# Valid bodies reaching every nested field the document describes, for the systematic negative cases
+FULL = {"/v1/chat/completions": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                                 "max_tokens": 1, "stream": True, "stream_options": {"include_usage": True},
+                                 "logprobs": True, "top_logprobs": 1, "stop": ["x"]},
+        "/v1/completions": {"prompt": [[1, 2], "hi"], "max_tokens": 1, "stream": True,
+                            "stream_options": {"include_usage": True}, "logprobs": 1, "stop": "x"}}
+
+
+@pytest.mark.parametrize("template", ROUTES)
+def test_every_field_refuses_every_wrong_kind_of_value(server, template):
+    """Systematic negative cases beside the random ones: each field, at every depth, set in turn to a value of
+    each JSON type (and the usual edges) that the document says is wrong."""
+    schemas = server.schemas
+    schema = schemas.resolve({"$ref": f"#/components/schemas/{ROUTES[template]}"})
+    assert schemas.valid(FULL[template], schema), schemas.errors(FULL[template], schema)
+    cases = mutations(schemas, schema, FULL[template])
+    for body in cases:
+        text = json.dumps(body)
+        response = server.client.post(template, content=text, headers={"content-type": "application/json"})
+        check(server, response, template, "post", text)
+        assert 400 <= response.status_code < 500, (text[:300], response.status_code, response.text[:300])
+    SENT[template, "negative"] += len(cases)
+    assert POSITIVE + NEGATIVE + len(cases) >= 500  # the route's requests: valid, random and systematic violating
+
+
+# ---- read-only routes -------------------------------------------------------------------------------------
+
+QUERY = st.lists(st.tuples(TEXT, TEXT), max_size=3)  # parameters these routes do not take: ignored
+
+
+@pytest.mark.parametrize("template", ["/v1/models", "/v1/models/{model}", "/health", "/metrics", "/openapi.json"])
+def test_read_routes_answer_as_documented(server, template):
+    model_id = server.document["components"]["schemas"]["Model"]["properties"]["id"]["const"]
+    names = st.just(model_id) | TEXT.filter(lambda t: t not in ("", ".", ".."))
+
+    @settings(FUZZ, max_examples=100 if template == "/openapi.json" else GET_EXAMPLES)
+    @given(query=QUERY, model=names)
+    def one(query, model):
+        path = template.replace("{model}", quote(model, safe=""))
+        response = server.client.get(path, params=query)
+        SENT[template, "get"] += 1
+        check(server, response, template, "get", model)
+        if template != "/v1/models/{model}" or model == model_id:
+            assert response.status_code == 200, response.text[:300]
+
+    one()
+    assert SENT[template, "get"] >= (100 if template == "/openapi.json" else GET_EXAMPLES)
+
+
+# ---- /explain ------------------------------------------------------------------------------------------
+
+EXPLAIN_EXAMPLES = 50  # per view and mode: a valid request runs the view (here 5–50 ms: see below)
+# A valid request asks for the view's JSON (an HTML page draws its figures with matplotlib: 0.2–0.9 s each,
+# which tests/serve/test_explain_routes.py covers) and samples at most 4 tokens: the two narrowings of the
+# document for the positive cases, as max_tokens is for the generation routes.
+CHEAP = {"format": {"const": "json"}, "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 4}}
+NOT_NUMBERS = st.text("abcdefghijklmnopqrstuvwxyz.,-+ ", max_size=6).filter(
+    lambda t: t.strip().lower() not in ("nan", "inf", "infinity", "+inf", "-inf", "+nan", "-nan", "+infinity",
+                                        "-infinity"))
+
+
+def query_value(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def explain_query(schemas: Schemas, parameters: list[dict], draw) -> list[tuple[str, str]]:
+    """Some of the view's parameters, each with a value valid by its schema (arrays repeat the name)."""
+    items = []
+    for parameter in parameters:
+        if parameter["name"] == "format" or draw(st.integers(0, 3)) == 0:  # each other one in a request of four
+            value = draw(schemas.values(CHEAP.get(parameter["name"], parameter["schema"])))
+            items += [(parameter["name"], query_value(v)) for v in (value if isinstance(value, list) else [value])]
+    return items
+
+
+def explain_violation(parameters: list[dict], draw) -> tuple[str, str]:
+    """One parameter broken: a number that is not one, a value outside its choices, text past its length,
+    a parameter given more often than allowed, or one the view does not take."""
+    parameter = draw(st.sampled_from(parameters))
+    schema, name = parameter["schema"], parameter["name"]
+    items = schema.get("items", schema)
+    kinds = [("unknown", None)]
+    if items.get("type") in ("integer", "number"):
+        kinds.append(("value", draw(NOT_NUMBERS)))
+    if "enum" in items:
+        kinds.append(("value", draw(TEXT.filter(lambda t: t not in items["enum"]))))
+    if "maxLength" in items:
+        kinds.append(("value", "x" * (items["maxLength"] + 1)))
+    kinds.append(("repeat", None))
+    kind, value = draw(st.sampled_from(kinds))
+    if kind == "unknown":
+        return [(draw(st.sampled_from(["bogus", "model", "out", "every_head", "dtype", "x-y"])), "1")]
+    if kind == "repeat":
+        times = schema.get("maxItems", 1) + 1
+        sample = "1" if items.get("type") in ("integer", "number") else items.get("enum", ["a"])[0]
+        return [(name, sample)] * times
+    return [(name, value)]
+
+
+@pytest.mark.parametrize("view", ["tokens", "attention", "knockout", "sampling", "logit-lens", "cache", "positions"])
+def test_explain_views_answer_as_documented(server, view):
+    template = f"/explain/{view}"
+    parameters = server.document["paths"][template]["get"]["parameters"]
+
+    @settings(FUZZ, max_examples=2 * EXPLAIN_EXAMPLES)
+    @given(data=st.data(), valid=st.booleans())
+    def one(data, valid):
+        query = explain_query(server.schemas, parameters, data.draw) if valid else explain_violation(parameters,
+                                                                                                   data.draw)
+        response = server.client.get(template, params=query)
+        SENT[template, "positive" if valid else "negative"] += 1
+        check(server, response, template, "get", json.dumps(query))
+        if not valid:
+            assert response.status_code == 400, (query, response.text[:300])
+
+    one()
+    assert SENT[template, "positive"] + SENT[template, "negative"] >= 2 * EXPLAIN_EXAMPLES
+
+
+def test_the_same_server_is_healthy_and_idle_afterwards_and_logged_no_traceback(server):
+    assert server.proc.poll() is None  # never restarted: the process the fixture started
+    assert server.client.get("/health").json() == {"status": "ok"}
+    metrics = server.client.get("/metrics").text
+    assert "llmkit_requests_running 0" in metrics and "llmkit_requests_queued 0" in metrics
+    assert "Traceback" not in server.log.read_text()
