@@ -5,6 +5,13 @@ model trained with llmkit (--demo, default runs/demo), side by side for fp32, in
 AWQ and pruning (magnitude, Wanda and SparseGPT at 50 % unstructured, Wanda 2:4, Wanda heads and
 neurons at 25 %). One table per model; every figure also as a ratio to the model's fp32 row.
 
+For a GGUF model two more rows: "gguf kept" (`llmkit.load(gguf, quantize="int4")`: the file's own
+blocks as int4/int8 layers, llmkit/io/gguf_kept.py) and "llama.cpp" (llama-cpp-python, where it
+imports, on the same file and threads). llama.cpp scores the very token ids llmkit scores: llmkit's
+tokenizer of a GGUF is the file's vocabulary, so its ids are llama.cpp's; each window is evaluated
+from an empty context, without BOS, as llmkit's are. Speeds of quantised rows are those of the
+kernels the loaded layers run (llmkit's own where built, llmkit/quant/kernels), named under the table.
+
 Every row is made the way `llmkit quantize` / `llmkit prune` make it (the library calls they run),
 written to a directory, and loaded back with `llmkit.load` — what a user of the output gets. Calibration
 text is the stdlib `logging` package; held-out text (perplexity) is `html` and `urllib`, text neither
@@ -28,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +61,13 @@ from llmkit.quant.scheme import QuantScheme  # noqa: E402
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def variants(group: int) -> list[tuple[str, QuantScheme | PruneScheme | None]]:
+GGUF_KEPT, LLAMA_CPP = "gguf kept", "llama.cpp"  # rows of a GGUF source only, not written by llmkit
+
+
+def variants(group: int, gguf: bool) -> list[tuple[str, QuantScheme | PruneScheme | str | None]]:
     q, p = QuantScheme.create, PruneScheme
-    return [("fp32", None), ("int8 rtn per channel", q("rtn", 8, None, None)),
+    extra = [(f"{GGUF_KEPT} (int4 load)", GGUF_KEPT), (f"{LLAMA_CPP} (same GGUF)", LLAMA_CPP)] if gguf else []
+    return [("fp32", None), *extra, ("int8 rtn per channel", q("rtn", 8, None, None)),
             *((f"int4 {m} g{group}", q(m, 4, group, False)) for m in ("rtn", "gptq", "awq")),
             *((f"{m} unstructured 50%", p(m, "unstructured", 0.5)) for m in ("magnitude", "wanda", "sparsegpt")),
             ("wanda 2:4", p("wanda", "2:4", 0.5)), ("wanda heads 25%", p("wanda", "heads", 0.25)),
@@ -78,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=None, help="prefill prompt tokens (default 256; --quick 32)")
     p.add_argument("--new-tokens", type=int, default=None, help="greedy new tokens for decode (default 64; --quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="best of N for prefill and decode (default 3; --quick 1)")
-    p.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated row names to run, or 'gguf kept' and 'llama.cpp' "
+                                                "(default: all; fp32 always runs, as the base of the ratios)")
     p.add_argument("--quick", action="store_true", help="smoke run: the demo model, the small sizes above")
     args = p.parse_args(argv)
     q = args.quick
@@ -135,6 +148,46 @@ def speeds(model, prompt: list[int], new_tokens: int, repeats: int) -> tuple[flo
     return len(prompt) / prefill, 1 / decode
 
 
+def llama_cpp_measure(gguf: str, windows: torch.Tensor, prompt: list[int], args: argparse.Namespace,
+                      tokenizer) -> tuple:
+    """(held-out perplexity, prefill tokens/s, decode tokens/s, what was scored) of llama.cpp on `gguf`,
+    measured as `perplexity` and `speeds` measure llmkit: the same token ids, best of `args.repeats`."""
+    import llama_cpp
+
+    def model(logits_all: bool):
+        return llama_cpp.Llama(model_path=gguf, n_ctx=max(windows.shape[1], len(prompt) + args.new_tokens) + 8,
+                               n_batch=max(windows.shape[1], len(prompt)), logits_all=logits_all,
+                               n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+
+    llm = model(True)  # logits at every position, for the perplexity only
+    text = tokenizer.decode(windows[0].tolist())  # do llama.cpp's own tokenizer and llmkit's agree on it?
+    ours, theirs = tokenizer.encode(text), llm.tokenize(text.encode(), add_bos=False, special=False)
+    scored = ("llmkit's token ids (the GGUF's vocabulary); llama.cpp's tokenizer gives the same ids for the "
+              f"first window's text" if ours == theirs else f"llmkit's token ids (the GGUF's vocabulary); "
+              f"llama.cpp's tokenizer differs on the first window's text ({len(theirs)} ids against {len(ours)})")
+    total = 0.0
+    for row in windows:
+        llm.reset()
+        llm.eval(row[:-1].tolist())
+        logits = torch.from_numpy(np.array(llm.scores[:windows.shape[1] - 1], dtype=np.float32))
+        total += float(F.cross_entropy(logits, row[1:], reduction="sum"))
+    ppl = math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
+    del llm
+    llm = model(False)  # the last position's logits only, as llmkit's prefill (last_only) computes
+    prefill, decode = math.inf, math.inf
+    for _ in range(args.repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        prefill = min(prefill, time.perf_counter() - t)
+        stamps = [time.perf_counter()]
+        for _token in range(args.new_tokens - 1):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])  # greedy
+            stamps.append(time.perf_counter())
+        decode = min(decode, statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+    return ppl, len(prompt) / prefill, 1 / decode, scored
+
+
 def build(source: str, scheme, calibration: torch.Tensor, out: Path) -> tuple[float, str]:
     """Write `source` compressed by `scheme` to `out` as the commands do; (seconds it took, the share of
     the blocks' linear weights pruned)."""
@@ -164,34 +217,69 @@ def run_model(title: str, source: str, args: argparse.Namespace, work: Path) -> 
     print(f"## {title}\n\n- calibration {calibration.shape[0]} × {calibration.shape[1]} tokens of {args.calibration}; "
           f"held-out {windows.shape[0]} × {windows.shape[1]} tokens of {', '.join(args.held_out)}; prompt "
           f"{len(prompt)} tokens, {args.new_tokens} new\n")
-    rows, base, refused = [], None, []
+    rows, base, refused, kernels = [], None, [], []
     only = set(args.only.split(",")) if args.only else None
-    for name, scheme in variants(args.group_size):
-        if only is not None and name not in only and name != "fp32":
+    gguf = source.endswith(".gguf")
+    for name, scheme in variants(args.group_size, gguf):
+        if only is not None and name not in only and not (isinstance(scheme, str) and scheme in only) and name != "fp32":
             continue
         out = work / f"{title.split()[0]}-{name.replace(' ', '_').replace('%', '').replace(':', '-')}"
-        try:
-            seconds, removed = build(source, scheme, calibration, out)
-        except LlmkitError as exc:  # heads of a model with 2 key/value groups at 25 %, say
-            rows.append([name, *["-"] * 8, "refused", "-"])
-            refused.append(f"{name}: refused: {exc}")
-            continue
-        loaded = llmkit.load(out)
-        prepare_for_decoding(loaded.model, dtype=loaded.runtime.torch_dtype)  # as generate and chat prepare it
-        size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
-        measured = (size, perplexity(loaded.model, windows), *speeds(loaded.model, prompt, args.new_tokens,
-                                                                      args.repeats))
+        if scheme == LLAMA_CPP:
+            problem = llama_cpp_problem(source)
+            if problem is not None:
+                refused.append(f"{name}: skipped: {problem}")
+                continue
+            t = time.perf_counter()
+            *measured, scored = (Path(source).stat().st_size / 1e6,
+                                 *llama_cpp_measure(source, windows, prompt, args, lm.tokenizer))
+            seconds, removed = time.perf_counter() - t, "-"
+            import llama_cpp
+            kernels.append(f"{name}: llama-cpp-python {getattr(llama_cpp, '__version__', '?')}, {args.threads} "
+                           f"threads, scoring {scored}; its make s is its whole measurement")
+        else:
+            if scheme == GGUF_KEPT:  # nothing written: the file is what runs
+                t = time.perf_counter()
+                loaded, size = llmkit.load(source, quantize="int4"), Path(source).stat().st_size / 1e6
+                seconds, removed = time.perf_counter() - t, "-"
+                report = prepare_for_decoding(loaded.model, quantize="int4", dtype=loaded.runtime.torch_dtype)
+            else:
+                try:
+                    seconds, removed = build(source, scheme, calibration, out)
+                except LlmkitError as exc:  # heads of a model with 2 key/value groups at 25 %, say
+                    rows.append([name, *["-"] * 8, "refused", "-"])
+                    refused.append(f"{name}: refused: {exc}")
+                    continue
+                loaded = llmkit.load(out)
+                # as generate and chat prepare it
+                report = prepare_for_decoding(loaded.model, dtype=loaded.runtime.torch_dtype)
+                size = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
+            if report.kernel:
+                kernels.append(f"{name} decodes with {report.kernel}"
+                               + (f" ({report.saved_scheme})" if report.saved_scheme else ""))
+            measured = (size, perplexity(loaded.model, windows), *speeds(loaded.model, prompt, args.new_tokens,
+                                                                          args.repeats))
+            del loaded
         base = base or measured
         rows.append([name, fmt(measured[0], ",.1f"), fmt(measured[0] / base[0], ".2f"), fmt(measured[1], ".3f"),
                      fmt(measured[1] / base[1], ".3f"), fmt(measured[2], ",.0f"), fmt(measured[2] / base[2], ".2f"),
                      fmt(measured[3], ",.1f"), fmt(measured[3] / base[3], ".2f"), removed, fmt(seconds, ".1f")])
         print(f"  {name}: done ({seconds:.0f} s to make)", file=sys.stderr, flush=True)
-        shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)
     print(table(["row", "MB on disk", "×", "held-out ppl", "×", "prefill tok/s", "×", "decode tok/s", "×",
                  "pruned", "make s"], rows))
     print()
-    for note in refused:
+    for note in [*kernels, *refused]:
         print(f"- {note}")
+
+
+def llama_cpp_problem(gguf: str) -> str | None:
+    """Why llama.cpp cannot run here (not installed, or its build dies on this CPU), or None."""
+    try:
+        import llama_cpp  # noqa: F401  (optional; llmkit never installs it)
+    except Exception as exc:
+        return f"llama_cpp is not importable ({type(exc).__name__}: {exc})"
+    from smollm2 import llama_cpp_probe  # the one probe: a child process that may die of SIGILL
+    return llama_cpp_probe(Path(gguf))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -202,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical cores; flags {cpu_flags()}; "
           f"torch capability {torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"- int4 group {args.group_size}; every row written and reloaded through llmkit.load; products in "
-          "fp32 (dequantised) for prompts, torch's int4 kernel for single decoded rows (docs/quantization.md)")
+    print(f"- int4 group {args.group_size}; every row written and reloaded through llmkit.load; prompts "
+          "multiply by the dequantised weights, decoded tokens run the kernel named under each table "
+          "(docs/quantization.md)")
     print("- unstructured and 2:4 pruning store zeros densely: the same bytes and the same dense kernels as fp32; "
           "heads and neurons shrink the matrices\n")
     sources = {}
