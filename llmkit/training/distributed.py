@@ -276,12 +276,15 @@ def shard(model: torch.nn.Module, mp_policy: "MixedPrecisionPolicy | None" = Non
     runs and freed after), the rest of the model (embeddings, final norm, head — tied weights stay in one
     unit) the root. Each rank keeps 1/N of every parameter, gradient and AdamW moment. A model whose
     layers share one block (ALBERT) is one unit. Frozen weights (LoRA's base) are sharded too, and get
-    no gradient. `mp_policy`: see mixed_precision."""
+    no gradient. `mp_policy`: see mixed_precision. A collective: every rank calls it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from llmkit.models.recurrent import MambaBlock, RWKVBlock
     from llmkit.models.transformer import Block
 
+    with torch.no_grad():  # rank 0's weights everywhere first, as DDP does when it wraps a model: each
+        for tensor in [*model.parameters(), *model.buffers()]:  # rank keeps its slice of its own copy
+            dist.broadcast(tensor, src=0)
     policy = mp_policy or MixedPrecisionPolicy()  # (the default: no casts)
     if not getattr(getattr(model, "cfg", None), "share_layers", False):
         for module in list(model.modules()):

@@ -179,7 +179,7 @@ def train_reward_model(model_path: str | Path, data_path: str | Path, out_dir: s
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_lm(lm.model).train()
     lm.model = model  # the reward model holds the backbone now; lm keeps the tokenizer and chat format
-    finetune.maybe_lora(model, lora, emit)
+    finetune.maybe_lora(model, lora, emit, seed=cfg.seed)
     model.reward_head.requires_grad_(True)  # a new head always trains, adapters or not
     pad_id = _pad_id(lm)
     run = finetune.FinetuneRun(lm, model, cfg, out_dir, "reward", fingerprint, lora=lora, heads=(REWARD_HEAD,),
@@ -219,7 +219,7 @@ def dpo(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
                                                               skip_bad_lines=skip_bad_lines, emit=emit,
                                                               kind="dpo", fsdp=fsdp)
     reference = copy.deepcopy(lm.model).eval().requires_grad_(False)
-    finetune.maybe_lora(lm.model, lora, emit)
+    finetune.maybe_lora(lm.model, lora, emit, seed=cfg.seed)
     pad_id = _pad_id(lm)
     loss_fn = make_dpo_loss(reference, beta)
 

@@ -85,7 +85,7 @@ def sft(model_path: str | Path, data_path: str | Path, out_dir: str | Path, cfg:
         train_examples = pack(train_examples, max_len)
     pad_id = lm.tokenizer.pad_id if lm.tokenizer.pad_id is not None else (lm.eos_ids or [0])[0]
     model = lm.model
-    finetune.maybe_lora(model, lora, emit)
+    finetune.maybe_lora(model, lora, emit, seed=cfg.seed)
     fingerprint = finetune.fingerprint_of([e.ids for e in examples], [e.labels for e in examples], packing, cfg.seed,
                                           cfg.val_fraction)
     run = finetune.FinetuneRun(lm, model, cfg, out_dir, "sft", fingerprint, lora=lora, fsdp=fsdp)

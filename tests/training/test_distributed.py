@@ -242,9 +242,11 @@ FINETUNE = ["--steps", "4", "--batch-size", "2", "--grad-accum", "2", "--dtype",
             "--log-interval", "1", "--threads", "1", "--lr", "1e-3"]
 
 
-# (DDP for each, FSDP2 for SFT: the fine-tunes' sharded path is the one Trainer's, as train's is)
-@pytest.mark.parametrize("command,modes", [("sft", ("ddp", "fsdp")), ("reward", ("ddp",)), ("dpo", ("ddp",))])
-def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command, modes):
+# (DDP for each, FSDP2 for SFT: the fine-tunes' sharded path is the one Trainer's, as train's is; DPO
+# with LoRA adapters, whose random initialisation every rank must draw as one process does)
+@pytest.mark.parametrize("command,modes,extra", [("sft", ("ddp", "fsdp"), ()), ("reward", ("ddp",), ()),
+                                                 ("dpo", ("ddp",), ("--lora-rank", "2"))])
+def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command, modes, extra):
     """SFT, the reward model (a scalar head on the pairs), and DPO (whose loss also runs the frozen
     reference model), through the same Trainer: two ranks with per-rank batch b (--batch-size 2 and
     --grad-accum 2 deal one micro-batch of 2 to each) train one process's losses, replicated (DDP) or
@@ -256,13 +258,14 @@ def test_fine_tunes_under_two_ranks_train_the_same_losses(runs, command, modes):
             record = ({"instruction": f"count to {i}", "output": " ".join(map(str, range(i + 1)))} if command == "sft"
                       else {"prompt": f"say {i}", "chosen": f"{i} is {i}", "rejected": f"no {i + 1}"})
             f.write(json.dumps(record) + "\n")
-    single = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-one", *FINETUNE, cwd=root)
+    single = run(command, "--model", "one", "--data", data.name, "--out", f"{command}-one", *FINETUNE, *extra,
+                 cwd=root)
     assert single.returncode == 0, single.stderr
     one = losses(root / f"{command}-one")
     assert len(one) >= 4 and len({v for *_, v in one}) > 2  # the losses move
     for mode in modes:
         out = f"{command}-{mode}"
-        double = run(command, "--model", "one", "--data", data.name, "--out", out, *FINETUNE,
+        double = run(command, "--model", "one", "--data", data.name, "--out", out, *FINETUNE, *extra,
                      *(["--fsdp"] if mode == "fsdp" else []), ranks=2, cwd=root)
         assert double.returncode == 0, double.stderr
         two = losses(root / out)
