@@ -307,6 +307,54 @@ __attribute__((target("avx2,fma"))) void int4_wide_avx2(const Problem& p, int64_
   }
 }
 
+// int8 likewise: code·scale (the dequantised weight as the reference rounds it) once per tile of rows.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int8_wide_avx512(const Problem& p, int64_t row0,
+                                                                               int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+    __m512 first[R], second[R];
+    for (int r = 0; r < R; ++r) first[r] = second[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const __m512 s = _mm512_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col)))), s);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col + 16)))), s);
+        const float* x = p.x + row0 * p.K + col;
+        for (int r = 0; r < R; ++r) {
+          first[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * p.K), first[r]);
+          second[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * p.K + 16), second[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(first[r], second[r])) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int8_wide_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+    __m256 first[R], second[R];
+    for (int r = 0; r < R; ++r) first[r] = second[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.G; ++g) {
+      const __m256 s = _mm256_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
+      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
+        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col)))), s);
+        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col + 8)))), s);
+        const float* x = p.x + row0 * p.K + col;
+        for (int r = 0; r < R; ++r) {
+          first[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * p.K), first[r]);
+          second[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * p.K + 8), second[r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(first[r], second[r])) + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
 // ---- int8 --------------------------------------------------------------------------------------
 
 template <int R>
@@ -360,12 +408,14 @@ RowsFn rows_kernel(bool int4, int64_t isa, int r) {
   return isa >= 2 ? pick_rows<Int8Avx512>(r) : isa == 1 ? pick_rows<Int8Avx2>(r) : pick_rows<Int8Portable>(r);
 }
 
-RowsFn wide_kernel(int64_t isa, int64_t r) {
-  switch (r) {
-    case 2: return isa >= 2 ? int4_wide_avx512<2> : int4_wide_avx2<2>;
-    case 3: return isa >= 2 ? int4_wide_avx512<3> : int4_wide_avx2<3>;
-    default: return isa >= 2 ? int4_wide_avx512<WIDE_ROWS> : int4_wide_avx2<WIDE_ROWS>;
-  }
+template <int R>
+RowsFn wide_of(bool int4, int64_t isa) {
+  if (int4) return isa >= 2 ? int4_wide_avx512<R> : int4_wide_avx2<R>;
+  return isa >= 2 ? int8_wide_avx512<R> : int8_wide_avx2<R>;
+}
+
+RowsFn wide_kernel(bool int4, int64_t isa, int64_t r) {
+  return r == 2 ? wide_of<2>(int4, isa) : r == 3 ? wide_of<3>(int4, isa) : wide_of<WIDE_ROWS>(int4, isa);
 }
 
 void run(Problem p, bool int4, int64_t isa) {
@@ -373,10 +423,10 @@ void run(Problem p, bool int4, int64_t isa) {
   const int64_t bytes_per_row = int4 ? p.K / 2 : p.K;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    if (int4 && isa >= 1 && p.rows >= 2) {  // a batch: tiles of WIDE_ROWS rows, the last 2 or 3 likewise
+    if (isa >= 1 && p.rows >= 2) {  // a batch: tiles of WIDE_ROWS rows, the last 2 or 3 likewise
       for (int64_t row0 = 0; row0 < p.rows;) {
         const int64_t r = std::min<int64_t>(WIDE_ROWS, p.rows - row0);
-        (r == 1 ? rows_kernel(int4, isa, 1) : wide_kernel(isa, r))(p, row0, n0, n1);
+        (r == 1 ? rows_kernel(int4, isa, 1) : wide_kernel(int4, isa, r))(p, row0, n0, n1);
         row0 += r;
       }
       return;
@@ -516,10 +566,12 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, co
 
 // ---- one decoder block, one position ----------------------------------------------------------
 
-// exp for the softmax without a library call, so the loop vectorises: 2^n · e^r with |r| ≤ ln2/2 and a
-// degree-6 polynomial (relative error < 2e-7, about fp32's own rounding); inputs here are ≤ 0.
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
+// exp without a library call, so the loops around it vectorise (the softmax's and SiLU's: std::exp
+// cost SmolLM2 ~7 ms of CPU per decode step of 16 rows): 2^n · e^r with |r| ≤ ln2/2 and a degree-6
+// polynomial (relative error < 2e-7, about fp32's own rounding), for x clamped to [−87, 88] (outside
+// it the result under- or overflows fp32's normal range anyway).
+inline float exp_clamped(float x) {
+  x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
   const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
   float p = 1.f / 720.f;
@@ -533,6 +585,27 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
+}
+
+// SiLU(gate)·up for the MLP of `rows` rows of (gate F | up F), into act (rows, F)
+inline __attribute__((always_inline)) void swiglu_rows(const float* gate_up, int64_t rows, int64_t F, float* act) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* g = gate_up + b * 2 * F;
+    float* a = act + b * F;
+#pragma omp simd
+    for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * g[F + i];
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void swiglu_avx512(const float* gu, int64_t rows, int64_t F,
+                                                                            float* act) {
+  swiglu_rows(gu, rows, F, act);
+}
+__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* gu, int64_t rows, int64_t F, float* act) {
+  swiglu_rows(gu, rows, F, act);
+}
+void swiglu_portable(const float* gu, int64_t rows, int64_t F, float* act) { swiglu_rows(gu, rows, F, act); }
+void swiglu(const float* gu, int64_t rows, int64_t F, float* act, int64_t isa) {
+  (isa >= 2 ? swiglu_avx512 : isa == 1 ? swiglu_avx2 : swiglu_portable)(gu, rows, F, act);
 }
 
 inline float to_float(float v) { return v; }
@@ -574,7 +647,7 @@ __attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, i
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < a.length; ++t) {
-      scores[t] = exp_nonpositive(scores[t] - best);
+      scores[t] = exp_clamped(scores[t] - best);
       total += scores[t];
     }
     if (visible) {  // a hidden key's score may exceed `best`: recomputed without them
@@ -736,10 +809,7 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
   for (int64_t i = 0; i < B * C; ++i) y[i] = xin[i] + projected[i];
   for (int64_t b = 0; b < B; ++b) rms_norm(y + b * C, norm2, C, eps[1], normed + b * C);
   product(w[2], normed, B, gate_up, isa);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* gu = gate_up + b * 2 * F;
-    for (int64_t i = 0; i < F; ++i) act[b * F + i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[F + i];
-  }
+  swiglu(gate_up, B, F, act, isa);
   product(w[3], act, B, projected, isa);
   at::Tensor out = at::empty_like(x);
   if (dtype == at::kFloat) {
