@@ -345,8 +345,9 @@ def report(t: dict, args: argparse.Namespace, model: str, loaded: float | None, 
     if t["transport_errors"]:
         print(f"- transport errors: {sorted(set(t['transport_errors']))}")
     if args.record_baseline:
-        if not all(gates.values()):
-            print("- baseline NOT recorded: this run failed a gate")
+        if not all(gates.values()) or not t["ttft"] or not t["itl"]:
+            print("- baseline NOT recorded: this run failed a gate" if t["itl"] else
+                  "- baseline NOT recorded: no completed answer of two tokens or more to measure")
             return 1
         record(args.baseline, key, t, args)
         print(f"- baseline recorded for {key!r} in {args.baseline}")

@@ -99,7 +99,7 @@ def create_app(lm: Any, engine: Any, *, model_id: str, api_key: str | None = Non
     page_route("/static/chat.js", "chat.js")
     page_route("/static/chat.css", "chat.css")
     explain_parsers = add_explain_routes(app, lm, model_id=model_id)  # /explain: the explain views as pages
-    document = json.dumps(openapi_document(limits, explain_parsers)).encode("utf-8")
+    document = json.dumps(openapi_document(limits, explain_parsers, keyed=api_key is not None)).encode("utf-8")
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> Response:

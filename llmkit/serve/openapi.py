@@ -230,7 +230,10 @@ def explain_paths(parsers: dict[str, argparse.ArgumentParser]) -> dict[str, Any]
     return paths
 
 
-def openapi_document(limits: ModelLimits, explain_parsers: dict[str, argparse.ArgumentParser] | None = None):
+def openapi_document(limits: ModelLimits, explain_parsers: dict[str, argparse.ArgumentParser] | None = None, *,
+                     keyed: bool = False) -> dict[str, Any]:
+    """The document for a server of `limits`' model; `keyed`: it was started with an API key, which every
+    route but /health then needs (guard.py; the page is not an API route and is not described)."""
     json_of = lambda name: {JSON: {"schema": ref(name)}}  # noqa: E731
     paths = {
         "/v1/chat/completions": generation("chat: the model's own template renders messages",
@@ -245,7 +248,9 @@ def openapi_document(limits: ModelLimits, explain_parsers: dict[str, argparse.Ar
         "/openapi.json": read("this document", {JSON: {"schema": {"type": "object"}}}),
     }
     paths.update(explain_paths(explain_parsers or {}))
-    return {"openapi": "3.1.0",
+    if keyed:
+        paths["/health"]["get"]["security"] = []
+    return {"openapi": "3.1.0", **({"security": [{"bearer": []}]} if keyed else {}),
             "info": {"title": "llmkit serve", "version": _version(),
                      "description": "OpenAI-compatible API over llmkit's generation engine (docs/serving.md)"},
             "paths": paths,

@@ -328,6 +328,16 @@ def test_explain_views_answer_as_documented(server, view):
     assert SENT[template, "positive"] + SENT[template, "negative"] >= 2 * EXPLAIN_EXAMPLES
 
 
+def test_a_keyed_server_documents_its_key_and_health_is_left_open():
+    from llmkit.serve.openapi import openapi_document
+    from llmkit.serve.requests import ModelLimits
+
+    limits = ModelLimits(model_id="m", context=64, vocab_size=300)
+    keyed, open_ = openapi_document(limits, keyed=True), openapi_document(limits)
+    assert keyed["security"] == [{"bearer": []}] and keyed["paths"]["/health"]["get"]["security"] == []
+    assert "security" not in open_ and "security" not in open_["paths"]["/health"]["get"]
+
+
 def test_the_same_server_is_healthy_and_idle_afterwards_and_logged_no_traceback(server):
     assert server.proc.poll() is None  # never restarted: the process the fixture started
     assert server.client.get("/health").json() == {"status": "ok"}
