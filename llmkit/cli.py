@@ -237,24 +237,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote a Hugging Face {model_type} model to {out}", file=sys.stderr)
 
 
-def _check_output_dir(out: Path) -> None:
-    """Refuse, before any work is done, an --out that is a file or lies under one, or whose nearest
-    existing folder cannot be written; nothing is created here, so a refused run leaves nothing."""
-    from llmkit.errors import ConfigError
-
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} exists and is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: {existing} is not writable")
-
-
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from llmkit.data.corpus import find_text_files, read_text_file
     from llmkit.errors import CheckpointError
+    from llmkit.io.output_dir import check_output_dir
     from llmkit.tokenizer import Tokenizer
 
-    _check_output_dir(Path(args.out))
+    check_output_dir(args.out, empty=True)  # a new directory: a tokenizer is never written over another
     files, skipped = find_text_files(args.data)
     tokenizer = Tokenizer.train((read_text_file(f) for f in files), args.vocab_size)
     try:

@@ -18,10 +18,10 @@ def _check_flags(args: argparse.Namespace):
     """The scheme and every flag, checked before any model is loaded."""
     from llmkit.errors import ConfigError
     from llmkit.quant.pruning.scheme import PruneScheme
-    from llmkit.quant.saved import check_destination
+    from llmkit.io.output_dir import check_output_dir
 
     scheme = PruneScheme.create(args.method, args.pattern, args.sparsity, args.scope)
-    check_destination(Path(args.out))
+    check_output_dir(args.out, empty=True)
     if args.calibration_samples < 1:
         raise ConfigError(f"--calibration-samples must be ≥ 1, got {args.calibration_samples}")
     if not scheme.calibrated and args.calibration is not None:

@@ -21,13 +21,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from llmkit.commands.progress import Progress
     from llmkit.errors import ConfigError
     from llmkit.quant.apply import check_quantizable, quantize_model
-    from llmkit.quant.saved import check_destination, save_quantized
+    from llmkit.io.output_dir import check_output_dir
+    from llmkit.quant.saved import save_quantized
     from llmkit.quant.scheme import QuantScheme
     from llmkit.runtime import set_threads
 
     scheme = QuantScheme.create(args.method, args.bits, args.group_size, args.symmetric)
-    out = Path(args.out)
-    check_destination(out)
+    out = check_output_dir(args.out, empty=True)
     if args.calibration_samples < 1:
         raise ConfigError(f"--calibration-samples must be ≥ 1, got {args.calibration_samples}")
     if scheme.method == "rtn" and args.calibration is not None:

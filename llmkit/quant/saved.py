@@ -1,6 +1,6 @@
 """A quantised model on disk, and back: a directory `llmkit.load` reads like any checkpoint.
 
-    DIR/config.json        {"model": ModelConfig, "quantization": QuantScheme, "chat": …}
+    DIR/config.json        {"format": "llmkit", "model": ModelConfig, "quantization": QuantScheme, "chat": …}
     DIR/model.safetensors  int4 layers: <name>.packed_codes (uint8, two codes a byte), .scale, .offset (bf16);
                            int8 layers: <name>.codes (int8), .scale (bf16); optional .bias, .act_scale (AWQ);
                            every other tensor (embeddings, norms, layers left in full precision) as it was
@@ -14,7 +14,6 @@ failed run leaves nothing at DIR. Nothing is pickled: safetensors and JSON only.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -26,9 +25,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmkit.config import ModelConfig
-from llmkit.errors import CheckpointError, ConfigError, ModelFormatError
+from llmkit.errors import CheckpointError, ModelFormatError
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.io.finetuned import chat_info_json, load_finetuned_tensors
+from llmkit.io.output_dir import check_output_dir, run_config_json, write_config_json
 from llmkit.layers.quantized import QuantizedWeight, is_quantized, quantized_layer
 from llmkit.models.build import build_model, skip_init
 from llmkit.quant.scheme import QuantScheme
@@ -36,36 +36,28 @@ from llmkit.quant.scheme import QuantScheme
 CODE_NAMES = {"packed_codes": 4, "codes": 8}
 
 
-def check_destination(out: Path) -> None:
-    """Refuse before any work: an existing, non-empty destination, or a parent that does not exist."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not an empty directory")
-    if not out.parent.is_dir():
-        raise ConfigError(f"{out.parent}: no such directory (the output's parent must exist)")
-
-
 def save_quantized(lm: Any, out: str | Path) -> Path:
     """Write quantised `lm` (its model holds the layers quantize_model made) as a directory `out`."""
     out = Path(out)
-    check_destination(out)
     scheme: QuantScheme = lm.model.quantization
-    meta: dict[str, Any] = {"model": lm.model.cfg.to_dict(), "quantization": scheme.to_json(),
-                            "chat": chat_info_json(lm)}
+    meta = run_config_json(lm.model.cfg, quantization=scheme.to_json(), chat=chat_info_json(lm))
     tensors = {k: v.detach().contiguous() for k, v in lm.model.state_dict().items()}
     if lm.model.cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # the embedding's own tensor, under a second name (a kept head)
     with new_directory(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "llmkit-quantized"})
         lm.tokenizer.save(tmp)
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        write_config_json(tmp, meta)
     return out
 
 
 @contextlib.contextmanager
 def new_directory(out: Path) -> Iterator[Path]:
     """A temporary directory beside `out`, renamed to `out` when the block ends without an error and
-    removed when it does not: a refused or failed run leaves nothing at `out`."""
-    check_destination(out)
+    removed when it does not: a refused or failed run leaves nothing at `out` (llmkit/io/output_dir.py:
+    a new directory, never one written over)."""
+    check_output_dir(out, empty=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -28,6 +28,7 @@ import llmkit
 from llmkit.errors import ConfigError
 from llmkit.io.checkpoint import list_checkpoints, load_tensors
 from llmkit.io.finetuned import chat_info_json
+from llmkit.io.output_dir import check_output_dir, run_config_json
 from llmkit.io.run_dir import hold_run_dir
 from llmkit.runtime import Runtime, make_runtime, set_threads
 from llmkit.training import distributed
@@ -229,8 +230,7 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     set_threads(cfg.threads)
     distributed.check_split(cfg.grad_accum)
     check_batches(cfg, ppo)
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
+    check_output_dir(out_dir, resume)
     reward_fn = load_reward(reward) if isinstance(reward, str) else reward
     skipped: list[str] = []
     if isinstance(prompts, (str, Path)):
@@ -249,8 +249,7 @@ def train_ppo(policy: str | Path, reward: str | RewardFn, prompts: str | Path | 
     collector = PPOCollector(lm, model, ref, reward_fn, prompt_set, cfg, ppo, stop_id=stop_token(lm, chat=chat))
     fingerprint = {"policy": str(Path(policy).resolve()), "reward": reward if isinstance(reward, str) else "function",
                    "prompts": [len(texts), hash_texts(texts)], "ppo": asdict(ppo), "chat": chat}
-    meta = {"format": "llmkit", "version": llmkit.__version__, "model": lm.model.cfg.to_dict(),
-            "chat": chat_info_json(lm), "trained_with": "ppo", "started_from": str(lm.path)}
+    meta = run_config_json(lm.model.cfg, chat=chat_info_json(lm), trained_with="ppo", started_from=str(lm.path))
     trainer = Trainer(model, cfg, loss_fn=collector.loss, collector=collector, weights=lm.model, out_dir=out_dir,
                       evaluate=(lambda m: evaluate(m.lm)) if evaluate is not None else None,
                       checkpoint_json={"config.json": meta},

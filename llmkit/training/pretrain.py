@@ -22,13 +22,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-import llmkit
 from llmkit.config import ModelConfig, preset
 from llmkit.data.batches import TokenBatches, eval_batches
 from llmkit.data.corpus import (find_text_files, read_file_bytes, read_text_file, split_files, token_dtype,
                                 tokenize_files)
 from llmkit.errors import CheckpointError, ConfigError, DatasetError
 from llmkit.io.checkpoint import atomic_write_bytes, atomic_write_text, list_checkpoints
+from llmkit.io.output_dir import check_output_dir, run_config_json  # noqa: F401 (the fine-tunes import them from here)
 from llmkit.io.run_dir import hold_run_dir
 from llmkit.io.safe_json import read_json
 from llmkit.memory import BPE_BYTES_PER_VOCAB_ENTRY, TRAIN_BYTES_PER_PARAM, require_memory, require_model_memory
@@ -288,27 +288,8 @@ def pretrain(paths: Sequence[str | Path], out_dir: str | Path, cfg: TrainConfig,
         return run_trainer(trainer, out_dir, resume=resume, emit=emit, on_step=on_step)
 
 
-# ---- what every training command shares: its output directory, its config.json, its run -----------
-
-def check_output_dir(out_dir: str | Path, resume: bool, *, empty: bool = False) -> Path:
-    """A run's --out, checked before any work is done: not a file and, unless the run resumes there,
-    holding no checkpoints, or with `empty` (commands whose output is always a new directory: the
-    encoder fine-tunes, `extend`) nothing at all."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"{out_dir}: exists and is not a directory; choose another --out")
-    if not resume and empty and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir}: already exists and is not empty; choose another --out")
-    if not resume and list_checkpoints(out_dir / "checkpoints"):
-        raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    return out_dir
-
-
-def run_config_json(model_cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
-    """A checkpoint's config.json: what `llmkit.load` reads (format, version, the model's config), and
-    what a recipe adds for it (chat settings, labels, a task head, where the run started from)."""
-    return {"format": "llmkit", "version": llmkit.__version__, "model": model_cfg.to_dict(), **extra}
-
+# ---- what every training command shares: its output directory and config.json (llmkit/io/output_dir.py,
+# imported from here by the fine-tunes), its run ---------------------------------------------------------
 
 def run_trainer(trainer: Trainer, out_dir: Path, *, resume: bool, emit: Event,
                 on_step: Callable[[dict], None] | None = None):

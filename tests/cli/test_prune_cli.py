@@ -37,7 +37,7 @@ BAD = {  # name → (flags after --model RUN, what the error line says)
                      "no such file or directory"),
     "gqa_group_of_none": (("--method", "magnitude", "--pattern", "heads"), "removes 0"),  # 0.25 of 2 groups
     "model_missing": (("--model", "{root}/no_model"), "no such model"),
-    "out_taken": (("--out", "{root}/taken"), "not an empty directory"),
+    "out_taken": (("--out", "{root}/taken"), "already exists and is not empty"),
 }
 
 

@@ -30,7 +30,7 @@ BAD = {  # name → (flags after --model RUN, what the error line says)
     "calibration_too_short": (("--method", "awq", "--calibration", "{root}/short.txt"), "fewer than one calibration"),
     "samples_zero": (("--method", "gptq", "--calibration-samples", "0"), "--calibration-samples must be ≥ 1"),
     "model_missing": (("--model", "{root}/no_model"), "no such model"),
-    "out_taken": (("--out", "{root}/taken"), "not an empty directory"),
+    "out_taken": (("--out", "{root}/taken"), "already exists and is not empty"),
 }
 
 

@@ -152,7 +152,7 @@ def test_saving_over_a_directory_with_files_is_refused_and_leaves_it_alone(token
     quantize_model(lm.model, QuantScheme.create("rtn", 4, 32, False))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    with pytest.raises(LlmkitError, match="not an empty directory"):
+    with pytest.raises(LlmkitError, match="already exists and is not empty"):
         save_quantized(lm, tmp_path / "taken")
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
     shutil.rmtree(tmp_path / "taken")

@@ -14,22 +14,19 @@ nothing at DIR.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-import llmkit
 from llmkit.io.finetuned import chat_info_json
+from llmkit.io.output_dir import run_config_json, write_config_json
 from llmkit.io.weights import model_tensors
 from llmkit.quant.saved import new_directory
 
 
 def pruned_meta(lm: Any, pruning: dict[str, Any] | None) -> dict[str, Any]:
-    meta = {"format": "llmkit", "version": llmkit.__version__, "model": lm.model.cfg.to_dict(),
-            "chat": chat_info_json(lm)}
-    return meta if pruning is None else {**meta, "pruning": pruning}
+    return run_config_json(lm.model.cfg, chat=chat_info_json(lm), **({} if pruning is None else {"pruning": pruning}))
 
 
 def write_pruned(lm: Any, directory: Path, pruning: dict[str, Any] | None) -> None:
@@ -38,7 +35,7 @@ def write_pruned(lm: Any, directory: Path, pruning: dict[str, Any] | None) -> No
     tensors = {k: v.detach().contiguous() for k, v in model_tensors(lm.model).items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "llmkit-pruned"})
     lm.tokenizer.save(directory)
-    (directory / "config.json").write_text(json.dumps(pruned_meta(lm, pruning), indent=1), encoding="utf-8")
+    write_config_json(directory, pruned_meta(lm, pruning))
 
 
 def save_pruned(lm: Any, out: str | Path, pruning: dict[str, Any] | None) -> Path:
