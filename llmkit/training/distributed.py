@@ -4,7 +4,9 @@ llmkit train …` runs N ranks, each a process with a replica of the model (Dist
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` joins the
 process group (gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
 others fail within COLLECTIVE_TIMEOUT_S (or LLMKIT_COLLECTIVE_TIMEOUT_S) with one `error:` line
-instead of waiting forever (a rank that dies is torchrun's to handle: it stops the others).
+instead of waiting forever. A rank that dies is torchrun's to handle: it stops the others with SIGTERM
+(as it does on Ctrl-C), and each says so in one `error:` line (or, where it found the lost rank first
+in a collective, that line); the newest complete checkpoint is left as it was, for --resume.
 Everything else here is the few collectives the one Trainer needs — means of metrics, rank 0's
 decisions broadcast so every rank runs the same schedule, per-rank RNG states gathered into one
 checkpoint — each a no-op in a single process.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -90,6 +93,38 @@ def init_from_env(command: str) -> World:
 
 class CollectiveTimeout(LlmkitError):
     """A collective waited longer than the timeout for the other ranks: one line, not a traceback."""
+
+
+class RankLost(LlmkitError):
+    """Another rank is gone (it died, or torchrun stopped this one because it did): one line."""
+
+
+RESUME_HINT = "the newest complete checkpoint is kept: run the command again with --resume to continue"
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """A collective failed because the rank at the other end is gone (gloo: its socket was closed)."""
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        sign in text for sign in ("connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm(rank: int) -> Iterator[None]:
+    """In the block, SIGTERM (torchrun stopping the ranks left when one has failed, or on Ctrl-C) raises
+    RankLost, so the rank leaves through the usual error path with one line instead of dying silently;
+    the first SIGTERM only (the way out is not cut short by a second). After the block SIGTERM is
+    ignored: the rank is leaving anyway, and its line must get out."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RankLost(f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one has failed or "
+                       f"the run is interrupted); {RESUME_HINT}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -355,18 +390,22 @@ def command_session(command: str) -> Iterator[World]:
     w = init_from_env(command)
     saved: list[int] = []
     try:
-        if not w.main:  # at the descriptors, so that torch's own C++ warnings are silenced too
-            sys.stdout.flush(), sys.stderr.flush()
-            saved = [os.dup(1), os.dup(2)]
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1), os.dup2(devnull, 2)
-            os.close(devnull)
-        yield w
-        # Leave together: a rank that tears its process group down while another still writes its last
-        # checkpoint, plot or summary could abort in gloo's teardown ("terminate called without an active
-        # exception", seen with FSDP2 under load). Only on success: after an error the others may be gone.
-        barrier()
+        with stopped_by_sigterm(w.rank):
+            if not w.main:  # at the descriptors, so that torch's own C++ warnings are silenced too
+                sys.stdout.flush(), sys.stderr.flush()
+                saved = [os.dup(1), os.dup(2)]
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1), os.dup2(devnull, 2)
+                os.close(devnull)
+            yield w
+            # Leave together: a rank that tears its process group down while another still writes its last
+            # checkpoint, plot or summary could abort in gloo's teardown ("terminate called without an active
+            # exception", seen with FSDP2 under load). Only on success: after an error the others may be gone.
+            barrier()
     except RuntimeError as exc:
+        if peer_lost(exc):
+            raise RankLost(f"rank {w.rank}: another rank left the run in the middle of a collective (it died or "
+                           f"was stopped); {RESUME_HINT}") from None
         if not timed_out(exc):
             raise
         raise CollectiveTimeout(f"rank {w.rank}: waited {collective_timeout_s():g} s for the other ranks in a "
