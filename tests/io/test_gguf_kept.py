@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quantize
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_quants import block_codes, dequantize_simple
-from llmkit.layers.quantized import Int4Linear, Int8Linear, dequantize_weight, is_quantized
+from llmkit.layers.quantized import Int4Linear, Int8Linear, dequantize_weight, int8_kernel_usable, is_quantized
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))
 from gguf_tiny import random_weights, toy_vocab, write_gguf  # noqa: E402
@@ -99,8 +99,9 @@ def q6_k_tensor(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
 
 def test_q6_k_model_is_kept_exactly(tmp_path):
-    """Every matrix Q6_K: every linear layer (the LM head too) holds the file's codes, multiplies by exactly
-    the file's weights, and the logits are the dequantised model's up to fp32 summation order."""
+    """Every matrix Q6_K: every linear layer of the blocks holds the file's codes, multiplies by exactly the
+    file's weights, and the logits are the dequantised model's up to fp32 summation order. The LM head
+    (no kernel for groups of 16, and multiplied at every token) is dequantised, as before."""
     rng = np.random.default_rng(3)
     path = tmp_path / "q6k.gguf"
     shapes = tiny_shapes()
@@ -117,21 +118,23 @@ def test_q6_k_model_is_kept_exactly(tmp_path):
             assert isinstance(layer, Int8Linear) and layer.group == 16 and layer.scale.dtype == torch.float32
             weight = torch.cat([reference.get_submodule(n).weight for n in names])
             assert torch.equal(layer.dequantize(), weight)  # the file's weights (unpermuted q/k rows included)
-    assert isinstance(kept.lm_head, Int8Linear) and torch.equal(kept.lm_head.dequantize(), full.lm_head.weight)
+    assert not is_quantized(kept.lm_head) and torch.equal(kept.lm_head.weight, full.lm_head.weight)
 
-    report = prepare_for_decoding(kept, quantize="int4")
-    assert report.int4_linears == report.int8_linears == 0  # nothing left in full precision to quantise
-    assert report.kernel == "dequantise + matmul"  # no kernel takes groups of 16
-    # No float32 copy of any matrix: what is floating point is the embedding table (dequantised, it is
-    # looked up), the norms and the scales (1/16 of a weight each, in fp32: a quarter of the int8 codes' bytes).
+    # No float32 copy of any block's matrix: what is floating point is the embedding table (dequantised, it
+    # is looked up), the head, the norms and the scales (1/16 of a weight each, in fp32: a quarter of the int8 codes' bytes).
     table = kept.embeddings.embed.weight.numel()
     floats = sum(t.numel() for t in [*kept.parameters(), *kept.buffers()] if t.is_floating_point())
-    matrices = sum(s[0] * s[1] for s in shapes.values()) - table
+    floats -= kept.lm_head.weight.numel()
+    matrices = sum(s[0] * s[1] for s in shapes.values()) - table - kept.lm_head.weight.numel()
     assert floats - table <= matrices / 16 + 4 * TINY["d"] * TINY["layers"]
 
     ids = torch.tensor([rng.integers(0, kept.cfg.vocab_size, size=24).tolist()])
     with torch.no_grad():
         a, b = kept(ids), full(ids)
+    report = prepare_for_decoding(kept, quantize="int4")
+    # only the head was left: 8-bit where a kernel serves it (without llmkit's, torch's wants 300 rows a multiple of 16)
+    assert report.int4_linears == 0 and report.int8_linears + report.kept_linears == 1
+    assert "dequantise + matmul" in report.kernel  # no kernel takes groups of 16
     # The same fp32 weights and inputs; only the summation order of the (fused) products may differ. fp32's
     # error model bounds each product by ~K·2⁻²⁴·Σ|w·x| (K ≤ 512: ~3e-5 relative) and two blocks carry it
     # on; 1e-4 of the logits' scale leaves a margin over that. Measured: 0.0 (AMD EPYC, AVX512 and AVX2
@@ -142,14 +145,15 @@ def test_q6_k_model_is_kept_exactly(tmp_path):
 def test_mixed_sets_keep_each_member(tmp_path):
     """A Q4_K_M-like file: layer 0 has Q4_K q/k and a Q6_K v (mixed bits: each kept alone, unfused),
     layer 1 Q5_0 q/k and a Q6_K v (one 8-bit layer at groups of 16, Q5_0's scales repeated); gate/up
-    Q4_K (fused int4), down Q6_K, the head Q6_K, an F16 o_proj (not kept: quantised later as usual)."""
+    Q4_K (fused int4), down Q6_K, the head Q5_0 (int8 on a kernel), an F16 o_proj (not kept: quantised
+    later as usual)."""
     rng = np.random.default_rng(4)
     path = tmp_path / "mixed.gguf"
     shapes = tiny_shapes()
     types = {"blk.0.attn_q.weight": QT.Q4_K, "blk.0.attn_k.weight": QT.Q4_K, "blk.1.attn_q.weight": QT.Q5_0,
              "blk.1.attn_k.weight": QT.Q5_0, "blk.0.ffn_gate.weight": QT.Q4_K, "blk.0.ffn_up.weight": QT.Q4_K,
              "blk.1.ffn_gate.weight": QT.Q4_K, "blk.1.ffn_up.weight": QT.Q4_K, "blk.0.attn_output.weight": QT.F16,
-             "blk.1.attn_output.weight": QT.F16, "token_embd.weight": QT.Q8_0}
+             "blk.1.attn_output.weight": QT.F16, "token_embd.weight": QT.Q8_0, "output.weight": QT.Q5_0}
     q6 = {n: q6_k_tensor(s, rng) for n, s in shapes.items() if n not in types}
     write_gguf(path, qtype=QT.Q6_K, tensor_types=types, tensors=q6, **TINY)
     full = load_gguf(path).model
@@ -163,15 +167,17 @@ def test_mixed_sets_keep_each_member(tmp_path):
     for block in (first, second):
         assert isinstance(block.mlp.gate_up_proj, Int4Linear) and isinstance(block.mlp.down_proj, Int8Linear)
 
-    # Q6_K and Q5_0 weights are the file's to the bit (fp32 scales, or Q5_0's d repeated); Q4_K's to the
-    # rounding of d·sc and d·m to bf16 (relative 2⁻⁸ each, on terms of size |offset| + 16·scale).
+    # Q6_K and Q5_0 weights in groups of 16 are the file's to the bit (fp32 scales, Q5_0's d repeated);
+    # on a kernel's bf16 scales (Q4_K's d·sc and d·m, the Q5_0 head's d) to their rounding: relative 2⁻⁸
+    # each, on terms of size |offset| + 16·scale (Q5_0's codes are at most 16 in size, Q4_K's 8 from the middle).
     def check(layer, names, reference, exact):
         weight = torch.cat([reference.get_submodule(n).weight for n in names])
         ours = layer.dequantize()
         if exact:
             assert torch.equal(ours, weight)
         else:
-            bound = 2 ** -8 * (layer.offset.float().abs() + 16 * layer.scale.float().abs()).repeat_interleave(32, 1)
+            offset = getattr(layer, "offset", torch.zeros_like(layer.scale)).float()  # int8: none
+            bound = 2 ** -8 * (offset.abs() + 16 * layer.scale.float().abs()).repeat_interleave(32, 1)
             assert ((ours - weight).abs() <= bound + 1e-6).all()
 
     ref0, ref1 = full.stack.blocks[0], full.stack.blocks[1]
@@ -179,10 +185,15 @@ def test_mixed_sets_keep_each_member(tmp_path):
     check(first.attn.v_proj, ["attn.v_proj"], ref0, exact=True)
     check(second.attn.qkv_proj, ["attn.q_proj", "attn.k_proj", "attn.v_proj"], ref1, exact=True)
     check(second.mlp.down_proj, ["mlp.down_proj"], ref1, exact=True)
-    check(kept.lm_head, ["lm_head"], full, exact=True)
+    # the Q5_0 head: int8 groups of 32 where a kernel serves them (torch's, without llmkit's, wants the
+    # 300 rows a multiple of 16), d in bf16; else dequantised as before
+    assert is_quantized(kept.lm_head) == int8_kernel_usable(full.lm_head)
+    if is_quantized(kept.lm_head):
+        assert isinstance(kept.lm_head, Int8Linear) and kept.lm_head.group == 32
+        check(kept.lm_head, ["lm_head"], full, exact=False)
 
     report = prepare_for_decoding(kept, quantize="int4")
-    assert report.int4_linears == 2  # the two F16 o_proj layers; the rest were kept
+    assert report.int4_linears == 2  # the two F16 o_proj layers; the rest were kept (and the head made 8-bit)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.isfinite(kept(ids)).all()
