@@ -172,8 +172,11 @@ async def load(url: str, model: str, args: argparse.Namespace, seconds: float, s
         async def watch() -> None:
             while time.monotonic() < end:
                 sent = time.perf_counter()
-                response = await client.get(url + "/health")
-                tally["health"].append((time.perf_counter() - sent, response.status_code))
+                try:
+                    status = (await client.get(url + "/health")).status_code
+                except httpx.HTTPError:
+                    status = 0  # no answer at all: a failed probe
+                tally["health"].append((time.perf_counter() - sent, status))
                 if proc is not None:
                     tally["peak_rss"] = max(tally["peak_rss"], proc.memory_info().rss / 2**20)
                 await asyncio.sleep(0.25)

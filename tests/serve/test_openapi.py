@@ -328,6 +328,16 @@ def test_explain_views_answer_as_documented(server, view):
     assert SENT[template, "positive"] + SENT[template, "negative"] >= 2 * EXPLAIN_EXAMPLES
 
 
+def test_the_document_names_every_field_the_checks_know():
+    """Fields the checks accept but the document omits would never be fuzzed: the two lists must agree."""
+    from llmkit.serve.openapi import openapi_document
+    from llmkit.serve.requests import CHAT_FIELDS, COMPLETION_FIELDS, NOT_SUPPORTED, ModelLimits
+
+    schemas = openapi_document(ModelLimits(model_id="m", context=64, vocab_size=300))["components"]["schemas"]
+    assert set(schemas["ChatCompletionRequest"]["properties"]) == CHAT_FIELDS | set(NOT_SUPPORTED)
+    assert set(schemas["CompletionRequest"]["properties"]) == COMPLETION_FIELDS | set(NOT_SUPPORTED)
+
+
 def test_a_keyed_server_documents_its_key_and_health_is_left_open():
     from llmkit.serve.openapi import openapi_document
     from llmkit.serve.requests import ModelLimits
