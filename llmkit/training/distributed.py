@@ -5,8 +5,9 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_f
 process group (gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
 others fail within COLLECTIVE_TIMEOUT_S (or LLMKIT_COLLECTIVE_TIMEOUT_S) with one `error:` line
 instead of waiting forever. A rank that dies is torchrun's to handle: it stops the others with SIGTERM
-(as it does on Ctrl-C), and each says so in one `error:` line (or, where it found the lost rank first
-in a collective, that line); the newest complete checkpoint is left as it was, for --resume.
+(as it does when it is sent SIGTERM itself; Ctrl-C reaches the ranks as SIGINT, an interruption), and
+each says so in one `error:` line (or, where it found the lost rank first in a collective, that line);
+the newest complete checkpoint is left as it was, for --resume.
 Everything else here is the few collectives the one Trainer needs — means of metrics, rank 0's
 decisions broadcast so every rank runs the same schedule, per-rank RNG states gathered into one
 checkpoint — each a no-op in a single process.
@@ -111,14 +112,14 @@ def peer_lost(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def stopped_by_sigterm(rank: int) -> Iterator[None]:
-    """In the block, SIGTERM (torchrun stopping the ranks left when one has failed, or on Ctrl-C) raises
-    RankLost, so the rank leaves through the usual error path with one line instead of dying silently;
+    """In the block, SIGTERM (torchrun stopping the ranks left when one has failed, or passing on its own
+    SIGTERM) raises RankLost, so the rank leaves through the usual error path with one line instead of dying silently;
     the first SIGTERM only (the way out is not cut short by a second). After the block SIGTERM is
     ignored: the rank is leaving anyway, and its line must get out."""
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise RankLost(f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one has failed or "
-                       f"the run is interrupted); {RESUME_HINT}")
+        raise RankLost(f"rank {rank}: stopped by SIGTERM (torchrun stops every rank when one has failed, or "
+                       f"when it is itself stopped); {RESUME_HINT}")
 
     signal.signal(signal.SIGTERM, stop)
     try:
