@@ -25,6 +25,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 import llmkit
 from conftest import make_corpus
 from llmkit.io.checkpoint import list_checkpoints, verify_checkpoint
@@ -104,3 +106,20 @@ def test_a_rank_killed_mid_run_stops_the_other_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"(step {step})" in resumed.stderr and "resuming from" in resumed.stderr, resumed.stderr
     assert train_rows(tmp_path / "run") == before  # steps step+1 … last again, bit for bit
+
+
+def test_sigterm_in_a_rank_is_one_error_and_then_ignored():
+    """torchrun stops the ranks left with SIGTERM: the rank leaves through the usual error path (one
+    line), once; afterwards SIGTERM is ignored, so that line is not cut off."""
+    from llmkit.training.distributed import RankLost, stopped_by_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RankLost, match=r"^rank 1: stopped by SIGTERM .*--resume"):
+            with stopped_by_sigterm(1):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # (the handler runs at once; never reached)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # ignored: this process goes on
+    finally:
+        signal.signal(signal.SIGTERM, previous)
