@@ -29,7 +29,7 @@ def dequantize_simple(raw: np.ndarray, qtype: QT) -> Tensor | None:
     """`raw` (..., blocks·bytes per block) uint8 → float32 (..., blocks·32), or None for other types."""
     if qtype in (QT.Q5_0, QT.Q6_K):
         flat = raw.reshape(-1, raw.shape[-1])
-        codes, scale, _ = block_codes(flat, qtype)
+        codes, scale, _ = (_q5_0_codes if qtype == QT.Q5_0 else _q6_k_codes)(flat)
         out = codes.reshape(flat.shape[0], scale.shape[1], -1).float() * scale[..., None]
         return out.reshape(*raw.shape[:-1], -1)
     if qtype not in _SIMPLE:
