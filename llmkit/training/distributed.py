@@ -298,8 +298,8 @@ def mixed_precision(runtime: "Runtime") -> "MixedPrecisionPolicy | None":
     measured faster) is bf16: each unit's weights are gathered in bf16 (half the all-gather traffic and
     the memory of the unsharded weights), the gradients reduced in fp32 into the fp32 shards that AdamW
     updates. The Trainer's autocast stays on around it, so the ops autocast keeps in fp32 (softmax,
-    norms, the losses) still run in fp32. gloo does both casts on the CPU as NCCL does on CUDA (tried:
-    bf16 gathers, fp32 gradient shards). An fp32 run: None, nothing to cast."""
+    norms, the losses) still run in fp32. gloo does both on the CPU (tried: bf16 gathers, fp32 gradient
+    shards); on CUDA it is the same policy under NCCL, not yet run on a GPU. An fp32 run: None."""
     if runtime.dtype == "fp32":
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
