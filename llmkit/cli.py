@@ -227,8 +227,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     """Write a model (llmkit run/checkpoint or Hugging Face directory) in another format."""
     import llmkit
     from llmkit.io.hf import save_hf
+    from llmkit.io.output_dir import check_output_dir
     from llmkit.quant.saved import refuse_export
 
+    check_output_dir(args.out, empty=True)  # before the model is read (save_hf checks again as it writes)
     lm = llmkit.load(args.model)
     refuse_export(lm.model, args.model)  # a `llmkit quantize` output: one line, nothing written
     out = save_hf(lm.model, lm.tokenizer, args.out, prefix_ids=lm.prefix_ids, eos_ids=lm.eos_ids,

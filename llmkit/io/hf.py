@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from llmkit.errors import CheckpointError, ModelFormatError
 from llmkit.io.checkpoint import fsync_path, read_json, write_synced
 from llmkit.io.input_files import read_regular_bytes
+from llmkit.io.output_dir import check_output_dir
 from llmkit.io.hf_config import SUPPORTED, config_from_hf, config_to_hf
 from llmkit.io.hf_weights import FAMILIES, llmkit_to_hf, plan_weights, read_weights, refuse_pickles
 from llmkit.io.weights import load_model_tensors, model_tensors
@@ -192,9 +193,7 @@ def save_hf(model: CausalLM, tokenizer: Tokenizer, out_dir: str | Path, *,
 
     It is written into a temporary sibling and renamed into place, so `out_dir` is complete or absent.
     """
-    out, cfg = Path(out_dir), model.cfg
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CheckpointError(f"{out}: already exists and is not empty")
+    out, cfg = check_output_dir(out_dir, empty=True), model.cfg  # a new directory, never one written over
     dtype = next(model.parameters()).dtype
     if cfg.arch == "encoder":
         from llmkit.io.hf_encoder import encoder_hf_export

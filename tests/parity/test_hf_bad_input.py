@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import llmkit
 from llmkit.config import preset
-from llmkit.errors import CheckpointError, LlmkitError, ModelFormatError
+from llmkit.errors import CheckpointError, ConfigError, LlmkitError, ModelFormatError
 from llmkit.io.hf import save_hf
 from llmkit.models.causal_lm import CausalLM
 from hf_tiny import VOCAB, build_hf_model, train_tokenizer
@@ -258,7 +258,7 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
         save_hf(model, tok, tmp_path / "out")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(ConfigError, match="not empty"):
         save_hf(CausalLM(preset("llama-tiny", vocab_size=VOCAB)), tok, tmp_path / "full")
 
 
