@@ -5,9 +5,9 @@ Two kinds of output, one rule with a mode:
 
     a run directory (training: train, sft, reward, dpo, ppo, finetune-seq2seq) may already exist and is
         resumed with --resume; without it, it must not already hold checkpoints.
-    a new directory (`empty=True`: quantize, prune, tokenizer train, and the commands whose directory is
-        the model itself: the encoder fine-tunes, extend) must not exist yet or be empty, so nothing is
-        ever written over (a run of this kind that can resume may resume there).
+    a new directory (`empty=True`: quantize, prune, convert, tokenizer train, and the commands whose
+        directory is the model itself: the encoder fine-tunes, extend) must not exist yet or be empty, so
+        nothing is ever written over (a run of this kind that can resume may resume there).
 
 Either way: --out is not a file nor under one, and the nearest folder that exists is writable. The
 check creates nothing, so a refused command leaves nothing behind.
