@@ -60,6 +60,21 @@ class Schemas:
 
     # ---- checking ------------------------------------------------------------------------------------
 
+    def assert_known(self, schema: dict[str, Any], where: str = "$") -> None:
+        """Every keyword of `schema` and of all the schemas inside it is one this module implements."""
+        unknown = set(schema) - KEYWORDS
+        assert not unknown, f"the document uses {sorted(unknown)} at {where}, which the fuzzing does not implement"
+        if "$ref" in schema:
+            self.resolve(schema)  # raises if it points nowhere
+        inner = [*schema.get("properties", {}).items(), *schema.get("dependentSchemas", {}).items()]
+        inner += [(f"anyOf[{i}]", s) for i, s in enumerate(schema.get("anyOf", ()))]
+        if "items" in schema:
+            inner.append(("items", schema["items"]))
+        if isinstance(schema.get("additionalProperties"), dict):
+            inner.append(("additionalProperties", schema["additionalProperties"]))
+        for name, sub in inner:
+            self.assert_known(sub, f"{where}.{name}")
+
     def errors(self, value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
         schema = self.resolve(schema)
         unknown = set(schema) - KEYWORDS
