@@ -11,9 +11,8 @@ past its last checkpoint are an uninterrupted two-rank run's. The rank killed is
 writes the checkpoints and the log (and holds the run directory's lock); rank 1, silent until then, is
 the one to say why it stops.
 
-DDP only: each case costs ~10 s of two cores (two torchrun launches of three processes each); FSDP2's
-checkpoints are gathered whole and written by rank 0 the same way (tests/training/test_distributed.py
-resumes them exactly).
+DDP only: a case costs ~10 s of two cores (two torchrun launches of three processes each). FSDP2's
+checkpoints are gathered whole and written by rank 0 the same way; its case passes too (see below).
 """
 
 from __future__ import annotations
@@ -67,9 +66,13 @@ def train_rows(out: Path) -> list[tuple[int, str, float]]:
     return [row for row in losses(out) if row[1] == "train"]
 
 
-def test_a_rank_killed_mid_run_stops_the_other_and_resumes_exactly(tmp_path):
+# FSDP2 (["--fsdp"]) passed the same test in 5 of 6 runs, as long as DDP's; left out for the suite's
+# time. (In the sixth, the resumed run — not the killed one — ended in SIGABRT: gloo's teardown abort
+# under load that commit 9c305b1 describes.)
+@pytest.mark.parametrize("flags", [[]], ids=["ddp"])
+def test_a_rank_killed_mid_run_stops_the_other_and_resumes_exactly(tmp_path, flags):
     make_corpus(tmp_path / "corpus")
-    killed = start("--steps", "100000", "--out", "run", cwd=tmp_path, log=tmp_path / "killed.err",
+    killed = start("--steps", "100000", "--out", "run", *flags, cwd=tmp_path, log=tmp_path / "killed.err",
                    env={**ENV, "LLMKIT_COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S)})
     metrics = tmp_path / "run" / "metrics.jsonl"
     with reaped(killed):
@@ -101,7 +104,7 @@ def test_a_rank_killed_mid_run_stops_the_other_and_resumes_exactly(tmp_path):
     last = before[-1][0]
     assert last > step, f"killed at step {last}, at a checkpoint: nothing past it to repeat"
 
-    resumed = subprocess.run(llmkit_argv(*TRAIN, "--steps", str(last), "--out", "run", "--resume", ranks=2),
+    resumed = subprocess.run(llmkit_argv(*TRAIN, "--steps", str(last), "--out", "run", "--resume", *flags, ranks=2),
                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     assert f"(step {step})" in resumed.stderr and "resuming from" in resumed.stderr, resumed.stderr
