@@ -20,6 +20,7 @@ themselves, so it would describe none of them).
 from __future__ import annotations
 
 import argparse
+from http import HTTPStatus
 from typing import Any
 
 from llmkit.serve.errors import ERROR_TYPES
@@ -148,7 +149,7 @@ def response_schemas(limits: ModelLimits) -> dict[str, Any]:
             return obj({**fields, "usage": optional(usage)}, (*head, "object", "choices"))
         return obj({**fields, "usage": usage}, (*head, "object", "choices", "usage"))
 
-    index = count
+    index = count  # a choice's position among the request's choices
     chat_choice = obj({"index": index, "message": obj({"role": {"const": "assistant"}, "content": {"type": "string"}},
                                                       ("role", "content")),
                        "logprobs": chat_logprobs, "finish_reason": finish},
@@ -180,8 +181,8 @@ def response_schemas(limits: ModelLimits) -> dict[str, Any]:
 # ---- paths ----------------------------------------------------------------------------------------------
 
 def errors(statuses: tuple[int, ...]) -> dict[str, Any]:
-    return {str(s): {"description": ERROR_TYPES.get(s, "error"), "content": {JSON: {"schema": ref("Error")}}}
-            for s in statuses}
+    return {str(s): {"description": f"{HTTPStatus(s).phrase} ({ERROR_TYPES[s]}; docs/serving.md's table of errors)",
+                     "content": {JSON: {"schema": ref("Error")}}} for s in statuses}
 
 
 def generation(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
