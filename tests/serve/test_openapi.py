@@ -37,7 +37,7 @@ from post_training_helpers import save_tiny_model
 # about 700 systematic ones (every field × every kind of wrong value); a read route GET_EXAMPLES. /openapi.json
 # is one fixed document: fewer. Each endpoint gets at least 500.
 POSITIVE, NEGATIVE = 150, 150
-GET_EXAMPLES, GET_BATCH = 500, 5
+GET_EXAMPLES, GET_BATCH = 500, 10
 CALL_SECONDS = 10.0
 FUZZ = settings(max_examples=POSITIVE, deadline=None, database=None, phases=[Phase.generate, Phase.shrink],
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
