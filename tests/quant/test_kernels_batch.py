@@ -21,30 +21,35 @@ ISAS = list(range(NATIVE.isa + 1)) if NATIVE is not None else []  # 0 portable C
 U = 2.0 ** -24  # fp32 unit roundoff
 
 
-def _bound(codes, scale, offset, x):
+def _bound(codes, scale, offset, x, bits=4):
     """fp32's error model for x·wᵀ summed in two orders: each sum of K terms is within K·u of the sum of
-    their magnitudes, and a term is at most (|code − 8|·scale + |offset|)·|x| (code·scale + minimum, as
-    rounded, is within that plus rounding), so |difference| ≤ 2·(K + 4)·u·that magnitude."""
+    their magnitudes, and a term is at most (|code − 8|·scale + |offset|)·|x| (int8: |code|·scale·|x|;
+    code·scale + minimum, as rounded, is within that plus rounding), so |difference| ≤ 2·(K + 4)·u·that
+    magnitude."""
     N, K = codes.shape
     per = K // scale.shape[1]
-    magnitude = ((codes.float() - 8).abs() * scale.float().repeat_interleave(per, 1)
+    middle = 8 if bits == 4 else 0
+    magnitude = ((codes.float() - middle).abs() * scale.float().repeat_interleave(per, 1)
                  + offset.float().abs().repeat_interleave(per, 1))
     return 2 * (K + 4) * U * (x.double().abs() @ magnitude.double().t()).float() + 1e-30
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("rows", [8, 27, 64])  # whole tiles of rows sharing an expansion, and remainders
-def test_many_rows_on_the_native_kernel_equal_the_dequantised_fp32_matmul(isa, rows):
+@pytest.mark.parametrize("bits", [4, 8])
+# 1: the one-row kernel (4 output rows at a time; 42 leaves 2 over); 5, 27, 64: tiles of 4 rows sharing an
+# expansion of the weights, with a last tile of 1 or 3
+@pytest.mark.parametrize("rows", [1, 5, 27, 64])
+def test_batches_on_the_native_kernel_equal_the_dequantised_fp32_matmul(isa, bits, rows):
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(48, 192, generator=g) * 0.05
+    w = torch.randn(42, 192, generator=g) * 0.05
     w[:, 3] *= 20  # an outlier column: its groups get a large step
-    codes, scale, offset = quantize_weight(w, WeightFormat(4, 64, False))
-    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    codes, scale, offset = quantize_weight(w, WeightFormat(bits, 64, bits == 8))
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4) if bits == 4 else codes
     x = torch.randn(rows, 192, generator=g)
-    bias = torch.randn(48, generator=g)
+    bias = torch.randn(42, generator=g)
     got = NATIVE.ops.linear(x, packed, scale, offset, 64, bias, None, isa)
     expected = x @ dequantize_weight(codes, scale, offset).t() + bias
-    err, bound = (got - expected).abs(), _bound(codes, scale, offset, x)
+    err, bound = (got - expected).abs(), _bound(codes, scale, offset, x, bits)
     assert bool((err <= bound).all()), float((err / bound).max())
 
 
