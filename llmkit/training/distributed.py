@@ -5,9 +5,10 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_f
 process group (gloo on CPU, NCCL on CUDA) with a collective timeout, so a rank that hangs makes the
 others fail within COLLECTIVE_TIMEOUT_S (or LLMKIT_COLLECTIVE_TIMEOUT_S) with one `error:` line
 instead of waiting forever. A rank that dies is torchrun's to handle: it stops the others with SIGTERM
-(as it does when it is sent SIGTERM itself; Ctrl-C reaches the ranks as SIGINT, an interruption), and
-each says so in one `error:` line (or, where it found the lost rank first in a collective, that line);
-the newest complete checkpoint is left as it was, for --resume.
+(as it does when it is sent SIGTERM itself), and each says so in one `error:` line (or, where it found
+the lost rank first in a collective, that line). Ctrl-C reaches the ranks as one SIGINT each from
+torchrun: each stops as one process does but without a save, rank 0 alone saying so (interrupted_once).
+Either way the newest complete checkpoint is left as it was, for --resume.
 Everything else here is the few collectives the one Trainer needs — means of metrics, rank 0's
 decisions broadcast so every rank runs the same schedule, per-rank RNG states gathered into one
 checkpoint — each a no-op in a single process.
@@ -126,6 +127,24 @@ def stopped_by_sigterm(rank: int) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupted_once(heard: list[bool]) -> Iterator[None]:
+    """Ctrl-C under torchrun: the terminal's SIGINT reaches torchrun, which passes it on to each rank (each
+    in its own session) once. In the block the first SIGINT is the KeyboardInterrupt of one process
+    (`heard` records it); later ones, and any after the block, are ignored, so that a second cannot cut
+    the way out (leaving the process group, the `interrupted` line) short into a traceback."""
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        heard.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def timed_out(exc: BaseException) -> bool:
@@ -390,8 +409,9 @@ def command_session(command: str) -> Iterator[World]:
 
     w = init_from_env(command)
     saved: list[int] = []
+    interrupted: list[bool] = []
     try:
-        with stopped_by_sigterm(w.rank):
+        with stopped_by_sigterm(w.rank), interrupted_once(interrupted):
             if not w.main:  # at the descriptors, so that torch's own C++ warnings are silenced too
                 sys.stdout.flush(), sys.stderr.flush()
                 saved = [os.dup(1), os.dup(2)]
@@ -404,6 +424,8 @@ def command_session(command: str) -> Iterator[World]:
             # exception", seen with FSDP2 under load). Only on success: after an error the others may be gone.
             barrier()
     except RuntimeError as exc:
+        if interrupted:  # Ctrl-C reached every rank: a collective cut short by another's exit is part of it
+            raise KeyboardInterrupt from None
         if peer_lost(exc):
             raise RankLost(f"rank {w.rank}: another rank left the run in the middle of a collective (it died or "
                            f"was stopped); {RESUME_HINT}") from None
@@ -415,6 +437,7 @@ def command_session(command: str) -> Iterator[World]:
     finally:
         if saved:
             sys.stdout.flush(), sys.stderr.flush()
-            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            if not interrupted:  # (interrupted: rank 0 says so for the run; the others stay silent)
+                os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             os.close(saved[0]), os.close(saved[1])
         shutdown()

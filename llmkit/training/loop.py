@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.errors import ConfigError, NonFiniteError
+from llmkit.io.checkpoint import latest_checkpoint
 from llmkit.io.run_dir import append_metrics, find_resume_checkpoint, hold_run_dir
 from llmkit.runtime import Runtime, make_runtime, to_device
 from llmkit.training import distributed, trainer_budget, trainer_checkpoint
@@ -330,11 +331,17 @@ class Trainer:
                     stopped = f"--max-minutes {cfg.max_minutes:g} reached"
                     break
         except KeyboardInterrupt:
-            # (several ranks: no save here, the others may be gone; the last checkpoint stays complete)
+            reason = "interrupted"
             if self.state.step > 0 and self.world.size == 1:
                 self._bank_elapsed()
                 self.save()  # Ctrl-C keeps the work done so far
-            notify("stopped", {"step": self.state.step, "steps": self.total_steps, "reason": "interrupted",
+            elif self.world.size > 1 and self.world.main:
+                # No save: Ctrl-C reached every rank, each at its own point of the step, and the others
+                # may be gone; the newest checkpoint on disk stays complete.
+                newest = latest_checkpoint(self.checkpoint_root, verify=False)
+                since = f"the checkpoint of step {int(newest.name.split('-')[1])}" if newest else "step 0"
+                reason += f" (under torchrun nothing is saved at Ctrl-C: --resume goes back to {since})"
+            notify("stopped", {"step": self.state.step, "steps": self.total_steps, "reason": reason,
                                "lr": lr_at(max(self.state.step - 1, 0), cfg, steps=self.total_steps,
                                            warmup=self.warmup)})
             raise
