@@ -35,7 +35,7 @@ from conftest import make_corpus
 from llmkit.io.checkpoint import list_checkpoints, verify_checkpoint
 from test_distributed import environ, llmkit_argv, losses, running, worker_pids
 
-CHECKPOINT_EVERY = 6
+CHECKPOINT_EVERY = 20
 TRAIN = ["train", "--data", "corpus", "--preset", "llama-tiny", "--batch-size", "2", "--seq-len", "32",
          "--dtype", "fp32", "--grad-accum", "2", "--eval-interval", str(CHECKPOINT_EVERY), "--eval-batches", "1",
          "--log-interval", "1", "--vocab-size", "300", "--threads", "1", "--warmup-steps", "2", "--min-lr-ratio", "1"]
@@ -71,9 +71,9 @@ def train_rows(out: Path) -> list[tuple[int, str, float]]:
 
 
 def start_past_a_checkpoint(tmp_path: Path, flags: list[str]) -> subprocess.Popen:
-    """A 2-rank run, returned three logged steps past its first checkpoint: the next one is three steps,
-    an evaluation and a redrawn loss.png away (~0.3 s of rank 0's time alone here), so what the test
-    does next lands between checkpoints."""
+    """A 2-rank run, returned three logged steps past its first checkpoint, so that what the test does
+    next lands between checkpoints: the next one is 17 steps away (a step takes ~12 ms here, 2 cores
+    under load; with checkpoints 6 steps apart a signal ~30 ms late came after the next one)."""
     make_corpus(tmp_path / "corpus")
     run = start("--steps", "100000", "--out", "run", *flags, cwd=tmp_path, log=tmp_path / "killed.err",
                 env={**ENV, "LLMKIT_COLLECTIVE_TIMEOUT_S": str(TIMEOUT_S)})
@@ -83,7 +83,7 @@ def start_past_a_checkpoint(tmp_path: Path, flags: list[str]) -> subprocess.Pope
         if run.poll() is not None or time.monotonic() > deadline:
             with reaped(run):
                 pytest.fail((tmp_path / "killed.err").read_text())
-        time.sleep(0.02)
+        time.sleep(0.005)
     return run
 
 
