@@ -12,6 +12,13 @@
 // A group's part of row n·x is  scale·Σ code·x + (offset − 8·scale)·Σ x  (int4), so the inner loop
 // is a dot product of codes with x and each group costs one scaling.
 //
+// Which loop runs (run()): one activation row (decoding one sequence) takes four output rows side by
+// side (one_row_*: their FMA chains overlap, the codes are prefetched ahead); two rows or more (a batch
+// decoding together) go in tiles of WIDE_ROWS rows that share each expansion of the weights into their
+// dequantised fp32 values (*_wide_*: code·scale + minimum, rounded as the Python reference rounds it);
+// rows_* (the first kernel, per-group sums for up to 4 rows) remains for remainders and the portable
+// path. All accumulate in fp32; the tests bound each against the dequantised fp32 matmul.
+//
 // The vector width is chosen at run time (the `isa` argument: 2 AVX-512, 1 AVX2, 0 portable C++) from
 // what the CPU reports and what torch's own kernels use (ATEN_CPU_CAPABILITY), one binary for all.
 // Threads: torch's intra-op pool (at::parallel_for), so torch.set_num_threads governs them too.
@@ -474,36 +481,20 @@ void int8_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) 
 // ---- dispatch ----------------------------------------------------------------------------------
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
-template <int R> constexpr RowsFn int4_avx2 = rows_avx2<R, true>;
-template <int R> constexpr RowsFn int8_avx2 = rows_avx2<R, false>;
-template <int R> constexpr RowsFn int4_avx512 = rows_avx512<R, true>;
-template <int R> constexpr RowsFn int8_avx512 = rows_avx512<R, false>;
 
-template <template <int> class Pick>
-RowsFn pick_rows(int r) {
+// the portable kernels of r ≤ MAX_ROWS rows (the vector paths run one_row_* and *_wide_*)
+RowsFn portable_rows(bool int4, int r) {
   switch (r) {
-    case 1: return Pick<1>::fn;
-    case 2: return Pick<2>::fn;
-    case 3: return Pick<3>::fn;
-    default: return Pick<4>::fn;
+    case 1: return int4 ? int4_rows_portable<1> : int8_rows_portable<1>;
+    case 2: return int4 ? int4_rows_portable<2> : int8_rows_portable<2>;
+    case 3: return int4 ? int4_rows_portable<3> : int8_rows_portable<3>;
+    default: return int4 ? int4_rows_portable<4> : int8_rows_portable<4>;
   }
 }
 
-#define KERNEL_TABLE(NAME, FN) \
-  template <int R>             \
-  struct NAME {                \
-    static constexpr RowsFn fn = FN<R>; \
-  };
-KERNEL_TABLE(Int4Portable, int4_rows_portable)
-KERNEL_TABLE(Int4Avx2, int4_avx2)
-KERNEL_TABLE(Int4Avx512, int4_avx512)
-KERNEL_TABLE(Int8Portable, int8_rows_portable)
-KERNEL_TABLE(Int8Avx2, int8_avx2)
-KERNEL_TABLE(Int8Avx512, int8_avx512)
-
-RowsFn rows_kernel(bool int4, int64_t isa, int r) {
-  if (int4) return isa >= 2 ? pick_rows<Int4Avx512>(r) : isa == 1 ? pick_rows<Int4Avx2>(r) : pick_rows<Int4Portable>(r);
-  return isa >= 2 ? pick_rows<Int8Avx512>(r) : isa == 1 ? pick_rows<Int8Avx2>(r) : pick_rows<Int8Portable>(r);
+RowsFn one_row_kernel(bool int4, int64_t isa) {
+  if (isa >= 2) return int4 ? one_row_avx512<true> : one_row_avx512<false>;
+  return int4 ? one_row_avx2<true> : one_row_avx2<false>;
 }
 
 template <int R>
@@ -521,27 +512,14 @@ void run(Problem p, bool int4, int64_t isa) {
   const int64_t bytes_per_row = int4 ? p.K / 2 : p.K;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(bytes_per_row, 1));
   at::parallel_for(0, p.N, grain, [&](int64_t n0, int64_t n1) {
-    if (isa >= 1 && p.rows >= 2) {  // a batch: tiles of WIDE_ROWS rows, the last 2 or 3 likewise
-      for (int64_t row0 = 0; row0 < p.rows;) {
-        const int64_t r = std::min<int64_t>(WIDE_ROWS, p.rows - row0);
-        if (r == 1)
-          (isa >= 2 ? (int4 ? one_row_avx512<true> : one_row_avx512<false>)
-                    : (int4 ? one_row_avx2<true> : one_row_avx2<false>))(p, row0, n0, n1);
-        else
-          wide_kernel(int4, isa, r)(p, row0, n0, n1);
-        row0 += r;
-      }
-      return;
+    // vector paths: one row alone, else tiles of WIDE_ROWS rows (the last tile 1 to WIDE_ROWS rows)
+    for (int64_t row0 = 0; isa >= 1 && row0 < p.rows;) {
+      const int64_t r = std::min<int64_t>(WIDE_ROWS, p.rows - row0);
+      (r == 1 ? one_row_kernel(int4, isa) : wide_kernel(int4, isa, r))(p, row0, n0, n1);
+      row0 += r;
     }
-    if (isa >= 1 && p.rows == 1) {
-      (isa >= 2 ? (int4 ? one_row_avx512<true> : one_row_avx512<false>)
-                : (int4 ? one_row_avx2<true> : one_row_avx2<false>))(p, 0, n0, n1);
-      return;
-    }
-    for (int64_t row0 = 0; row0 < p.rows; row0 += MAX_ROWS) {
-      const int r = static_cast<int>(std::min<int64_t>(MAX_ROWS, p.rows - row0));
-      rows_kernel(int4, isa, r)(p, row0, n0, n1);
-    }
+    for (int64_t row0 = 0; isa == 0 && row0 < p.rows; row0 += MAX_ROWS)
+      portable_rows(int4, static_cast<int>(std::min<int64_t>(MAX_ROWS, p.rows - row0)))(p, row0, n0, n1);
   });
 }
 
