@@ -123,8 +123,10 @@ class Trainer:
         self.checkpoint_files = checkpoint_files or {}
         self.fingerprint = fingerprint or {}
         seq_len = cfg.seq_len or getattr(getattr(model, "cfg", None), "max_seq_len", 256)
-        self.runtime = runtime or make_runtime(cfg.device, cfg.dtype, cfg.threads, model=model,
-                                               rows=cfg.batch_size * seq_len, training=True)
+        self.runtime = trainer_checkpoint.started_runtime(
+            cfg.dtype, runtime or make_runtime(cfg.device, cfg.dtype, cfg.threads, model=model,
+                                               rows=cfg.batch_size * seq_len, training=True),
+            self.checkpoint_root)
         model.to(self.runtime.device)
         self.world = distributed.world()
         distributed.check_split(cfg.grad_accum)

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from llmkit.errors import CheckpointError
-from llmkit.io.checkpoint import load_tensors, read_json, save_checkpoint
+from llmkit.io.checkpoint import latest_checkpoint, load_tensors, read_json, save_checkpoint
 from llmkit.io.run_dir import repair_metrics
 from llmkit.io.weights import check_model_tensors, load_model_tensors, model_tensors
 from llmkit.training import distributed
 from llmkit.training.optim import load_optimizer_tensors, optimizer_tensors
 
 if TYPE_CHECKING:
+    from llmkit.runtime import Runtime
     from llmkit.training.loop import Trainer
 
 
@@ -78,11 +79,23 @@ def load(trainer: "Trainer", path: Path) -> None:
         trainer.collector.restore(path, saved)
     if trainer.cfg.time_budget is None and trainer.state.planned_steps is not None:
         trainer.state.plan_final = True  # resumed without a budget: finish the plan as it stands
-    previous, runtime = saved.get("runtime", {}), trainer.runtime
-    if (trainer.cfg.dtype == "auto" and previous.get("dtype") in ("fp32", "bf16")
-            and previous.get("device", "").split(":")[0] == runtime.device.type and previous["dtype"] != runtime.dtype):
-        # `auto` keeps the precision the run started with, so resuming repeats its numbers
-        trainer.runtime = dataclasses.replace(runtime, dtype=previous["dtype"], reason="as chosen when the run started")
+
+
+def started_runtime(dtype_flag: str, runtime: "Runtime", checkpoint_root: Path) -> "Runtime":
+    """`--dtype auto` keeps the precision a run started with (its newest checkpoint's), so a resumed run
+    repeats its numbers even where the probe would now choose otherwise. Decided when the Trainer is
+    built, before it wraps the model: FSDP fixes its mixed-precision policy when it shards."""
+    path = latest_checkpoint(checkpoint_root, verify=False) if dtype_flag == "auto" else None
+    if path is None:
+        return runtime
+    try:
+        previous = read_json(path / "train_state.json").get("runtime", {})
+    except CheckpointError:
+        return runtime  # a damaged checkpoint: resume names it (and passes over it, or refuses)
+    if (previous.get("dtype") in ("fp32", "bf16") and previous["dtype"] != runtime.dtype
+            and str(previous.get("device", "")).split(":")[0] == runtime.device.type):
+        return dataclasses.replace(runtime, dtype=previous["dtype"], reason="as chosen when the run started")
+    return runtime
 
 
 def repair_metrics_log(trainer: "Trainer", say: Callable[[str, dict[str, Any]], None]) -> None:

@@ -297,3 +297,27 @@ def test_resume_refuses_a_changed_model_config(corpus, tmp_path):
                  model_overrides={"d_ff": 128})
     state = pretrain([corpus], tmp_path, TrainConfig(**{**cfg.to_dict(), "steps": 4}), resume=True)
     assert state.step == 4  # the unchanged config resumes
+
+
+def test_dtype_auto_keeps_the_precision_the_run_started_with(run_b_first_half, tmp_path):
+    """A run resumed with --dtype auto keeps its checkpoint's precision even where the probe now picks
+    another, and decides so when the Trainer is built (before FSDP would fix its mixed-precision policy)."""
+    import dataclasses
+
+    from llmkit.runtime import make_runtime
+
+    out = tmp_path / "run"
+    shutil.copytree(run_b_first_half, out)
+    assert read_json(latest_checkpoint(out / "checkpoints") / "train_state.json")["runtime"]["dtype"] == "fp32"
+    bf16 = dataclasses.replace(make_runtime("cpu", "fp32", 1, training=True), dtype="bf16", reason="the probe, this time")
+    model = CausalLM(preset("gpt2-tiny", vocab_size=320))
+    batch = lambda index: (torch.zeros(2, 8, dtype=torch.long),) * 2  # noqa: E731 (never called)
+    resumed = Trainer(model, resume_cfg(20, dtype="auto"), loss_fn=next_token_loss, get_batch=batch,
+                      out_dir=out, runtime=bf16)
+    assert (resumed.runtime.dtype, resumed.runtime.reason) == ("fp32", "as chosen when the run started")
+    fresh = Trainer(model, resume_cfg(20, dtype="auto"), loss_fn=next_token_loss, get_batch=batch,
+                    out_dir=tmp_path / "fresh", runtime=bf16)
+    assert fresh.runtime.dtype == "bf16"  # nothing to keep: the probe's choice stands
+    explicit = Trainer(model, resume_cfg(20, dtype="bf16"), loss_fn=next_token_loss, get_batch=batch,
+                       out_dir=out, runtime=bf16)
+    assert explicit.runtime.dtype == "bf16"  # --dtype bf16 asked for: as asked
