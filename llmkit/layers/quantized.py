@@ -13,7 +13,8 @@ scale and offset are stored in bf16 (the tests bound that rounding too). Quantis
 already Q4_1 or Q8_0 (SmolLM2's GGUF) gives back their own codes.
 
 An int4 layer stores w = (code − 8) · scale + offset (offset = minimum + 8 · scale; 0 if symmetric),
-both in bf16. Products of few rows (decoding) run llmkit's own kernel where it was built
+both in bf16. Products of few rows (decoding, a batch of up to 16-32 sequences too: NATIVE_MAX_ROWS)
+run llmkit's own kernel where it was built
 (llmkit/quant/kernels: the layer's own codes and bf16 numbers, fp32 activations and sums, so it
 differs from the dequantised fp32 matmul only in summation order; int8 too, in one pass). Without it
 they run torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), which reads this same form; the
