@@ -109,7 +109,7 @@ class Trainer:
         `started_at`: the clock reading when the run's work began (data preparation counts against
         --time-budget too); default: now. `fsdp`: under torchrun, shard the model, its gradients and
         AdamW's moments over the ranks (FSDP2) instead of replicating them (DDP); bf16 on CUDA gathers
-        the weights in bf16 (distributed.mixed_precision)."""
+        the weights in bf16 (sharding.mixed_precision)."""
         assert (get_batch is None) != (collector is None), "a Trainer reads get_batch or a collector"
         assert weights is None or not fsdp, "FSDP checkpoints the whole model"
         if collector is not None and cfg.time_budget is not None:

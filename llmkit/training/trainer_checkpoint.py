@@ -20,7 +20,7 @@ from llmkit.errors import CheckpointError
 from llmkit.io.checkpoint import latest_checkpoint, load_tensors, read_json, save_checkpoint
 from llmkit.io.run_dir import repair_metrics
 from llmkit.io.weights import check_model_tensors, load_model_tensors, model_tensors
-from llmkit.training import distributed
+from llmkit.training import distributed, sharding
 from llmkit.training.optim import load_optimizer_tensors, optimizer_tensors
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def save(trainer: "Trainer") -> Path:
     opt_tensors, groups = optimizer_tensors(trainer.optimizer)
     weights = model_tensors(trainer.weights)
     if trainer.sharded:  # gathered whole (collectives: every rank takes part), so the format is the usual one
-        opt_tensors, weights = distributed.full_tensors(opt_tensors), distributed.full_model_tensors(trainer.model)
+        opt_tensors, weights = sharding.full_tensors(opt_tensors), sharding.full_model_tensors(trainer.model)
     extra_tensors, extra_json = trainer.collector.checkpoint() if trainer.collector is not None else ({}, {})
     if trainer.world.main:
         train_state = dict(vars(state), train_config=trainer.cfg.to_dict(), fingerprint=trainer.fingerprint,
@@ -66,8 +66,8 @@ def load(trainer: "Trainer", path: Path) -> None:
     weights, moments = load_tensors(path / "model.safetensors"), load_tensors(path / "optimizer.safetensors")
     if trainer.sharded:  # every rank read the whole tensors; each keeps its shard
         check_model_tensors(trainer.model, weights, where=str(path))
-        distributed.load_full_model_tensors(trainer.model, weights)
-        moments = distributed.shard_like([p for g in trainer.optimizer.param_groups for p in g["params"]], moments)
+        sharding.load_full_model_tensors(trainer.model, weights)
+        moments = sharding.shard_like([p for g in trainer.optimizer.param_groups for p in g["params"]], moments)
     else:
         load_model_tensors(trainer.weights, weights, where=str(path))
     load_optimizer_tensors(trainer.optimizer, moments, saved["optimizer_groups"])

@@ -11,7 +11,7 @@ import torch
 
 from llmkit.cli import build_parser, main as cli_main
 from llmkit.runtime import Runtime
-from llmkit.training.distributed import mixed_precision
+from llmkit.training.sharding import mixed_precision
 
 SHARDED = ("sft", "reward", "dpo", "finetune-classifier", "finetune-tokens", "finetune-qa", "finetune-seq2seq",
            "extend", "train")
@@ -79,7 +79,7 @@ def test_a_bf16_run_computes_with_bf16_weights_and_keeps_fp32_shards_and_gradien
     autocast to bf16 rounding."""
     from llmkit.config import preset
     from llmkit.models.build import build_model
-    from llmkit.training.distributed import shard
+    from llmkit.training.sharding import shard
     from llmkit.training.objectives import next_token_loss
 
     torch.manual_seed(0)
