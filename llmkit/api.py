@@ -64,9 +64,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
             on the model's decoding shapes), "fp32", "bf16", "fp16" or a torch dtype; None (the
             default) keeps float32 for Hugging Face and GGUF weights, and llmkit checkpoints as stored.
         quantize: "int4" when the model is loaded to generate with 4-bit weights (as `--quantize int4`
-            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1, Q4_K
-            and Q8_0 layers then keep the file's own codes, with no full-precision copy in memory; for
-            decoding only. Other models load as without it.
+            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1, Q4_K,
+            Q5_0 and Q8_0 layers then keep the file's own codes, and Q6_K layers are repacked into int8
+            groups of 32, with no full-precision copy in memory; for decoding only. Other models load as without it.
     The choice, with its reason, is `lm.runtime` (`lm.runtime.describe()` says it in one line).
     """
     where = resolve_device(device)  # first: an absent device is an error before any file is read
