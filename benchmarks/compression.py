@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_decode import cpu_flags, cpu_name, fmt, table  # noqa: E402  (shared formatting)
 
 import llmkit  # noqa: E402
-from llmkit.cli import default_chat_model  # noqa: E402
+from llmkit.commands.generation import default_chat_model  # noqa: E402
 from llmkit.data.corpus import find_text_files, read_text_file  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
 from llmkit.inference.generate import generate_stream  # noqa: E402

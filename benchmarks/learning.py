@@ -7,7 +7,7 @@ tokenizer and tokenises the corpus inside its budget. They are then scored in bi
 unit that does not depend on the tokenizer — on Python source that is not in the training corpus:
 an installed package's source files, named in the output with their size and sha256.
 
-- demo: `llmkit demo`'s settings (DEMO_DEFAULTS in llmkit/cli.py), precision `auto`.
+- demo: `llmkit demo`'s settings (DEMO_DEFAULTS in llmkit/commands/pretraining.py), precision `auto`.
 - nanogpt: nanoGPT's recipe built from llmkit's parts — GPT-2 style (learned positions, LayerNorm,
   GELU), 6 layers, 6 heads, width 384, context 256; AdamW lr 1e-3, betas (0.9, 0.99), weight
   decay 0.1, cosine decay over the planned steps; batch 16; vocabulary 8192; fp32, as nanoGPT runs
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import llmkit
-from llmkit.cli import DEMO_DEFAULTS
+from llmkit.commands.pretraining import DEMO_DEFAULTS
 from llmkit.data.corpus import find_text_files, read_text_file
 from llmkit.config import ModelConfig
 from llmkit.runtime import cpu_capability, cpu_flags, native_bf16

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from llmkit.cli import default_chat_model
+    from llmkit.commands.generation import default_chat_model
     from llmkit.commands.draft import load_draft
     from llmkit.commands.speed import load_for_generation
 

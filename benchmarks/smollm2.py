@@ -49,10 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_decode import agree, cpu_flags, cpu_name, fmt, table  # noqa: E402  (shared formatting)
 
 import llmkit  # noqa: E402
-try:  # where the CLI's generation commands live (they are moving out of llmkit/cli.py)
-    from llmkit.commands.generation import default_chat_model  # noqa: E402
-except ImportError:
-    from llmkit.cli import default_chat_model  # noqa: E402
+from llmkit.commands.generation import default_chat_model  # noqa: E402
 from llmkit.inference.generate import generate_stream  # noqa: E402
 from llmkit.inference.kv_cache import KVCache  # noqa: E402
 from llmkit.inference.optimize import prepare_for_decoding  # noqa: E402

@@ -1,2 +1,2 @@
-"""CLI subcommands beyond the core ones in llmkit/cli.py, one module per area; each module's
-`register(sub)` adds its argparse parsers and sets `handler=` on them."""
+"""The CLI's subcommands, one module per area (llmkit/cli.py lists them); each module's `register(sub)`
+adds its argparse parsers and sets `handler=` on them."""

@@ -33,7 +33,7 @@ def parse_edge(text: str) -> tuple[str, str]:
 
 
 def view_options(view: str, args: argparse.Namespace) -> dict:
-    from llmkit.cli import sampling_from
+    from llmkit.commands.generation import sampling_from
 
     keys = [k for k in (getattr(args, "keys", None) or "").split(",") if k] or None
     top = {} if getattr(args, "top", None) is None else {"top": args.top}
@@ -64,7 +64,7 @@ def check_view_flags(view: str, args: argparse.Namespace) -> None:
     if getattr(args, "tuned_steps", None) is not None and not 1 <= args.tuned_steps <= 1_000_000:
         raise ConfigError(f"--tuned-steps must be in [1, 1000000], got {args.tuned_steps}")
     if view == "sampling":
-        from llmkit.cli import sampling_from
+        from llmkit.commands.generation import sampling_from
         from llmkit.inference.sampling import SamplingParams
 
         SamplingParams(**sampling_from(args))
@@ -72,7 +72,7 @@ def check_view_flags(view: str, args: argparse.Namespace) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> None:
     """Run one view (or compare two models on one) and write its JSON, PNG and HTML."""
-    from llmkit.cli import default_chat_model
+    from llmkit.commands.generation import default_chat_model
     from llmkit.commands.speed import check_text_flags, load_for_generation
     from llmkit.explain import run_view
     from llmkit.explain.figures import cjk_font
@@ -163,7 +163,7 @@ def _head_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 def _view_flags(view: str, p: argparse.ArgumentParser) -> None:
     """The flags view `view` reads (compare reads those of every view it may compare)."""
-    from llmkit.cli import add_sampling_flags
+    from llmkit.commands.generation import add_sampling_flags
 
     if view in ("attention", "knockout", "compare"):
         _focus_flags(p)

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_extend(args: argparse.Namespace) -> None:
-    from llmkit.cli import cmd_train
+    from llmkit.commands.pretraining import cmd_train
     from llmkit.commands.training_flags import fsdp_requested, training_config
     from llmkit.errors import ConfigError
     from llmkit.training import distributed

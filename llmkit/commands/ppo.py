@@ -11,7 +11,7 @@ from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmkit.cli import add_dataclass_flags
+    from llmkit.commands.training_flags import add_dataclass_flags
     from llmkit.commands.post_training import add_skip_bad_lines_flag
     from llmkit.commands.training_flags import add_training_knobs
     from llmkit.training.ppo import NOT_PPO_KNOBS, PPO_TRAIN_DEFAULTS, PPOConfig

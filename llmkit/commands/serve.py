@@ -40,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     check_draft_flags(args, greedy_only=False)
     sock = bind(args.host, args.port)  # before the model loads: a busy port is an error at once
-    from llmkit.cli import default_chat_model
+    from llmkit.commands.generation import default_chat_model
     from llmkit.commands.speed import load_for_generation
     from llmkit.serve.app import create_app
     from llmkit.serve.guard import LOOPBACK_HOSTS

@@ -29,11 +29,30 @@ class Knobs:
         return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in self.skip]
 
 
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, *, defaults: dict | None = None,
+                        skip: tuple[str, ...] = ()) -> None:
+    """One `--dash-case` flag per dataclass field not in `skip`, its default and help taken from the
+    field (or from `defaults`, which a subcommand such as `demo` uses to change them)."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        base = f.type.replace(" | None", "") if isinstance(f.type, str) else f.type.__name__
+        kind = {"int": int, "float": float, "str": str}[base]
+        default = defaults.get(f.name, f.default)
+        shown = "" if default is None else f" (default: {default})"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=argparse.SUPPRESS,
+                            choices=f.metadata.get("choices"), help=f.metadata.get("help", "") + shown,
+                            metavar=None if f.metadata.get("choices") else
+                            f.metadata.get("metavar") or {"int": "N", "float": "X"}.get(base, "NAME"))
+    if defaults:
+        parser.set_defaults(**defaults)
+
+
 def add_training_knobs(p: argparse.ArgumentParser, *, defaults: dict[str, Any], skip: tuple[str, ...],
                        config_file: bool) -> None:
     """One flag per TrainConfig field not in `skip`, its --help default taken from `defaults`, and
     with `config_file` a --config FILE of the same fields."""
-    from llmkit.cli import add_dataclass_flags
     from llmkit.training.config import TrainConfig
 
     names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in skip]

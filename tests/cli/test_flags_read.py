@@ -222,7 +222,7 @@ def reads(tmp_path_factory):
                 current.append(record)
                 try:
                     namespace = parser.parse_args([*path, *argv], namespace=recording_namespace(record))
-                    handler = namespace.handler if "handler" in vars(namespace) else cli.HANDLERS[namespace.command]
+                    handler = namespace.handler
                     record.namespace.clear()  # what argparse itself read while parsing
                     handler(namespace)
                 except PipelineStopped:

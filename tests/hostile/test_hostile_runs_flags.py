@@ -133,11 +133,12 @@ def test_bad_flag_of_other_commands_is_one_line(workdir: Path, case: str) -> Non
 FAILING_HANDLER = """
 import sys
 import llmkit.cli as cli
+import llmkit.commands.model_files as model_files
 class PanicException(BaseException):  # what pyo3 raises for a Rust panic: not an Exception
     pass
 def broken(args):
     raise {error}
-cli.HANDLERS["presets"] = broken
+model_files.cmd_presets = broken  # (register() looks the handler up when the parser is built)
 sys.exit(cli.main(["presets"]))
 """
 
