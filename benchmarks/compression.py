@@ -155,8 +155,10 @@ def llama_cpp_measure(gguf: str, windows: torch.Tensor, prompt: list[int], args:
     import llama_cpp
 
     def model(logits_all: bool):
-        return llama_cpp.Llama(model_path=gguf, n_ctx=max(windows.shape[1], len(prompt) + args.new_tokens) + 8,
-                               n_batch=max(windows.shape[1], len(prompt)), logits_all=logits_all,
+        # n_batch = n_ctx: without logits_all, llama-cpp-python keeps a position's logits in a row of an
+        # n_batch-row array indexed by the position, so decoding past n_batch would index out of it
+        n_ctx = max(windows.shape[1], len(prompt) + args.new_tokens) + 8
+        return llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all,
                                n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
 
     llm = model(True)  # logits at every position, for the perplexity only
