@@ -55,6 +55,24 @@ def printable(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command line; its exit status (0, 1: a bug, 2: bad input, 130: Ctrl-C, 141: closed pipe)."""
+    code = run_command(argv)
+    from llmkit.training.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        # A rank leaves without the interpreter's finalization. By now its work is written and closed and
+        # it has left the process group, but gloo's worker threads can still hold work objects whose
+        # tensors, freed during finalization, take the GIL of an interpreter being torn down: the rank
+        # aborts ("terminate called without an active exception", SIGABRT) and torchrun reports a finished
+        # run as failed. Seen on loaded 2-core machines after DDP, FSDP and PPO runs (pytorch/pytorch#179291
+        # describes the mechanism).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_command(argv: list[str] | None) -> int:
     command = "llmkit"
     try:
         args = build_parser().parse_args(argv)
