@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -100,3 +106,52 @@ def wait_until(condition, seconds: float) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+LLMKIT = str(Path(sys.executable).with_name("llmkit"))
+URL_LINE = re.compile(r"^serving (\S+) at (http://\S+)/ ")
+
+
+class Serve:
+    """`llmkit serve ARGS` in a child process; `url` once it printed its line. Its stderr is a pipe, or
+    the file `log` (a long-running server's log, which a pipe nobody reads would fill)."""
+
+    def __init__(self, *args: str, env: dict | None = None, log: Path | None = None) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([LLMKIT, "serve", *args], stdout=subprocess.PIPE, text=True,
+                                     stderr=log.open("w") if log else subprocess.PIPE,
+                                     env={**os.environ, **(env or {})})
+        self.url = self.model = None
+
+    def wait_for_url(self, seconds: float = 120) -> str:
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if selector.select(timeout=0.1):
+                line = self.proc.stdout.readline()
+                match = URL_LINE.match(line)
+                if match:
+                    self.model, self.url = match.groups()
+                    return self.url
+                if not line:
+                    break
+        self.stop()
+        stderr = self.log.read_text() if self.log else self.proc.stderr.read()
+        raise AssertionError(f"no URL line; stderr: {stderr[-2000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "Serve":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

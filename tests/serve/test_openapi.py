@@ -15,11 +15,7 @@ import copy
 import json
 import os
 import re
-import selectors
-import signal
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
@@ -32,6 +28,7 @@ from hypothesis import strategies as st
 import llmkit.errors
 from openapi_helpers import TEXT, Schemas, mutations
 from post_training_helpers import save_tiny_model
+from serve_helpers import Serve
 
 # Requests per endpoint: a generation route gets POSITIVE valid ones, NEGATIVE random violating ones and
 # about 700 systematic ones (every field × every kind of wrong value); a read route GET_EXAMPLES. /openapi.json
@@ -48,43 +45,14 @@ INTERNAL_NAMES = {n for n in (*dir(__builtins__ if isinstance(__builtins__, dict
                               *dir(llmkit.errors)) if CLASS_NAME.fullmatch(n)}
 
 
-class Server:
-    """`llmkit serve` on the tiny model in a child process; its log in a file."""
-
-    def __init__(self, model: Path, log: Path) -> None:
-        self.log = log
-        command = [str(Path(sys.executable).with_name("llmkit")), "serve", "--model", str(model), "--port", "0",
-                   "--dtype", "fp32", "--threads", "1", "--max-batch", "8", "--max-queued", "64"]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and selector.select(timeout=0.2) is not None:
-            line = self.proc.stdout.readline()
-            if match := re.match(r"^serving \S+ at (http://\S+)/ ", line):
-                self.url = match.group(1)
-                return
-            if not line and self.proc.poll() is not None:
-                break
-        self.stop()
-        raise AssertionError(f"llmkit serve did not start: {log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("openapi")
     model = save_tiny_model(root / "tiny")  # llama-tiny: a 128-token context, a 300-token vocabulary
-    server = Server(model, root / "serve.log")
+    server = Serve("--model", str(model), "--port", "0", "--dtype", "fp32", "--threads", "1", "--max-batch", "8",
+                   "--max-queued", "64", log=root / "serve.log")
     try:
+        server.wait_for_url()
         with httpx.Client(base_url=server.url, timeout=CALL_SECONDS * 3) as client:
             server.client, server.model_dir = client, model
             server.document = client.get("/openapi.json").json()

@@ -4,13 +4,8 @@ a public address without a key, one-line errors, Ctrl-C; and SmolLM2 through the
 from __future__ import annotations
 
 import importlib.util
-import os
-import re
-import selectors
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,52 +13,7 @@ import httpx
 import openai
 import pytest
 
-from serve_helpers import CHAIN_ANSWER, save_scripted_model
-
-LLMKIT = str(Path(sys.executable).with_name("llmkit"))
-URL_LINE = re.compile(r"^serving (\S+) at (http://\S+)/ ")
-
-
-class Serve:
-    """`llmkit serve ARGS` in a child process; `url` once it printed its line."""
-
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([LLMKIT, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
-        self.url = self.model = None
-
-    def wait_for_url(self, seconds: float = 120) -> str:
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if selector.select(timeout=0.1):
-                line = self.proc.stdout.readline()
-                match = URL_LINE.match(line)
-                if match:
-                    self.model, self.url = match.groups()
-                    return self.url
-                if not line:
-                    break
-        self.stop()
-        raise AssertionError(f"no URL line; stderr: {self.proc.stderr.read()[-2000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "Serve":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
+from serve_helpers import CHAIN_ANSWER, LLMKIT, Serve, save_scripted_model
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
