@@ -54,7 +54,7 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import PROMPTS, cpu_line, server_log, start_server  # noqa: E402  (benchmarks/serve.py)
+from serve import PROMPTS, cpu_line, quantile, server_log, start_server  # noqa: E402  (benchmarks/serve.py)
 
 BASELINE = Path(__file__).resolve().parent / "baselines" / "serve_soak.json"
 # Load settings a baseline is only comparable under (the run's length is not among them: P99s of a
@@ -189,7 +189,7 @@ async def load(url: str, model: str, args: argparse.Namespace, seconds: float, s
 # ---- figures, gates and the baseline ------------------------------------------------------------------
 
 def p99(values: list[float]) -> float | None:
-    return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))] if values else None
+    return quantile(values, 0.99)
 
 
 def latency_rows(t: dict) -> list[str]:
