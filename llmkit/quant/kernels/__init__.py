@@ -1,4 +1,5 @@
-"""llmkit's own CPU kernels for 4-bit and 8-bit weights (lowbit.cpp), built once and then reused.
+"""llmkit's own CPU kernels for 4-bit and 8-bit weights (lowbit.cpp; decode_block.cpp: one decoder block
+as one call; lowbit.h: what they share), built once and then reused.
 
 torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) takes bf16 activations only, wants its own copy of
 the codes, and a decoding step pays two dtype casts around each of its ~120 calls a token. lowbit.cpp
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("lowbit.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "lowbit.cpp", HERE / "decode_block.cpp"]  # compiled and linked into one library
+HEADERS = [HERE / "lowbit.h"]
 NAME = "llmkit_lowbit"
 SWITCH = "LLMKIT_NATIVE_KERNELS"  # "0": never build or load them (pure PyTorch)
 # -ffp-contract=off: no fused multiply-add where the source writes a product and a sum, so the
@@ -86,8 +89,10 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    """Where the built library lives: one file per source, torch, Python and build flags."""
-    key = hashlib.sha256(SOURCE.read_bytes() + "|".join([torch.__version__, sys.version, platform.machine(),
+    """Where the built library lives: one file per set of sources (headers included), torch, Python and
+    build flags."""
+    text = b"".join(path.name.encode() + path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + "|".join([torch.__version__, sys.version, platform.machine(),
                                                           *CFLAGS]).encode()).hexdigest()[:16]
     return cache_dir() / f"{NAME}-{key}.so"
 
@@ -116,8 +121,8 @@ def _build(path: Path) -> None:
     started = time.perf_counter()
     print(f"llmkit: building the int4/int8 CPU kernels once into {path.parent} …", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=path.parent) as build:
-        built = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=build,
-                                   is_python_module=False, verbose=False)
+        built = cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
+                                   build_directory=build, is_python_module=False, verbose=False)
         os.replace(built if isinstance(built, str) else Path(build) / f"{NAME}.so", path)
     print(f"llmkit: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 

@@ -22,25 +22,13 @@
 // The vector width is chosen at run time (the `isa` argument: 2 AVX-512, 1 AVX2, 0 portable C++) from
 // what the CPU reports and what torch's own kernels use (ATEN_CPU_CAPABILITY), one binary for all.
 // Threads: torch's intra-op pool (at::parallel_for), so torch.set_num_threads governs them too.
+// decode_block.cpp builds one decoder block on product(); lowbit.h is what the two share.
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
+#include "lowbit.h"
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <optional>
-#include <vector>
-
+namespace llmkit_lowbit {
 namespace {
 
-constexpr int64_t BLOCK = 32;  // columns per step: 16 bytes of int4 codes; every group is whole blocks
 constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the weights
 // int4, two rows or more: rows per tile of the kernel that expands the weights fully (int4_wide_*).
 // Measured on SmolLM2's four block layers (1 thread, CPU time, Zen 5): tiles of 4 rows 0.071 ms a row
@@ -48,12 +36,6 @@ constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the w
 // were no faster on AVX-512 (0.06-0.09) and would spill AVX2's 16 registers.
 constexpr int WIDE_ROWS = 4;
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Everything one product needs, with x rearranged once per call: within each block of 32 columns the
 // 16 even columns first, then the 16 odd ones (int4: the low and the high nibbles of 16 bytes);
@@ -147,13 +129,6 @@ __attribute__((target("avx2,fma"), always_inline)) inline void int8_group_avx2(c
     const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col))));
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
   }
-}
-
-__attribute__((target("avx2,fma"))) inline float sum_avx2(__m256 t) {
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
 }
 
 // Groups two at a time into two running totals, so consecutive groups' scalings do not wait on each other.
@@ -522,19 +497,7 @@ void run(Problem p, bool int4, int64_t isa) {
   });
 }
 
-// One quantised weight as the kernels read it (int4: packed nibbles and an offset; int8: codes).
-struct Weight {
-  bool int4;
-  const uint8_t* codes;
-  const uint16_t* scales;
-  const uint16_t* offsets;
-  const float* bias;  // or null
-  int64_t N, K, G, group;
-};
-
-const uint16_t* bf16_data(const at::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
+}  // namespace
 
 Weight weight_of(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& offset, int64_t group,
                  const std::optional<at::Tensor>& bias) {
@@ -584,6 +547,8 @@ void product(const Weight& w, const float* x, int64_t M, float* out, int64_t isa
   run(Problem{w.codes, w.scales, w.offsets, arranged.data(), sums.data(), w.bias, out, M, K, w.N, G, w.group}, true,
       isa);
 }
+
+namespace {
 
 // x (…, K) times a quantised weight (N, K): (…, N) in x's dtype. act_scale (K,), optional: x is divided
 // by it first (AWQ multiplied the weight by it). `offset` is ignored for int8 codes.
@@ -648,346 +613,6 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, co
   return w;
 }
 
-// ---- one decoder block, one position ----------------------------------------------------------
-
-// exp without a library call, so the loops around it vectorise (the softmax's and SiLU's: std::exp
-// cost SmolLM2 ~7 ms of CPU per decode step of 16 rows): 2^n · e^r with |r| ≤ ln2/2 and a degree-6
-// polynomial (relative error < 2e-7, about fp32's own rounding), for x clamped to [−87, 88] (outside
-// it the result under- or overflows fp32's normal range anyway).
-inline float exp_clamped(float x) {
-  x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
-  const float n = __builtin_floorf(x * 1.44269504f + 0.5f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// SiLU(gate)·up for the MLP of `rows` rows of (gate F | up F), into act (rows, F)
-inline __attribute__((always_inline)) void swiglu_rows(const float* gate_up, int64_t rows, int64_t F, float* act) {
-  for (int64_t b = 0; b < rows; ++b) {
-    const float* g = gate_up + b * 2 * F;
-    float* a = act + b * F;
-#pragma omp simd
-    for (int64_t i = 0; i < F; ++i) a[i] = g[i] / (1.f + exp_clamped(-g[i])) * g[F + i];
-  }
-}
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void swiglu_avx512(const float* gu, int64_t rows, int64_t F,
-                                                                            float* act) {
-  swiglu_rows(gu, rows, F, act);
-}
-__attribute__((target("avx2,fma"))) void swiglu_avx2(const float* gu, int64_t rows, int64_t F, float* act) {
-  swiglu_rows(gu, rows, F, act);
-}
-void swiglu_portable(const float* gu, int64_t rows, int64_t F, float* act) { swiglu_rows(gu, rows, F, act); }
-void swiglu(const float* gu, int64_t rows, int64_t F, float* act, int64_t isa) {
-  (isa >= 2 ? swiglu_avx512 : isa == 1 ? swiglu_avx2 : swiglu_portable)(gu, rows, F, act);
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return bf16_to_float(v); }  // a bf16 cache
-
-template <typename T>  // float, or uint16_t for bf16
-struct Attention {
-  const float* q;  // row b's (H, D) queries after RoPE at q + b·q_stride
-  const T* keys;   // row b, head h, position t, dim d at b·batch_stride + h·head_stride + t·time_stride + d
-  const T* values;
-  const bool* visible;  // (B, length): which keys row b sees (its padding hidden), or null: all of them
-  int64_t q_stride, batch_stride, head_stride, time_stride;
-  int64_t H, Hkv, D, length;  // length: cached positions, the new one included
-  float scale;
-  float* scores;  // (B·H, length) scratch
-  float* out;     // (B·H, D)
-};
-
-// scores[t] ← exp(scores[t] − max), 0 where the key is hidden; returns their sum (the softmax's divisor)
-__attribute__((always_inline)) inline float softmax_numerators(float* scores, int64_t length, const bool* visible) {
-  float best = -3.4e38f;
-  for (int64_t t = 0; t < length; ++t)
-    if (!visible || visible[t]) best = scores[t] > best ? scores[t] : best;
-  float total = 0.f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t t = 0; t < length; ++t) {
-    scores[t] = exp_clamped(scores[t] - best);
-    total += scores[t];
-  }
-  if (visible) {  // a hidden key's score may exceed `best`: summed again without them
-    total = 0.f;
-    for (int64_t t = 0; t < length; ++t) {
-      scores[t] = visible[t] ? scores[t] : 0.f;
-      total += scores[t];
-    }
-  }
-  return total;
-}
-
-// softmax(q·kᵀ·scale)·v per row and query head i = b·H + h, reading key/value head h / (H / Hkv) (GQA),
-// keys a row does not see weighing exactly 0 (a boolean mask, as attend() gives SDPA)
-template <typename T>
-__attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, int64_t i0, int64_t i1) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
-    const float* q = a.q + b * a.q_stride + h * a.D;
-    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
-    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
-    float* scores = a.scores + i * a.length;
-    for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = keys + t * a.time_stride;
-      float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < a.D; ++d) dot += q[d] * to_float(k[d]);
-      scores[t] = dot * a.scale;
-    }
-    const float total = softmax_numerators(scores, a.length, a.visible ? a.visible + b * a.length : nullptr);
-    float* out = a.out + i * a.D;
-    for (int64_t d = 0; d < a.D; ++d) out[d] = 0.f;
-    for (int64_t t = 0; t < a.length; ++t) {
-      if (scores[t] == 0.f) continue;  // hidden (or underflowed): adds nothing
-      const T* v = values + t * a.time_stride;
-      const float p = scores[t] / total;
-#pragma omp simd
-      for (int64_t d = 0; d < a.D; ++d) out[d] += p * to_float(v[d]);
-    }
-  }
-}
-
-// The same for head_dim a multiple of 16 up to 128 (SmolLM2, Llama: 64; an fp32 or bf16 cache), in explicit
-// vectors: each key's dot product in registers, the output held in registers across the values (the
-// generic loops above cost SmolLM2 ~0.07 ms a block at 520 cached positions, a quarter of its decode step).
-constexpr int64_t ATTEND_MAX_VECTORS = 8;
-// 16 (AVX-512) or 8 (AVX2) cached values as floats: fp32 as they are, bf16 widened (exact)
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 load16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_vec_avx512(const Attention<T>& a, int64_t i0,
-                                                                                int64_t i1) {
-  const int64_t V = a.D / 16;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
-    const float* q = a.q + b * a.q_stride + h * a.D;
-    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
-    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
-    float* scores = a.scores + i * a.length;
-    __m512 qv[ATTEND_MAX_VECTORS], acc[ATTEND_MAX_VECTORS];
-    for (int64_t v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
-    for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = keys + t * a.time_stride;
-      __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-      for (int64_t v = 1; v < V; ++v) dot = _mm512_fmadd_ps(qv[v], load16(k + 16 * v), dot);
-      scores[t] = _mm512_reduce_add_ps(dot) * a.scale;
-    }
-    const float total = softmax_numerators(scores, a.length, a.visible ? a.visible + b * a.length : nullptr);
-    for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < a.length; ++t) {
-      if (scores[t] == 0.f) continue;
-      const T* val = values + t * a.time_stride;
-      const __m512 p = _mm512_set1_ps(scores[t] / total);
-      for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, load16(val + 16 * v), acc[v]);
-    }
-    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(a.out + i * a.D + 16 * v, acc[v]);
-  }
-}
-
-template <typename T>
-__attribute__((target("avx2,fma"))) void attend_vec_avx2(const Attention<T>& a, int64_t i0, int64_t i1) {
-  const int64_t V = a.D / 8;  // ≤ 8 (head_dim ≤ 64): the output's registers
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
-    const float* q = a.q + b * a.q_stride + h * a.D;
-    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
-    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
-    float* scores = a.scores + i * a.length;
-    for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = keys + t * a.time_stride;
-      __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
-      for (int64_t v = 1; v < V; ++v) dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), load8(k + 8 * v), dot);
-      scores[t] = sum_avx2(dot) * a.scale;
-    }
-    const float total = softmax_numerators(scores, a.length, a.visible ? a.visible + b * a.length : nullptr);
-    __m256 acc[ATTEND_MAX_VECTORS];
-    for (int64_t v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < a.length; ++t) {
-      if (scores[t] == 0.f) continue;
-      const T* val = values + t * a.time_stride;
-      const __m256 p = _mm256_set1_ps(scores[t] / total);
-      for (int64_t v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(p, load8(val + 8 * v), acc[v]);
-    }
-    for (int64_t v = 0; v < V; ++v) _mm256_storeu_ps(a.out + i * a.D + 8 * v, acc[v]);
-  }
-}
-
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_avx512(const Attention<T>& a, int64_t h0,
-                                                                            int64_t h1) {
-  attend_heads(a, h0, h1);
-}
-template <typename T>
-__attribute__((target("avx2,fma"))) void attend_avx2(const Attention<T>& a, int64_t h0, int64_t h1) {
-  attend_heads(a, h0, h1);
-}
-template <typename T>
-void attend_portable(const Attention<T>& a, int64_t h0, int64_t h1) { attend_heads(a, h0, h1); }
-
-template <typename T>
-void attend(const Attention<T>& a, int64_t rows, int64_t isa) {
-  using Fn = void (*)(const Attention<T>&, int64_t, int64_t);
-  Fn fn = isa >= 2 ? attend_avx512<T> : isa == 1 ? attend_avx2<T> : attend_portable<T>;
-  if (isa >= 2 && a.D % 16 == 0 && a.D <= 16 * ATTEND_MAX_VECTORS) fn = attend_vec_avx512<T>;
-  if (isa == 1 && a.D % 8 == 0 && a.D <= 8 * ATTEND_MAX_VECTORS) fn = attend_vec_avx2<T>;
-  at::parallel_for(0, rows * a.H, 1, [&](int64_t h0, int64_t h1) { fn(a, h0, h1); });
-}
-
-// `t` (fp32 or bf16, contiguous) as floats: its own data, or converted into `scratch`
-const float* floats(const at::Tensor& t, float* scratch) {
-  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
-  const uint16_t* v = bf16_data(t);
-  for (int64_t i = 0; i < t.numel(); ++i) scratch[i] = bf16_to_float(v[i]);
-  return scratch;
-}
-
-// y = x / sqrt(mean(x²) + eps) · weight, as F.rms_norm
-void rms_norm(const float* x, const float* weight, int64_t C, double eps, float* y) {
-  float squares = 0.f;
-  for (int64_t i = 0; i < C; ++i) squares += x[i] * x[i];
-  const float inv = 1.f / std::sqrt(squares / static_cast<float>(C) + static_cast<float>(eps));
-  for (int64_t i = 0; i < C; ++i) y[i] = x[i] * inv * weight[i];
-}
-
-// RoPE in the half-split layout (apply_rope): out = x·cos + rotate_half(x)·sin, in place, per head
-void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin) {
-  const int64_t half = D / 2;
-  for (int64_t h = 0; h < heads; ++h) {
-    float* v = x + h * D;
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = v[i], b = v[i + half];
-      v[i] = a * cos[i] - b * sin[i];
-      v[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-  }
-}
-
-// A pre-norm LLaMA-style block for one new position of each of B rows: RMSNorm, fused q/k/v projection,
-// RoPE, the new keys and values written into the cache at `pos`, attention over positions 0..pos (those
-// `visible` shows, if given), output projection, residual; RMSNorm, fused gate/up projection,
-// SiLU(gate)·up, down projection, residual. What llmkit's Block computes for this case (tests compare the
-// two), in one call instead of ~30; the B rows share each expansion of the weights (product()).
-// weights: codes, scale, offset of qkv, o, gate_up, down; x: (B, 1, C); cos/sin: (B, D), or (D) for all
-// rows; keys/values: this layer's (B, Hkv, T, D) cache; visible: (B, pos + 1) bool, or none.
-at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArrayRef groups,
-                        const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norms,
-                        at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
-                        const at::Tensor& keys, const at::Tensor& values, int64_t pos,
-                        const std::optional<at::Tensor>& visible, at::IntArrayRef heads, double scale, int64_t isa) {
-  TORCH_CHECK(weights.size() == 12 && groups.size() == 4 && biases.size() == 4 && norms.size() == 2 &&
-              eps.size() == 2 && heads.size() == 3, "decode_block: 4 weights (3 tensors each), 2 norms");
-  const int64_t C = x.size(-1), H = heads[0], Hkv = heads[1], D = heads[2], B = x.size(0);
-  Weight w[4];
-  for (int i = 0; i < 4; ++i) w[i] = weight_of(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], groups[i], biases.get(i));
-  const int64_t F = w[2].N / 2, QKV = (H + 2 * Hkv) * D;
-  TORCH_CHECK(w[0].K == C && w[0].N == QKV && w[1].K == H * D && w[1].N == C && w[2].K == C &&
-              w[3].K == F && w[3].N == C && H % Hkv == 0 && D % 2 == 0, "decode_block: shapes do not fit together");
-  // fp32 or bf16 (a bf16 model: its stream, norms and cache are bf16; everything between stays fp32)
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && B >= 1 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
-              x.is_contiguous(), "decode_block: one fp32 or bf16 position per row, (B, 1, C)");
-  for (const auto& t : {norms[0], norms[1], cos, sin})
-    TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous(), "decode_block: norms, cos and sin in x's dtype");
-  const bool shared_rope = cos.numel() == D;
-  TORCH_CHECK(norms[0].numel() == C && norms[1].numel() == C && cos.numel() == sin.numel() &&
-              (shared_rope || cos.numel() == B * D), "decode_block: norm or RoPE sizes");
-  TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype && keys.dim() == 4 &&
-              keys.sizes() == values.sizes() && keys.strides() == values.strides() && keys.size(0) == B &&
-              keys.size(1) == Hkv && keys.size(3) == D && keys.stride(3) == 1 && 0 <= pos && pos < keys.size(2),
-              "decode_block: a (B, Hkv, T, D) cache in x's dtype with room at pos");
-  const int64_t length = pos + 1;
-  TORCH_CHECK(!visible || (visible->scalar_type() == at::kBool && visible->is_contiguous() &&
-                           visible->numel() == B * length), "decode_block: visible must be (B, pos + 1) bool");
-
-  thread_local std::vector<float> scratch;
-  const int64_t rope_rows = shared_rope ? 1 : B;
-  scratch.resize(B * C + 2 * C + 2 * rope_rows * D + B * (3 * C + QKV + H * D + 3 * F + H * length));
-  float* converted = scratch.data();  // x, the two norms and cos/sin as floats (bf16 models)
-  float* y = converted + B * C + 2 * C + 2 * rope_rows * D;
-  float* normed = y + B * C;
-  float* qkv = normed + B * C;
-  float* attended = qkv + B * QKV;
-  float* projected = attended + B * H * D;
-  float* gate_up = projected + B * C;
-  float* act = gate_up + B * 2 * F;
-  float* scores = act + B * F;
-  const float* xin = floats(x, converted);
-  const float* norm1 = floats(norms[0], converted + B * C);
-  const float* norm2 = floats(norms[1], converted + B * C + C);
-  const float* cosf = floats(cos, converted + B * C + 2 * C);
-  const float* sinf = floats(sin, converted + B * C + 2 * C + rope_rows * D);
-
-  for (int64_t b = 0; b < B; ++b) rms_norm(xin + b * C, norm1, C, eps[0], normed + b * C);
-  product(w[0], normed, B, qkv, isa);
-  const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2), batch_stride = keys.stride(0);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t r = shared_rope ? 0 : b;
-    rope(qkv + b * QKV, H + Hkv, D, cosf + r * D, sinf + r * D);  // query and key heads
-  }
-  const bool* seen = visible ? visible->data_ptr<bool>() : nullptr;
-  if (dtype == at::kFloat) {
-    float* kc = keys.data_ptr<float>();
-    float* vc = values.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t at = b * batch_stride + h * head_stride + pos * time_stride;
-        std::memcpy(kc + at, qkv + b * QKV + (H + h) * D, D * sizeof(float));
-        std::memcpy(vc + at, qkv + b * QKV + (H + Hkv + h) * D, D * sizeof(float));
-      }
-    attend(Attention<float>{qkv, kc, vc, seen, QKV, batch_stride, head_stride, time_stride, H, Hkv, D, length,
-                            static_cast<float>(scale), scores, attended}, B, isa);
-  } else {
-    at::BFloat16* kc = keys.data_ptr<at::BFloat16>();
-    at::BFloat16* vc = values.data_ptr<at::BFloat16>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < Hkv; ++h)
-        for (int64_t d = 0; d < D; ++d) {  // rounded to nearest even, as the cache's copy_ would
-          const int64_t at = b * batch_stride + h * head_stride + pos * time_stride + d;
-          kc[at] = at::BFloat16(qkv[b * QKV + (H + h) * D + d]);
-          vc[at] = at::BFloat16(qkv[b * QKV + (H + Hkv + h) * D + d]);
-        }
-    attend(Attention<uint16_t>{qkv, reinterpret_cast<const uint16_t*>(kc), reinterpret_cast<const uint16_t*>(vc),
-                               seen, QKV, batch_stride, head_stride, time_stride, H, Hkv, D, length,
-                               static_cast<float>(scale), scores, attended}, B, isa);
-  }
-  product(w[1], attended, B, projected, isa);
-  for (int64_t i = 0; i < B * C; ++i) y[i] = xin[i] + projected[i];
-  for (int64_t b = 0; b < B; ++b) rms_norm(y + b * C, norm2, C, eps[1], normed + b * C);
-  product(w[2], normed, B, gate_up, isa);
-  swiglu(gate_up, B, F, act, isa);
-  product(w[3], act, B, projected, isa);
-  at::Tensor out = at::empty_like(x);
-  if (dtype == at::kFloat) {
-    float* o = out.data_ptr<float>();
-    for (int64_t i = 0; i < B * C; ++i) o[i] = y[i] + projected[i];
-  } else {
-    at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < B * C; ++i) o[i] = at::BFloat16(y[i] + projected[i]);
-  }
-  return out;
-}
-
 int64_t supported_isa(int64_t wanted) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -999,6 +624,9 @@ int64_t supported_isa(int64_t wanted) {
 }
 
 }  // namespace
+}  // namespace llmkit_lowbit
+
+using namespace llmkit_lowbit;
 
 TORCH_LIBRARY(llmkit_lowbit, m) {
   m.def("linear(Tensor x, Tensor codes, Tensor scale, Tensor offset, int group, Tensor? bias, Tensor? act_scale, "
