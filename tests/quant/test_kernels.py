@@ -258,3 +258,17 @@ def test_a_bf16_models_block_step_keeps_its_stream_and_cache_in_bf16():
     assert step_error < 0.04 * ref.abs().max()
     assert not torch.equal(logits["bf16 step"], logits["bf16 layers"])  # the step served (it rounds less)
     assert step_error <= (logits["bf16 layers"] - ref).abs().max() * 1.5  # no worse than the layers
+
+
+@needs_native
+def test_the_kernels_spread_their_work_over_torch_threads():
+    """at::parallel_for in the library runs on torch's pool (built with OpenMP, as torch's at::parallel_for
+    needs: without it every product ran on the calling thread alone), sized by torch.set_num_threads."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert NATIVE.ops.parallel_threads(8) == 2
+        torch.set_num_threads(1)
+        assert NATIVE.ops.parallel_threads(8) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -36,7 +36,11 @@ NAME = "llmkit_lowbit"
 SWITCH = "LLMKIT_NATIVE_KERNELS"  # "0": never build or load them (pure PyTorch)
 # -ffp-contract=off: no fused multiply-add where the source writes a product and a sum, so the
 # dequantisation is bit-identical to the Python reference's.
-CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp-simd"]
+# -fopenmp: torch's at::parallel_for is OpenMP, and in code compiled without the flag it runs the whole
+# loop on the calling thread (it did here until this flag: two threads decoded no faster than one). The
+# library then shares the libgomp.so.1 torch loaded (the same soname): one pool, torch.set_num_threads's.
+CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)  # tuples: cpp_extension.load appends to the lists it is given
 ISA_NAMES = {2: "AVX-512", 1: "AVX2", 0: "portable C++"}
 
 
@@ -93,7 +97,7 @@ def library_path() -> Path:
     build flags."""
     text = b"".join(path.name.encode() + path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(text + "|".join([torch.__version__, sys.version, platform.machine(),
-                                                          *CFLAGS]).encode()).hexdigest()[:16]
+                                                          *CFLAGS, *LDFLAGS]).encode()).hexdigest()[:16]
     return cache_dir() / f"{NAME}-{key}.so"
 
 
@@ -121,8 +125,9 @@ def _build(path: Path) -> None:
     started = time.perf_counter()
     print(f"llmkit: building the int4/int8 CPU kernels once into {path.parent} …", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=path.parent) as build:
-        built = cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
-                                   build_directory=build, is_python_module=False, verbose=False)
+        built = cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=list(CFLAGS),
+                                   extra_ldflags=list(LDFLAGS), build_directory=build, is_python_module=False,
+                                   verbose=False)
         os.replace(built if isinstance(built, str) else Path(build) / f"{NAME}.so", path)
     print(f"llmkit: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 

@@ -613,6 +613,14 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale, co
   return w;
 }
 
+// How many of the intra-op pool's threads a parallel loop of `tasks` tasks ran on (the tests' proof that
+// the products are spread over torch.set_num_threads threads, not run on the calling one)
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<int> ran(std::max<int64_t>(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
+}
+
 int64_t supported_isa(int64_t wanted) {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -638,6 +646,7 @@ TORCH_LIBRARY(llmkit_lowbit, m) {
         "float scale, int isa) "
         "-> Tensor");
   m.def("supported_isa(int wanted) -> int", &supported_isa);  // the best of `wanted` this CPU runs
+  m.def("parallel_threads(int tasks) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(llmkit_lowbit, CPU, m) {
