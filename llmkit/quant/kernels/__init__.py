@@ -96,8 +96,8 @@ def library_path() -> Path:
     """Where the built library lives: one file per set of sources (headers included), torch, Python and
     build flags."""
     text = b"".join(path.name.encode() + path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(text + "|".join([torch.__version__, sys.version, platform.machine(),
-                                                          *CFLAGS, *LDFLAGS]).encode()).hexdigest()[:16]
+    build = "|".join([torch.__version__, sys.version, platform.machine(), *CFLAGS, *LDFLAGS])
+    key = hashlib.sha256(text + build.encode()).hexdigest()[:16]
     return cache_dir() / f"{NAME}-{key}.so"
 
 
@@ -125,9 +125,9 @@ def _build(path: Path) -> None:
     started = time.perf_counter()
     print(f"llmkit: building the int4/int8 CPU kernels once into {path.parent} …", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=".build-", dir=path.parent) as build:
-        built = cpp_extension.load(name=NAME, sources=[str(path) for path in SOURCES], extra_cflags=list(CFLAGS),
-                                   extra_ldflags=list(LDFLAGS), build_directory=build, is_python_module=False,
-                                   verbose=False)
+        built = cpp_extension.load(name=NAME, sources=[str(source) for source in SOURCES],
+                                   extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                   build_directory=build, is_python_module=False, verbose=False)
         os.replace(built if isinstance(built, str) else Path(build) / f"{NAME}.so", path)
     print(f"llmkit: kernels built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
