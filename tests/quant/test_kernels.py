@@ -230,6 +230,49 @@ def test_a_block_in_one_native_call_decodes_as_its_layers_do(overrides):
 
 
 @needs_native
+def test_a_block_step_follows_a_conversion_after_preparation():
+    """.to() after prepare_for_decoding rebuilds the layers' kernel arguments: the step declines where a
+    layer no longer fits it — a bf16 qkv bias, which the kernel does not add — rather than decode without
+    that bias, and serves again, with the new arguments, once the model is fp32 again."""
+    m, _ = _tiny_int4(qkv_bias=True, n_kv_heads=1)
+    blocks = list(m.stack.blocks)
+    served = []
+    for b in blocks:
+        b.decode_step = (lambda step: lambda x, args: served.append(step(x, args)) or served[-1])(b.decode_step)
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(3))
+
+    def last_logits(dtype):
+        with torch.inference_mode():
+            cache = KVCache.empty(m.cfg, 1, 40, dtype=dtype)
+            m(ids, cache=cache)
+            return m(torch.tensor([[5]]), cache=cache)
+
+    def layers_logits(dtype):  # the same with every block on its layers
+        steps = [b.decode_step for b in blocks]
+        for b in blocks:
+            b.decode_step = None
+        try:
+            return last_logits(dtype)
+        finally:
+            for b, step in zip(blocks, steps):
+                b.decode_step = step
+
+    last_logits(torch.float32)
+    assert served[-1] is not None  # the one-token step ran natively
+    m.to(torch.bfloat16)
+    served.clear()
+    got = last_logits(torch.bfloat16)
+    assert served and all(y is None for y in served)  # declined: the bias would have been dropped
+    assert torch.equal(got, layers_logits(torch.bfloat16))
+    m.to(torch.float32)  # (the bf16 rounding of the other weights stays: compare with the layers again)
+    served.clear()
+    got = last_logits(torch.float32)
+    assert served[-1] is not None
+    ref = layers_logits(torch.float32)
+    assert (got - ref).abs().max() < 1e-5 * ref.abs().max()  # as test_a_block_in_one_native_call_…
+
+
+@needs_native
 def test_a_bf16_models_block_step_keeps_its_stream_and_cache_in_bf16():
     """A bf16 model: the step reads and writes its bf16 stream and cache and computes in fp32 between, so
     it is no further from the fp32 model than the bf16 layers are: each of ~10 bf16 roundings in series

@@ -35,21 +35,41 @@ class BlockStep:
 
     def __init__(self, block: nn.Module, native: Kernels) -> None:
         self.block, self.native = block, native
-        attn, mlp = block.attn, block.mlp
-        self.projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        self.heads = [attn.n_heads, attn.n_kv_heads, attn.head_dim]
-        self.scale = 1.0 / math.sqrt(attn.head_dim) if attn.scale is None else float(attn.scale)
+        # Held here as plain attributes: each nn.Module attribute lookup costs ~0.5 µs, and this runs
+        # once per block and token. (A conversion such as .to() keeps these Parameter objects; the
+        # layers' kernel arguments it rebuilds are checked on each call, `_arguments`.)
+        self.attn, mlp = block.attn, block.mlp
+        self.norms = [block.norm1.weight, block.norm2.weight]
+        self.projections = (self.attn.qkv_proj, self.attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        self.heads = [self.attn.n_heads, self.attn.n_kv_heads, self.attn.head_dim]
+        self.scale = 1.0 / math.sqrt(self.attn.head_dim) if self.attn.scale is None else float(self.attn.scale)
         self.eps = [float(block.norm1.eps), float(block.norm2.eps)]
         self.op = native.ops.decode_block.default
+        self._sources: tuple = ()  # the layers' _native_args the lists below were made from
+        self._weights: tuple[list, list, list] | None = None
+
+    def _arguments(self) -> tuple[list, list, list] | None:
+        """The four projections' codes/scale/offset, groups and biases, as the op takes them, or None
+        where a layer no longer fits the step (after a .to(bf16), a bias the kernel does not add);
+        remade only when a layer's kernel arguments changed (a .to() or .float() rebuilds them)."""
+        sources = tuple(layer._native_args for layer in self.projections)
+        if len(sources) != len(self._sources) or any(a is not b for a, b in zip(sources, self._sources)):
+            self._sources, self._weights = sources, None
+            if all(layer._native_op is not None and layer._bias_after is None and layer.act_scale is None
+                   for layer in self.projections):
+                weights = [t for args in sources for t in args[:3]]  # codes, scale, offset, group, bias, …
+                self._weights = (weights, [a[3] for a in sources], [a[4] for a in sources])
+        return self._weights
 
     def __call__(self, x: Tensor, args: dict) -> Tensor | None:
         cache, rope, mask = args.get("cache"), args.get("rope"), args.get("mask")
-        norm1, norm2 = self.block.norm1.weight, self.block.norm2.weight
+        norm1, norm2 = self.norms
+        dtype = x.dtype
         if (type(cache) is not KVCache or rope is None or x.dim() != 3 or x.shape[1] != 1
-                or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or args.get("bias") is not None
+                or dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or args.get("bias") is not None
                 or not ATTENTION_ARGS.issuperset(args) or torch.is_grad_enabled()
-                or self.block.attn.probe is not None or self.block.attn.impl != "sdpa"
-                or norm1.dtype != x.dtype or norm2.dtype != x.dtype or cache.k.dtype != x.dtype):
+                or self.attn.probe is not None or self.attn.impl != "sdpa"
+                or norm1.dtype != dtype or norm2.dtype != dtype or cache.k.dtype != dtype):
             return None
         keys, values = cache.layer_views()
         index, rows = args["layer"], x.shape[0]
@@ -60,14 +80,12 @@ class BlockStep:
             if mask.dtype != torch.bool or mask.shape != (rows, 1, 1, cache.pos + 1):
                 return None
             visible = mask.reshape(rows, cache.pos + 1).contiguous()
-        weights, groups, biases = [], [], []
-        for layer in self.projections:
-            args_ = layer._native_args  # codes, scale, offset, group, bias, act_scale, isa
-            weights += args_[:3]
-            groups.append(args_[3])
-            biases.append(args_[4])
+        arguments = self._arguments()
+        if arguments is None:
+            return None
+        weights, groups, biases = arguments
         cos, sin = rope  # (B, 1, 1, D), or broadcast over rows
-        return self.op(x.contiguous(), weights, groups, biases, [norm1, norm2], self.eps,
+        return self.op(x.contiguous(), weights, groups, biases, self.norms, self.eps,
                        cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, visible,
                        self.heads, self.scale, self.native.isa)
 
