@@ -52,8 +52,11 @@ class BlockStep:
         """The four projections' codes/scale/offset, groups and biases, as the op takes them, or None
         where a layer no longer fits the step (after a .to(bf16), a bias the kernel does not add);
         remade only when a layer's kernel arguments changed (a .to() or .float() rebuilds them)."""
-        sources = tuple(layer._native_args for layer in self.projections)
-        if len(sources) != len(self._sources) or any(a is not b for a, b in zip(sources, self._sources)):
+        q, o, gate_up, down = self.projections
+        sources = (q._native_args, o._native_args, gate_up._native_args, down._native_args)
+        known = self._sources
+        if not known or not (sources[0] is known[0] and sources[1] is known[1] and sources[2] is known[2]
+                             and sources[3] is known[3]):
             self._sources, self._weights = sources, None
             if all(layer._native_op is not None and layer._bias_after is None and layer.act_scale is None
                    for layer in self.projections):
