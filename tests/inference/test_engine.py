@@ -4,6 +4,7 @@ EngineFull; stop strings and split characters handled in the text it streams; as
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -118,8 +119,19 @@ def test_logprobs_are_the_raw_log_softmax(model, tok):
     assert all(e.logprob is None and e.top_logprobs == [] for e in bare[:-1])
 
 
-def test_asyncio_readers_get_the_same_events_without_blocking_the_loop(model, tok):
+def test_asyncio_readers_get_the_same_events_without_blocking_the_loop(model, tok, monkeypatch):
+    """While the engine works, the readers' loop stays free: a ticker task keeps running. Each forward is
+    slowed by a sleep (which releases the GIL), so the loop has time to tick however loaded the machine
+    is (with the tiny model alone, two busy test workers once left it 3 ticks); a loop blocked by a
+    waiting reader would still get none until the request ends."""
     ps = prompts(lengths=[3, 7, 5], seed=4)
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
 
     async def main(engine):
         ticks = 0
