@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="llmkit serve --max-batch (default: 16)")
     p.add_argument("--max-queued", type=int, default=64, help="llmkit serve --max-queued (default: 64)")
     p.add_argument("--dtype", default="auto", help="llmkit serve --dtype (default: auto)")
-    p.add_argument("--quantize", choices=("none", "int4"), default="none",
-                   help="llmkit serve --quantize: int4 keeps a GGUF's own 4-bit blocks, as llama.cpp runs them "
-                        "(default: none)")
+    p.add_argument("--quantize", choices=("auto", "none", "int4"), default="auto",
+                   help="llmkit serve --quantize: auto (the server's default) keeps a GGUF's own blocks, as "
+                        "llama.cpp runs them; none dequantises every layer (default: auto)")
     p.add_argument("--threads", type=int, help="llmkit serve --threads (default: one per core)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]

@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=16, help="llmkit serve --max-batch (default: 16)")
     p.add_argument("--max-queued", type=int, default=64, help="llmkit serve --max-queued (default: 64)")
     p.add_argument("--dtype", default="auto", help="llmkit serve --dtype (default: auto)")
-    p.add_argument("--quantize", choices=("none", "int4"), default="none", help="llmkit serve --quantize")
+    p.add_argument("--quantize", choices=("auto", "none", "int4"), default="none",
+                   help="llmkit serve --quantize (default: none, the setting of the committed baseline)")
     p.add_argument("--threads", type=int, help="llmkit serve --threads (default: one per core)")
     args = p.parse_args(argv)
     if args.url:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llmkit.config import ModelConfig
-from llmkit.errors import CheckpointError, GenerationError
+from llmkit.errors import CheckpointError, ConfigError, GenerationError
 from llmkit.inference.engine import Engine
 from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.beam import beam_generate
@@ -63,15 +63,18 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
         dtype: the weights' dtype: "auto" (the fastest safe one here, by llmkit.runtime.choose_dtype
             on the model's decoding shapes), "fp32", "bf16", "fp16" or a torch dtype; None (the
             default) keeps float32 for Hugging Face and GGUF weights, and llmkit checkpoints as stored.
-        quantize: "int4" when the model is loaded to generate with 4-bit weights (as `--quantize int4`
-            does, through llmkit.inference.optimize.prepare_for_decoding): a GGUF file's Q4_0, Q4_1, Q4_K,
-            Q5_0 and Q8_0 layers then keep the file's own codes, and Q6_K layers are repacked into int8
-            groups of 32, with no full-precision copy in memory; for decoding only. Other models load as without it.
+        quantize: "auto" or "int4" when the model is loaded to generate (as `--quantize` does; "int4"
+            then quantises the remaining layers through llmkit.inference.optimize.prepare_for_decoding):
+            a GGUF file's Q4_0, Q4_1, Q4_K, Q5_0 and Q8_0 layers keep the file's own codes, and Q6_K
+            layers are repacked into int8 groups of 32, with no full-precision copy in memory; for
+            decoding only. Other models load as without it; None or "none": every layer in full precision.
     The choice, with its reason, is `lm.runtime` (`lm.runtime.describe()` says it in one line).
     """
+    if quantize not in (None, "none", "auto", "int4"):
+        raise ConfigError(f"quantize must be one of none, auto, int4 (or None), got {quantize!r}")
     where = resolve_device(device)  # first: an absent device is an error before any file is read
     if is_gguf_file(path):
-        g = load_gguf(path, keep_quantized=quantize == "int4" and where.type == "cpu")
+        g = load_gguf(path, keep_quantized=quantize in ("auto", "int4") and where.type == "cpu")
         return LanguageModel(g.model.eval(), g.tokenizer, Path(path), prefix_ids=g.prefix_ids, eos_ids=g.eos_ids,
                              chat_template=g.chat_template).placed(where, dtype)
     if is_hf_dir(path) and not (Path(path) / "manifest.json").exists():

@@ -20,7 +20,7 @@ def add_draft_flags(p: argparse.ArgumentParser) -> None:
                         "unchanged but faster (Transformer decoders)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help=f"the draft's guesses per round, 1 to {MAX_DRAFT_TOKENS} (default: 4)")
-    p.add_argument("--draft-quantize", choices=("none", "int4"), default=None,
+    p.add_argument("--draft-quantize", choices=("auto", "none", "int4"), default=None,
                    help="the draft's weights: int4 makes each guess cheaper (default: as --quantize)")
 
 

@@ -128,9 +128,16 @@ def _tuned_lens(lm, args: argparse.Namespace):
 
 def _side_names(args: argparse.Namespace, left: str, lm, right: str, other_lm) -> tuple[str, str]:
     if left == right:  # the same file: the two sides differ by precision or weights' format
-        left += f" ({lm.runtime.dtype}{', int4' if args.quantize == 'int4' else ''})"
-        right += f" ({other_lm.runtime.dtype}{', int4' if (args.other_quantize or args.quantize) == 'int4' else ''})"
+        left += f" ({lm.runtime.dtype}{_quantised(lm)})"
+        right += f" ({other_lm.runtime.dtype}{_quantised(other_lm)})"
     return left, right
+
+
+def _quantised(lm) -> str:
+    """", int4" where any layer holds quantised weights (--quantize int4, or a GGUF's kept blocks)."""
+    from llmkit.layers.quantized import is_quantized
+
+    return ", int4" if any(is_quantized(m) for m in lm.model.modules()) else ""
 
 
 VIEWS = ("tokens", "attention", "knockout", "sampling", "logit-lens", "cache", "positions", "compare")
@@ -191,7 +198,7 @@ def _view_flags(view: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--view", dest="other_view", default="attention", choices=VIEWS[:-1],
                        help="which view (default: attention)")
         p.add_argument("--other", default=None, metavar="PATH", help="the second model (default: --model)")
-        p.add_argument("--other-quantize", choices=("none", "int4"), default=None,
+        p.add_argument("--other-quantize", choices=("auto", "none", "int4"), default=None,
                        help="--quantize for the second model (e.g. fp32 against int4)")
         p.add_argument("--other-dtype", default=None, choices=("auto", "fp32", "bf16", "fp16"),
                        help="--dtype for the second model")
@@ -232,4 +239,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         dtype = next(a for a in v._actions if a.dest == "dtype")
         dtype.help = dtype.help.replace("(default: auto)", "(default here: fp32; give the same --dtype to "
                                                              "`llmkit generate` to compare samples)")
-        v.set_defaults(handler=cmd_explain, dtype="fp32")
+        # ... and on the file's weights in full precision (a GGUF's kept blocks round its scales to bf16)
+        quantize = next(a for a in v._actions if a.dest == "quantize")
+        quantize.help = quantize.help.replace("(default: auto)", "(default here: none)")
+        v.set_defaults(handler=cmd_explain, dtype="fp32", quantize="none")

@@ -1,7 +1,7 @@
 """Device, precision and speed flags of the commands that run a trained model (generate, chat,
 embed, score), and the load that applies them.
 
-    --device auto|cpu|cuda|cuda:N|mps   --dtype auto|fp32|bf16|fp16   --threads N   [--quantize none|int4]
+    --device auto|cpu|cuda|cuda:N|mps   --dtype auto|fp32|bf16|fp16   --threads N   [--quantize auto|none|int4]
 
 `auto` is llmkit.runtime's choice (bf16 on a CPU only where it has native bf16 and a probe measures it
 faster). Each load prints one line to stderr saying what was chosen and why, e.g.
@@ -17,6 +17,8 @@ from pathlib import Path
 
 from llmkit.runtime import DEVICE_HELP, DTYPE_CHOICES
 
+QUANTIZE_CHOICES = ("auto", "none", "int4")
+
 
 def add_speed_flags(p: argparse.ArgumentParser, *, quantize: bool = True) -> None:
     """--device, --dtype, --threads and (with quantize) --quantize."""
@@ -28,10 +30,12 @@ def add_speed_flags(p: argparse.ArgumentParser, *, quantize: bool = True) -> Non
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's, one per core)")
     if quantize:
-        p.add_argument("--quantize", choices=("none", "int4"), default="none",
-                       help="int4: keep the layers' weights in 4 bits and the LM head's in 8 (groups of 32, bf16 "
-                            "scales), the fastest decoding; a Q4_0/Q4_1 GGUF with a Q8_0 head keeps its own codes "
-                            "(default: none)")
+        p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                       help="auto: a GGUF file's quantised layers keep their own blocks (Q4_0, Q4_1, Q4_K, Q5_0, "
+                            "Q8_0 as they are, Q6_K repacked into int8 groups): the file's weights, no "
+                            "full-precision copy, the fastest decoding; any other model runs as stored. int4: "
+                            "also every full-precision layer to 4 bits and the LM head to 8 (groups of 32, bf16 "
+                            "scales, round-to-nearest). none: every layer in full precision (default: auto)")
         p.add_argument("--kv-cache", choices=("full", "int8"), default="full",
                        help="int8: keep past keys and values as int8 with a scale per head and position, a "
                             "quarter of fp32's memory, for long prompts (default: full, the model's dtype)")
@@ -71,7 +75,8 @@ def load_for_generation(path: str | Path, args: argparse.Namespace):
     from llmkit.inference.optimize import prepare_for_decoding
 
     lm = load_with_flags(path, args)
-    report = prepare_for_decoding(lm.model, quantize=getattr(args, "quantize", "none"),
+    # (auto: the file's own quantised layers, kept by the load, are all there is to do)
+    report = prepare_for_decoding(lm.model, quantize="int4" if getattr(args, "quantize", None) == "int4" else None,
                                   dtype=lm.runtime.torch_dtype)
     lm.model.kv_cache = getattr(args, "kv_cache", "full")  # read by CausalLM.new_cache
     extra = ", ".join(x for x in (report.describe(), "int8 KV cache" if lm.model.kv_cache == "int8" else "") if x)

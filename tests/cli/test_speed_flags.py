@@ -14,6 +14,7 @@ import torch
 
 import llmkit
 from llmkit.commands.speed import add_speed_flags, load_for_generation
+from llmkit.errors import ConfigError
 from llmkit.inference.optimize import prepare_for_decoding
 from llmkit.layers.quantized import Int4Linear
 from post_training_helpers import save_tiny_model
@@ -40,7 +41,7 @@ def fake_cpu(monkeypatch, *, native: bool, t32: float, t16: float) -> None:
 
 def test_flags_and_their_defaults():
     args = parse([])
-    assert (args.device, args.dtype, args.threads, args.quantize) == ("auto", "auto", None, "none")
+    assert (args.device, args.dtype, args.threads, args.quantize) == ("auto", "auto", None, "auto")
     args = parse(["--device", "cpu", "--dtype", "bf16", "--threads", "1", "--quantize", "int4"])
     assert (args.device, args.dtype, args.threads, args.quantize) == ("cpu", "bf16", 1, "int4")
     assert not hasattr(parse([], quantize=False), "quantize")  # embed, score: nothing to quantise
@@ -65,6 +66,17 @@ def test_auto_int4_computes_in_the_chosen_precision_and_says_so(tiny, monkeypatc
     head = "8-bit head" if lm.model.decoding_report.int8_linears else "head unquantised"
     assert f", int4 weights ({head}" in lines[0] and lines[0].endswith(f"{lm.model.decoding_report.kernel})")
     assert len(lm.generate("the quick", max_new_tokens=4, temperature=0.0)) > 0
+
+
+def test_quantize_auto_keeps_a_checkpoint_as_stored(tiny, capsys):
+    """The default, --quantize auto, keeps what the file holds: an llmkit checkpoint's full-precision
+    layers stay as they are (a GGUF's own blocks are kept: tests/io/test_gguf_kept.py); an unknown
+    value from Python is refused in one line."""
+    lm = load_for_generation(tiny, parse(["--device", "cpu", "--dtype", "fp32"]))
+    assert not any(isinstance(m, Int4Linear) for m in lm.model.modules())
+    assert "int4" not in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="quantize must be one of none, auto, int4"):
+        llmkit.load(tiny, quantize="int3")
 
 
 def test_explicit_bf16_measured_slower_warns_and_still_runs(tiny, monkeypatch, capsys):

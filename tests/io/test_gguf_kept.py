@@ -2,6 +2,7 @@
 codes are the file's (Q6_K's repacked into int8 groups of 32, within a stated bound of the file's weights),
 and no full-precision copy of them is held."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -297,3 +298,18 @@ def test_smollm2_keeps_its_blocks_and_decodes_as_requantised():
     # 0.5: a bf16 ulp of logits of size ~30 is 0.125, four of them.
     assert (a - b).abs().max() <= 0.5
     assert a.argmax() == b.argmax()
+
+
+@needs_smollm
+def test_the_generation_commands_keep_a_gguf_s_blocks_by_default():
+    """--quantize auto (the default of generate, chat and serve) loads the file's own blocks: the same
+    layers as --quantize int4, and the runtime line says so; --quantize none dequantises every layer."""
+    from llmkit.commands.speed import add_speed_flags, load_for_generation
+
+    parser = argparse.ArgumentParser()
+    add_speed_flags(parser)
+    default = load_for_generation(SMOLLM, parser.parse_args(["--dtype", "fp32"]))
+    assert "Q4_1" in default.model.decoding_report.describe() and default.model.decoding_report.block_steps == 30
+    assert is_quantized(default.model.get_submodule("stack.blocks.0.attn.qkv_proj"))
+    full = load_for_generation(SMOLLM, parser.parse_args(["--dtype", "fp32", "--quantize", "none"]))
+    assert not any(is_quantized(m) for m in full.model.modules()) and not full.model.decoding_report.describe()
