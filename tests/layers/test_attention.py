@@ -46,6 +46,23 @@ def test_reference_equals_sdpa(layout, Tq, Tk, causal, with_mask, with_alibi):
     torch.testing.assert_close(fused, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_one_half_precision_query_equals_the_fp32_reference(layout, dtype, with_mask):
+    """A decode step in bf16/fp16 on the CPU (attend's one-query path: fp32 sums over the half-precision
+    cache) is the fp32 reference on the same half-precision inputs, up to the output's own rounding
+    (its unit roundoff: 2^-8 relative in bf16, 2^-11 in fp16, plus fp32 summation)."""
+    H, Hkv = HEAD_LAYOUTS[layout]
+    q, k, v = (t.to(dtype) for t in qkv(2, H, Hkv, 1, 300))
+    mask = padding_mask(2, 300) if with_mask else None
+    got = attend(q, k, v, mask=mask, impl="sdpa")
+    ref = attend(q.float(), k.float(), v.float(), mask=mask, impl="reference")
+    assert got.dtype == dtype and got.shape == ref.shape
+    roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    assert ((got.float() - ref).abs() <= roundoff * ref.abs() + 1e-6).all()
+
+
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])
 def test_causal_short_query_aligns_last_query_with_last_key(impl):
     """With Tq < Tk, query i is at absolute position Tk - Tq + i: equal to the matching rows of a
