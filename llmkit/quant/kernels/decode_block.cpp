@@ -116,79 +116,51 @@ __attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, i
   }
 }
 
-// The same for head_dim a multiple of 16 up to 128 (SmolLM2, Llama: 64; an fp32 or bf16 cache), in explicit
-// vectors: each key's dot product in registers, the output held in registers across the values (the
-// generic loops above cost SmolLM2 ~0.07 ms a block at 520 cached positions, a quarter of its decode step).
+// The same for head_dim a multiple of the vector width up to 8 vectors (SmolLM2, Llama: 64; an fp32 or
+// bf16 cache), in explicit vectors: each key's dot product in registers, the output held in registers
+// across the values (the generic loops above cost SmolLM2 ~0.07 ms a block at 520 cached positions, a
+// quarter of its decode step). Written once, in attend_vec.inc, and compiled here for AVX-512 and for
+// AVX2 (a region of `#pragma GCC target` each: GCC will not inline one width's intrinsics into a
+// template shared by both, so each width gets its own copy of the text, with its own vector operations).
 constexpr int64_t ATTEND_MAX_VECTORS = 8;
-// 16 (AVX-512) or 8 (AVX2) cached values as floats: fp32 as they are, bf16 widened (exact)
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 load16(const float* p) {
-  return _mm512_loadu_ps(p);
-}
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline __m512 load16(const uint16_t* p) {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+namespace avx512 {
+using Vec = __m512;
+constexpr int64_t LANES = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {  // bf16 widened to fp32 (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-__attribute__((target("avx2,fma"), always_inline)) inline __m256 load8(const uint16_t* p) {
+#include "attend_vec.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using Vec = __m256;
+constexpr int64_t LANES = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return sum_avx2(v); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
-
-template <typename T>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_vec_avx512(const Attention<T>& a, int64_t i0,
-                                                                                int64_t i1) {
-  const int64_t V = a.D / 16;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
-    const float* q = a.q + b * a.q_stride + h * a.D;
-    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
-    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
-    float* scores = a.scores + i * a.length;
-    __m512 qv[ATTEND_MAX_VECTORS], acc[ATTEND_MAX_VECTORS];
-    for (int64_t v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
-    for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = keys + t * a.time_stride;
-      __m512 dot = _mm512_mul_ps(qv[0], load16(k));
-      for (int64_t v = 1; v < V; ++v) dot = _mm512_fmadd_ps(qv[v], load16(k + 16 * v), dot);
-      scores[t] = _mm512_reduce_add_ps(dot) * a.scale;
-    }
-    const float total = softmax_numerators(scores, a.length, a.visible ? a.visible + b * a.length : nullptr);
-    for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < a.length; ++t) {
-      if (scores[t] == 0.f) continue;
-      const T* val = values + t * a.time_stride;
-      const __m512 p = _mm512_set1_ps(scores[t] / total);
-      for (int64_t v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(p, load16(val + 16 * v), acc[v]);
-    }
-    for (int64_t v = 0; v < V; ++v) _mm512_storeu_ps(a.out + i * a.D + 16 * v, acc[v]);
-  }
-}
-
-template <typename T>
-__attribute__((target("avx2,fma"))) void attend_vec_avx2(const Attention<T>& a, int64_t i0, int64_t i1) {
-  const int64_t V = a.D / 8;  // ≤ 8 (head_dim ≤ 64): the output's registers
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t b = i / a.H, h = i % a.H, kv = h / (a.H / a.Hkv);
-    const float* q = a.q + b * a.q_stride + h * a.D;
-    const T* keys = a.keys + b * a.batch_stride + kv * a.head_stride;
-    const T* values = a.values + b * a.batch_stride + kv * a.head_stride;
-    float* scores = a.scores + i * a.length;
-    for (int64_t t = 0; t < a.length; ++t) {
-      const T* k = keys + t * a.time_stride;
-      __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), load8(k));
-      for (int64_t v = 1; v < V; ++v) dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), load8(k + 8 * v), dot);
-      scores[t] = sum_avx2(dot) * a.scale;
-    }
-    const float total = softmax_numerators(scores, a.length, a.visible ? a.visible + b * a.length : nullptr);
-    __m256 acc[ATTEND_MAX_VECTORS];
-    for (int64_t v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < a.length; ++t) {
-      if (scores[t] == 0.f) continue;
-      const T* val = values + t * a.time_stride;
-      const __m256 p = _mm256_set1_ps(scores[t] / total);
-      for (int64_t v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(p, load8(val + 8 * v), acc[v]);
-    }
-    for (int64_t v = 0; v < V; ++v) _mm256_storeu_ps(a.out + i * a.D + 8 * v, acc[v]);
-  }
-}
+#include "attend_vec.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 
 template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void attend_avx512(const Attention<T>& a, int64_t h0,
@@ -206,8 +178,8 @@ template <typename T>
 void attend(const Attention<T>& a, int64_t rows, int64_t isa) {
   using Fn = void (*)(const Attention<T>&, int64_t, int64_t);
   Fn fn = isa >= 2 ? attend_avx512<T> : isa == 1 ? attend_avx2<T> : attend_portable<T>;
-  if (isa >= 2 && a.D % 16 == 0 && a.D <= 16 * ATTEND_MAX_VECTORS) fn = attend_vec_avx512<T>;
-  if (isa == 1 && a.D % 8 == 0 && a.D <= 8 * ATTEND_MAX_VECTORS) fn = attend_vec_avx2<T>;
+  if (isa >= 2 && a.D % avx512::LANES == 0 && a.D <= avx512::LANES * ATTEND_MAX_VECTORS) fn = avx512::attend_vec<T>;
+  if (isa == 1 && a.D % avx2::LANES == 0 && a.D <= avx2::LANES * ATTEND_MAX_VECTORS) fn = avx2::attend_vec<T>;
   at::parallel_for(0, rows * a.H, 1, [&](int64_t h0, int64_t h1) { fn(a, h0, h1); });
 }
 
