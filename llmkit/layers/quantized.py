@@ -13,7 +13,7 @@ scale and offset are stored in bf16 (the tests bound that rounding too). Quantis
 already Q4_1 or Q8_0 (SmolLM2's GGUF) gives back their own codes.
 
 An int4 layer stores w = (code − 8) · scale + offset (offset = minimum + 8 · scale; 0 if symmetric),
-both in bf16. Products of few rows (decoding, a batch of up to 16-32 sequences too: NATIVE_MAX_ROWS)
+both in bf16. Products of few rows (decoding, a batch of up to 16-64 sequences or a short prompt too: NATIVE_MAX_ROWS)
 run llmkit's own kernel where it was built
 (llmkit/quant/kernels: the layer's own codes and bf16 numbers, fp32 activations and sums, so it
 differs from the dequantised fp32 matmul only in summation order; int8 too, in one pass). Without it
@@ -60,14 +60,15 @@ NATIVE_BLOCK = 32  # llmkit's kernel takes groups of whole blocks of 32 columns
 # at 512 rows, where the kernel takes ~16 ms). The fp32 matmul on an AVX2-only CPU moves the crossover
 # no lower (1536×576, 2 threads: kernel 1.5 ms at 128 rows; dequantise 2.1 ms + fp32 matmul 1.2 ms).
 KERNEL_MAX_ROWS = 128
-# llmkit's own kernel (llmkit/quant/kernels) serves products of up to this many rows (a decoding batch:
-# each block of weights is expanded once per tile of rows), by its vector ISA (2 AVX-512, 1 AVX2, 0
-# portable C++); more rows dequantise the weight and use the ordinary matmul. Measured on SmolLM2's four
-# block layers (1 thread, CPU time, Zen 5, load ~6): AVX-512 kernel 1.1-1.4 ms at 16 rows, 2.8 at 32,
-# 5.6 at 64, against dequantise + fp32 matmul 1.6-1.8, 2.6, 4.6-5.0; AVX2 kernel 1.4-1.6 at 16, 3.2 at
-# 32, against 1.7 and 2.6-2.8. Where many-row products compute in bf16 on AVX-512 (native bf16: Zen 5's
-# `--dtype auto`), the bf16 matmul catches up sooner: 1.6 ms at 16 rows, 1.8 at 32, 2.2 at 64.
-NATIVE_MAX_ROWS = {2: 32, 1: 24, 0: 8}
+# llmkit's own kernel (llmkit/quant/kernels) serves products of up to this many rows (a decoding batch,
+# a short prompt: each block of weights is expanded once per tile of rows), by its vector ISA (2 AVX-512,
+# 1 AVX2, 0 portable C++); more rows dequantise the weight and use the ordinary matmul. Measured on
+# SmolLM2's four block layers together (2 threads, Zen 5, quiet): AVX-512 kernel 1.74 ms at 48 rows and
+# 2.32 at 64, against dequantise + fp32 matmul 2.13 and 2.61 (and 4.47 against 3.67 at 96); AVX2 kernel
+# 1.24 at 24 and 1.65 at 32, against 1.35 and 1.61. Where many-row products compute in bf16 on AVX-512
+# (native bf16: Zen 5's `--dtype auto`), the bf16 matmul catches up sooner: kernel 0.60 ms at 16 rows and
+# 1.11 at 24, against dequantise + bf16 matmul 0.89 and 0.94.
+NATIVE_MAX_ROWS = {2: 64, 1: 24, 0: 8}
 NATIVE_MAX_ROWS_BF16 = 16
 
 
