@@ -33,7 +33,8 @@ constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the w
 // int4, two rows or more: rows per tile of the kernel that expands the weights fully (int4_wide_*).
 // Measured on SmolLM2's four block layers (1 thread, CPU time, Zen 5): tiles of 4 rows 0.071 ms a row
 // (AVX-512) and 0.09-0.10 (AVX2), against 0.10 and 0.14-0.15 for the per-row kernel's tiles; tiles of 8
-// were no faster on AVX-512 (0.06-0.09) and would spill AVX2's 16 registers.
+// were no faster on AVX-512 (0.06-0.09) and would spill AVX2's 16 registers; AVX2 tiles of 8 rows with
+// one accumulator each were slower again (all four layers, 16 rows, 2 threads: 0.93 ms against 0.77).
 constexpr int WIDE_ROWS = 4;
 
 
