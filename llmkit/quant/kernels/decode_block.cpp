@@ -120,46 +120,23 @@ __attribute__((always_inline)) inline void attend_heads(const Attention<T>& a, i
 // bf16 cache), in explicit vectors: each key's dot product in registers, the output held in registers
 // across the values (the generic loops above cost SmolLM2 ~0.07 ms a block at 520 cached positions, a
 // quarter of its decode step). Written once, in attend_vec.inc, and compiled here for AVX-512 and for
-// AVX2 (a region of `#pragma GCC target` each: GCC will not inline one width's intrinsics into a
-// template shared by both, so each width gets its own copy of the text, with its own vector operations).
+// AVX2 with each width's vector operations (lowbit.h).
 constexpr int64_t ATTEND_MAX_VECTORS = 8;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
-namespace avx512 {
-using Vec = __m512;
-constexpr int64_t LANES = 16;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset1(float x) { return _mm512_set1_ps(x); }
-inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
-inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec vload(const uint16_t* p) {  // bf16 widened to fp32 (exact)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+namespace on_avx512 {
+using namespace llmkit_lowbit::avx512;
 #include "attend_vec.inc"
-}  // namespace avx512
+}  // namespace on_avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-namespace avx2 {
-using Vec = __m256;
-constexpr int64_t LANES = 8;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset1(float x) { return _mm256_set1_ps(x); }
-inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(Vec v) { return sum_avx2(v); }
-inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec vload(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+namespace on_avx2 {
+using namespace llmkit_lowbit::avx2;
 #include "attend_vec.inc"
-}  // namespace avx2
+}  // namespace on_avx2
 #pragma GCC pop_options
 
 template <typename T>
@@ -178,8 +155,8 @@ template <typename T>
 void attend(const Attention<T>& a, int64_t rows, int64_t isa) {
   using Fn = void (*)(const Attention<T>&, int64_t, int64_t);
   Fn fn = isa >= 2 ? attend_avx512<T> : isa == 1 ? attend_avx2<T> : attend_portable<T>;
-  if (isa >= 2 && a.D % avx512::LANES == 0 && a.D <= avx512::LANES * ATTEND_MAX_VECTORS) fn = avx512::attend_vec<T>;
-  if (isa == 1 && a.D % avx2::LANES == 0 && a.D <= avx2::LANES * ATTEND_MAX_VECTORS) fn = avx2::attend_vec<T>;
+  if (isa >= 2 && a.D % avx512::LANES == 0 && a.D <= avx512::LANES * ATTEND_MAX_VECTORS) fn = on_avx512::attend_vec<T>;
+  if (isa == 1 && a.D % avx2::LANES == 0 && a.D <= avx2::LANES * ATTEND_MAX_VECTORS) fn = on_avx2::attend_vec<T>;
   at::parallel_for(0, rows * a.H, 1, [&](int64_t h0, int64_t h1) { fn(a, h0, h1); });
 }
 

@@ -248,86 +248,27 @@ inline void prefetch_ahead(const uint8_t* block, int64_t block_bytes, int64_t g,
     _mm_prefetch(ahead + off, _MM_HINT_T0);
 }
 
+// Written once (one_row.inc) and compiled for each vector width with its operations (lowbit.h); the
+// rows after the last whole group of NB go to that width's rows_* kernel.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+namespace on_avx512 {
+using namespace llmkit_lowbit::avx512;
 template <bool INT4>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void one_row_avx512(const Problem& p, int64_t row0,
-                                                                             int64_t n0, int64_t n1) {
-  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
-  std::vector<float> sc(NB * p.G);
-  const float* x = p.x + row0 * p.K;
-  const __m512i low4 = _mm512_set1_epi32(15);
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    float minimum[NB];
-    for (int j = 0; j < NB; ++j) row_params<1>(p, n + j, row0, sc.data() + j * p.G, minimum + j);
-    const uint8_t* c = p.codes + n * row_bytes;
-    __m512 t[NB];
-    for (int j = 0; j < NB; ++j) t[j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      prefetch_ahead(c, NB * row_bytes, g, p.G);
-      __m512 a[NB];
-      for (int j = 0; j < NB; ++j) a[j] = _mm512_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-        const __m512 x0 = _mm512_loadu_ps(x + col), x1 = _mm512_loadu_ps(x + col + 16);
-        for (int j = 0; j < NB; ++j) {
-          if (INT4) {
-            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j * row_bytes + col / 2)));
-            a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), x0, a[j]);
-            a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), x1, a[j]);
-          } else {
-            const __m128i* q = reinterpret_cast<const __m128i*>(c + j * row_bytes + col);
-            a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), x0, a[j]);
-            a[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), x1, a[j]);
-          }
-        }
-      }
-      for (int j = 0; j < NB; ++j) t[j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[j * p.G + g]), a[j], t[j]);
-    }
-    for (int j = 0; j < NB; ++j)
-      p.out[row0 * p.N + n + j] = _mm512_reduce_add_ps(t[j]) + minimum[j] + (p.bias ? p.bias[n + j] : 0.f);
-  }
-  if (n < n1) rows_avx512<1, INT4>(p, row0, n, n1);
-}
+void remaining_rows(const Problem& p, int64_t row0, int64_t n0, int64_t n1) { rows_avx512<1, INT4>(p, row0, n0, n1); }
+#include "one_row.inc"
+}  // namespace on_avx512
+#pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace on_avx2 {
+using namespace llmkit_lowbit::avx2;
 template <bool INT4>
-__attribute__((target("avx2,fma"))) void one_row_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
-  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
-  std::vector<float> sc(NB * p.G);
-  const float* x = p.x + row0 * p.K;
-  const __m256i low4 = _mm256_set1_epi32(15);
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    float minimum[NB];
-    for (int j = 0; j < NB; ++j) row_params<1>(p, n + j, row0, sc.data() + j * p.G, minimum + j);
-    const uint8_t* c = p.codes + n * row_bytes;
-    __m256 t[NB];
-    for (int j = 0; j < NB; ++j) t[j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      prefetch_ahead(c, NB * row_bytes, g, p.G);
-      __m256 a[NB];
-      for (int j = 0; j < NB; ++j) a[j] = _mm256_setzero_ps();
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK)
-        for (int half = 0; half < 2; ++half) {  // int4: x[8h..8h+7] with x[16+8h..]; int8: columns 16h..16h+15
-          const __m256 x0 = _mm256_loadu_ps(x + col + (INT4 ? 8 : 16) * half);
-          const __m256 x1 = _mm256_loadu_ps(x + col + (INT4 ? 16 + 8 * half : 16 * half + 8));
-          for (int j = 0; j < NB; ++j) {
-            if (INT4) {
-              const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j * row_bytes + col / 2 + 8 * half)));
-              a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), x0, a[j]);
-              a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), x1, a[j]);
-            } else {
-              const uint8_t* q = c + j * row_bytes + col + 16 * half;
-              a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)))), x0, a[j]);
-              a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)))), x1, a[j]);
-            }
-          }
-        }
-      for (int j = 0; j < NB; ++j) t[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(sc.data() + j * p.G + g), a[j], t[j]);
-    }
-    for (int j = 0; j < NB; ++j)
-      p.out[row0 * p.N + n + j] = sum_avx2(t[j]) + minimum[j] + (p.bias ? p.bias[n + j] : 0.f);
-  }
-  if (n < n1) rows_avx2<1, INT4>(p, row0, n, n1);
-}
+void remaining_rows(const Problem& p, int64_t row0, int64_t n0, int64_t n1) { rows_avx2<1, INT4>(p, row0, n0, n1); }
+#include "one_row.inc"
+}  // namespace on_avx2
+#pragma GCC pop_options
 
 // Many rows (a batch decoding together): each block of 32 columns is expanded once into the dequantised
 // weights themselves, code·scale + (offset − 8·scale) rounded as the Python reference rounds them, and
@@ -468,8 +409,8 @@ RowsFn portable_rows(bool int4, int r) {
 }
 
 RowsFn one_row_kernel(bool int4, int64_t isa) {
-  if (isa >= 2) return int4 ? one_row_avx512<true> : one_row_avx512<false>;
-  return int4 ? one_row_avx2<true> : one_row_avx2<false>;
+  if (isa >= 2) return int4 ? on_avx512::one_row<true> : on_avx512::one_row<false>;
+  return int4 ? on_avx2::one_row<true> : on_avx2::one_row<false>;
 }
 
 template <int R>

@@ -36,6 +36,60 @@ __attribute__((target("avx2,fma"))) inline float sum_avx2(__m256 t) {
   return _mm_cvtss_f32(q);
 }
 
+// One vector width's operations, for the kernels written once and compiled per width (one_row.inc,
+// attend_vec.inc): each namespace is compiled under its own `#pragma GCC target`, and a kernel file is
+// included inside a region of the same target and namespace, where these inline into it (GCC will not
+// inline one width's intrinsics into a template shared by both). Vec: LANES floats; IVec: LANES int32.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+namespace avx512 {
+using Vec = __m512;
+using IVec = __m512i;
+constexpr int64_t LANES = 16;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {  // bf16 widened to fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline IVec widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec codes_s8(const uint8_t* p) {  // LANES int8 codes as floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec low_nibbles(IVec b) { return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))); }
+inline Vec high_nibbles(IVec b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using Vec = __m256;
+using IVec = __m256i;
+constexpr int64_t LANES = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return sum_avx2(v); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline IVec widen_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline Vec codes_s8(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec low_nibbles(IVec b) { return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))); }
+inline Vec high_nibbles(IVec b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)); }
+}  // namespace avx2
+#pragma GCC pop_options
+
 // One quantised weight as the kernels read it (int4: packed nibbles and an offset; int8: codes).
 struct Weight {
   bool int4;
