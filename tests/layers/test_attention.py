@@ -52,15 +52,26 @@ def test_reference_equals_sdpa(layout, Tq, Tk, causal, with_mask, with_alibi):
 def test_one_half_precision_query_equals_the_fp32_reference(layout, dtype, with_mask):
     """A decode step in bf16/fp16 on the CPU (attend's one-query path: fp32 sums over the half-precision
     cache) is the fp32 reference on the same half-precision inputs, up to the output's own rounding
-    (its unit roundoff: 2^-8 relative in bf16, 2^-11 in fp16, plus fp32 summation)."""
-    H, Hkv = HEAD_LAYOUTS[layout]
-    q, k, v = (t.to(dtype) for t in qkv(2, H, Hkv, 1, 300))
-    mask = padding_mask(2, 300) if with_mask else None
+    (its unit roundoff: 2^-8 relative in bf16, 2^-11 in fp16) and the two fp32 computations' different
+    orders of summation: a score of D products is off by ≤ D·u·Σ|q·k|·scale, which moves each softmax
+    weight by ≤ 2× that relatively, and the output's sum of Tk terms adds ≤ Tk·u — all times Σ p·|v|;
+    each side is within that of the exact value, so the two within twice it."""
+    H, Hkv, Tk, D = *HEAD_LAYOUTS[layout], 300, 8
+    q, k, v = (t.to(dtype) for t in qkv(2, H, Hkv, 1, Tk, D))
+    mask = padding_mask(2, Tk) if with_mask else None
     got = attend(q, k, v, mask=mask, impl="sdpa")
     ref = attend(q.float(), k.float(), v.float(), mask=mask, impl="reference")
     assert got.dtype == dtype and got.shape == ref.shape
+    u = 2.0 ** -24
+    group = H // Hkv
+    kf, vf = k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    scale = D ** -0.5
+    score_err = D * u * (q.float().abs() @ kf.abs().transpose(-1, -2)).amax(-1, keepdim=True) * scale
+    weights = ((q.float() @ kf.transpose(-1, -2)) * scale).masked_fill(
+        ~mask if mask is not None else torch.zeros(1, dtype=torch.bool), float("-inf")).softmax(-1)
+    fp32_bound = (Tk * u + 2 * score_err) * (weights @ vf.abs())
     roundoff = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
-    assert ((got.float() - ref).abs() <= roundoff * ref.abs() + 1e-6).all()
+    assert ((got.float() - ref).abs() <= roundoff * ref.abs() + 2 * fp32_bound).all()
 
 
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])
