@@ -352,7 +352,7 @@ class Int4Linear(_KernelLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         if self.native is not None:  # one pass, bit-identical to dequantize_weight's
-            w = self.native.ops.int4_dequantize(*self._native_args[:4])
+            w = self.native.ops.int4_dequantize(*self._native_args[:4], self.native.isa)
         else:
             w = dequantize_weight(self.codes(), self.scale, self.offset)  # ~2× the bf16 matmul's cost
         return w.to(dtype or self.compute_dtype or torch.float32)
@@ -366,7 +366,7 @@ class Int4Linear(_KernelLinear):
         buffer = getattr(_SCRATCH, "buffer", None)
         if buffer is None or buffer.dtype != dtype or buffer.numel() < n:
             buffer = _SCRATCH.buffer = torch.empty(n, dtype=dtype)
-        self.native.ops.int4_dequantize_into(*self._native_args[:4], buffer)
+        self.native.ops.int4_dequantize_into(*self._native_args[:4], buffer, self.native.isa)
         return buffer[:n].view(self.out_features, self.in_features)
 
 

@@ -51,7 +51,9 @@ def _bound(codes, scale, offset, x, bits):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("group", [32, 64, 256])  # 256: one scale per row here
-@pytest.mark.parametrize("rows", [1, 2, 11])  # up to 4 rows share one expansion of the weights: 11 = 4 + 4 + 3
+# 1 row: its own kernel; 2: a tile of rows sharing one expansion of the weights; 11: a panel of expanded
+# weights for all rows (many_rows.inc)
+@pytest.mark.parametrize("rows", [1, 2, 11])
 def test_int4_kernel_is_the_dequantised_fp32_matmul(isa, group, rows):
     codes, scale, offset = quantize_weight(_weights(), WeightFormat(4, group, False))
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
@@ -67,7 +69,7 @@ def test_int4_kernel_is_the_dequantised_fp32_matmul(isa, group, rows):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("group", [32, 256])
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 11])
 def test_int8_kernel_is_the_dequantised_fp32_matmul(isa, group, rows):
     codes, scale, _ = quantize_weight(_weights(seed=1), WeightFormat(8, group, True))
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
@@ -78,15 +80,16 @@ def test_int8_kernel_is_the_dequantised_fp32_matmul(isa, group, rows):
 
 
 @needs_native
-def test_native_dequantisation_is_bit_identical_to_the_reference():
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_dequantisation_is_bit_identical_to_the_reference(isa):
     for group in (32, 128):
         codes, scale, offset = quantize_weight(_weights(k=384, seed=group), WeightFormat(4, group, False))
         packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
         expected = dequantize_weight(codes, scale, offset)
-        assert torch.equal(NATIVE.ops.int4_dequantize(packed, scale, offset, group), expected)
+        assert torch.equal(NATIVE.ops.int4_dequantize(packed, scale, offset, group, isa), expected)
         for dtype in (torch.float32, torch.bfloat16):  # into a larger reused buffer, as prefill does
             buffer = torch.full((expected.numel() + 7,), 7.0, dtype=dtype)
-            NATIVE.ops.int4_dequantize_into(packed, scale, offset, group, buffer)
+            NATIVE.ops.int4_dequantize_into(packed, scale, offset, group, buffer, isa)
             assert torch.equal(buffer[:expected.numel()].view_as(expected), expected.to(dtype))
             assert float(buffer[-1]) == 7.0  # nothing written past N·K
 

@@ -36,9 +36,11 @@ def _bound(codes, scale, offset, x, bits=4):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bits", [4, 8])
-# 1: the one-row kernel (4 output rows at a time; 42 leaves 2 over); 5, 27, 64: tiles of 4 rows sharing an
-# expansion of the weights, with a last tile of 1 or 3
-@pytest.mark.parametrize("rows", [1, 5, 27, 64])
+# 1: the one-row kernel (4 output rows at a time; 42 leaves 2 over); 5, 7: tiles of 4 rows sharing an
+# expansion of the weights, with a last tile of 1 or 3 (AVX-512 takes 7 on the panel); 27, 64: a panel of
+# expanded weights for all rows (many_rows.inc), 42 output rows leaving AVX-512's tiles of 4 two over,
+# 27 rows leaving partial tiles of rows on both widths
+@pytest.mark.parametrize("rows", [1, 5, 7, 27, 64])
 def test_batches_on_the_native_kernel_equal_the_dequantised_fp32_matmul(isa, bits, rows):
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(42, 192, generator=g) * 0.05
@@ -48,6 +50,22 @@ def test_batches_on_the_native_kernel_equal_the_dequantised_fp32_matmul(isa, bit
     x = torch.randn(rows, 192, generator=g)
     bias = torch.randn(42, generator=g)
     got = NATIVE.ops.linear(x, packed, scale, offset, 64, bias, None, isa)
+    expected = x @ dequantize_weight(codes, scale, offset).t() + bias
+    err, bound = (got - expected).abs(), _bound(codes, scale, offset, x, bits)
+    assert bool((err <= bound).all()), float((err / bound).max())
+
+
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if isa >= 1])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_many_rows_span_several_panels_and_their_edges(isa, bits):
+    """A weight taller than one panel (128 KB of fp32 weights: 128 rows of 256) whose height is a multiple
+    of neither tile width, times rows that fill no whole tile of rows at the end."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(301, 256, generator=g) * 0.05
+    codes, scale, offset = quantize_weight(w, WeightFormat(bits, 128, bits == 8))
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4) if bits == 4 else codes
+    x, bias = torch.randn(13, 256, generator=g), torch.randn(301, generator=g)
+    got = NATIVE.ops.linear(x, packed, scale, offset, 128, bias, None, isa)
     expected = x @ dequantize_weight(codes, scale, offset).t() + bias
     err, bound = (got - expected).abs(), _bound(codes, scale, offset, x, bits)
     assert bool((err <= bound).all()), float((err / bound).max())

@@ -51,6 +51,15 @@ inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {  // the four vectors' sums, in order
+  // each vector's upper 8 lanes onto its lower 8, two vectors side by side, then as AVX2's
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const auto upper = [](__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); };
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(_mm512_castps512_ps256(ab), upper(ab)),
+                                  _mm256_hadd_ps(_mm512_castps512_ps256(cd), upper(cd)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec vload(const uint16_t* p) {  // bf16 widened to fp32 (exact)
@@ -62,6 +71,15 @@ inline Vec codes_s8(const uint8_t* p) {  // LANES int8 codes as floats
 }
 inline Vec low_nibbles(IVec b) { return _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))); }
 inline Vec high_nibbles(IVec b) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)); }
+// One block of 32 int4 codes (16 bytes: column 2j in byte j's low nibble, 2j+1 in its high one) as the
+// dequantised weights code·scale + minimum, each product and sum rounded (no FMA), in column order.
+inline void expand_block(const uint8_t* c, Vec s, Vec minimum, float* out) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), low4 = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  const __m128i part[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // columns 0-15, 16-31
+  for (int i = 0; i < 2; ++i)
+    vstore(out + 16 * i, _mm512_add_ps(vmul(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i])), s), minimum));
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -76,6 +94,10 @@ inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return sum_avx2(v); }
+inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {  // the four vectors' sums, in order
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
 inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec vload(const uint16_t* p) {
@@ -87,6 +109,14 @@ inline Vec codes_s8(const uint8_t* p) {
 }
 inline Vec low_nibbles(IVec b) { return _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))); }
 inline Vec high_nibbles(IVec b) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)); }
+inline void expand_block(const uint8_t* c, Vec s, Vec minimum, float* out) {  // as avx512's
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c)), low4 = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
+  const __m128i part[4] = {first, _mm_unpackhi_epi64(first, first), second, _mm_unpackhi_epi64(second, second)};
+  for (int i = 0; i < 4; ++i)
+    vstore(out + 8 * i, _mm256_add_ps(vmul(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[i])), s), minimum));
+}
 }  // namespace avx2
 #pragma GCC pop_options
 
