@@ -40,6 +40,7 @@ from llmkit.layers.linear import Linear
 from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable, is_quantized
 from llmkit.quant import kernels
 from llmkit.quant.kernels import block as block_steps
+from llmkit.quant.kernels import crossover
 from llmkit.runtime import DTYPES, model_dtype
 
 QUANTIZE_CHOICES = ("none", "int4")
@@ -122,8 +123,28 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
     if names:  # (never builds the kernels for a model that has no quantised layer)
         report.block_steps = block_steps.install(model, kernels.native())
     report.kernel = " / ".join(names) + (", one call per block" if report.block_steps else "")
+    rows = _measure_kernel_rows(model)
+    if rows:
+        report.kernel += f", {rows}"
     model.decoding_report = report  # a plain attribute: what was done, for printing and for tests
     return report
+
+
+def _measure_kernel_rows(model: nn.Module) -> str:
+    """Up to how many rows (a prompt's tokens, a batch's sequences) llmkit's kernels multiply the quantised
+    layers, as measured on the largest int4 layer (llmkit/quant/kernels/crossover.py) — its int8 head
+    too, whose panel multiplies alike; "" where the kernels do not serve them. Said in words."""
+    served = [m for m in model.modules() if is_quantized(m) and m.native is not None and m.native.isa >= 1]
+    int4 = [m for m in served if isinstance(m, Int4Linear)]
+    if not int4:
+        return ""
+    largest = max(int4, key=lambda m: m.out_features * m.in_features)
+    rows, measured = crossover.kernel_max_rows(largest, largest.compute_dtype or torch.float32)
+    for module in served:
+        module.kernel_max_rows = rows
+    if rows == crossover.NO_LIMIT:
+        return f"prompts too ({measured})"
+    return f"prompts over {largest.native_max_rows()} tokens dequantised ({measured})"
 
 
 def _plain(owner: nn.Module, names: tuple[str, ...]) -> bool:

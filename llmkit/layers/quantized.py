@@ -13,16 +13,16 @@ scale and offset are stored in bf16 (the tests bound that rounding too). Quantis
 already Q4_1 or Q8_0 (SmolLM2's GGUF) gives back their own codes.
 
 An int4 layer stores w = (code − 8) · scale + offset (offset = minimum + 8 · scale; 0 if symmetric),
-both in bf16. Products of few rows (decoding, a batch of up to 16-64 sequences or a short prompt too: NATIVE_MAX_ROWS)
-run llmkit's own kernel where it was built
-(llmkit/quant/kernels: the layer's own codes and bf16 numbers, fp32 activations and sums, so it
-differs from the dequantised fp32 matmul only in summation order; int8 too, in one pass). Without it
+both in bf16. Products run llmkit's own kernel where it was built (llmkit/quant/kernels: the layer's
+own codes and bf16 numbers, fp32 activations and sums, so it differs from the dequantised fp32 matmul
+only in summation order; int8 too, in one pass): decoding, a batch, and a prompt of up to as many rows
+as `prepare_for_decoding` measured it faster than the alternative below on this machine (at least
+NATIVE_MAX_ROWS; on the Zen 5 measured, every prompt length in fp32 and up to 32 rows in bf16). Without it
 they run torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), which reads this same form; the
 dequantised weight is computed from the same bf16 numbers, so every path multiplies by the same weights. The kernel takes groups of 32, 64, 128 or
 256: a larger group (a whole row, say) is given to it as its scale repeated over kernel-sized groups,
-which is exact. Many-row products (prefill, where arithmetic rather than memory bounds the speed)
-dequantise the weight and use the ordinary matmul, several times faster there, in the layer's
-`compute_dtype`: bf16 where the CPU has native bf16 arithmetic, fp32 where bf16 is emulated (AVX2-only
+which is exact. Many-row products past that (prefill, where arithmetic rather than memory bounds the
+speed) dequantise the weight and use the ordinary matmul, in the layer's `compute_dtype`: bf16 where the CPU has native bf16 arithmetic, fp32 where bf16 is emulated (AVX2-only
 CPUs, where a bf16 matmul of 128 rows is ~5× slower than an fp32 one: SmolLM2's 512-token prefill ran
 at 37 tokens/s in bf16 against 191 in fp32 on an AMD Zen 1; llmkit.runtime decides which, by a probe;
 None: the activations' dtype, which the runtime chose by the same rule). The kernel itself always takes
@@ -60,14 +60,13 @@ NATIVE_BLOCK = 32  # llmkit's kernel takes groups of whole blocks of 32 columns
 # at 512 rows, where the kernel takes ~16 ms). The fp32 matmul on an AVX2-only CPU moves the crossover
 # no lower (1536×576, 2 threads: kernel 1.5 ms at 128 rows; dequantise 2.1 ms + fp32 matmul 1.2 ms).
 KERNEL_MAX_ROWS = 128
-# llmkit's own kernel (llmkit/quant/kernels) serves products of up to this many rows (a decoding batch,
-# a short prompt: each block of weights is expanded once per tile of rows), by its vector ISA (2 AVX-512,
-# 1 AVX2, 0 portable C++); more rows dequantise the weight and use the ordinary matmul. Measured on
-# SmolLM2's four block layers together (2 threads, Zen 5, quiet): AVX-512 kernel 1.74 ms at 48 rows and
-# 2.32 at 64, against dequantise + fp32 matmul 2.13 and 2.61 (and 4.47 against 3.67 at 96); AVX2 kernel
-# 1.24 at 24 and 1.65 at 32, against 1.35 and 1.61. Where many-row products compute in bf16 on AVX-512
-# (native bf16: Zen 5's `--dtype auto`), the bf16 matmul catches up sooner: kernel 0.60 ms at 16 rows and
-# 1.11 at 24, against dequantise + bf16 matmul 0.89 and 0.94.
+# llmkit's own kernel (llmkit/quant/kernels) serves products of at least this many rows, by its vector ISA
+# (2 AVX-512, 1 AVX2, 0 portable C++), and of more where `prepare_for_decoding` measured it faster than
+# dequantising + the ordinary matmul on this machine (llmkit/quant/kernels/crossover.py: on the Zen 5
+# measured, at every prompt length). These floors are the crossovers of the kernels of few rows, measured
+# before the many-row kernel existed (SmolLM2's four block layers, 2 threads, Zen 5): AVX-512 2.32 ms at
+# 64 rows against dequantise + fp32 matmul 2.61; AVX2 1.24 at 24 against 1.35; with bf16 products on AVX-512
+# (native bf16: Zen 5's `--dtype auto`) 0.60 at 16 against dequantise + bf16 matmul 0.89.
 NATIVE_MAX_ROWS = {2: 64, 1: 24, 0: 8}
 NATIVE_MAX_ROWS_BF16 = 16
 
@@ -213,6 +212,9 @@ class _KernelLinear(nn.Module):
     # llmkit's kernels (llmkit/quant/kernels) where they were built and serve this layer, else None;
     # then `kernel_passes` (torch's kernel) or nothing (always dequantise).
     native: kernels.Kernels | None
+    # the most rows it takes as measured on this machine (llmkit/quant/kernels/crossover.py, by
+    # prepare_for_decoding); None: the floor NATIVE_MAX_ROWS
+    kernel_max_rows: int | None = None
 
     def _hold(self, q: QuantizedWeight, compute_dtype: torch.dtype | None) -> None:
         self.out_features, self.in_features = q.codes.shape
@@ -264,9 +266,9 @@ class _KernelLinear(nn.Module):
         """The most rows a product runs on llmkit's kernel (0 without it); more dequantise."""
         if self.native is None:
             return 0
-        if self.native.isa == 2 and self.compute_dtype == torch.bfloat16:
-            return NATIVE_MAX_ROWS_BF16
-        return NATIVE_MAX_ROWS[self.native.isa]
+        floor = NATIVE_MAX_ROWS_BF16 if self.native.isa == 2 and self.compute_dtype == torch.bfloat16 \
+            else NATIVE_MAX_ROWS[self.native.isa]
+        return floor if self.kernel_max_rows is None else max(floor, self.kernel_max_rows)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._native_op is not None and x.is_cpu:

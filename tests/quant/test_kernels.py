@@ -202,7 +202,7 @@ def test_a_block_in_one_native_call_decodes_as_its_layers_do(overrides):
     summation order and the softmax's exp, < 2e-7 relative), the same tokens."""
     m, report = _tiny_int4(**overrides)
     blocks = list(m.stack.blocks)
-    assert report.block_steps == 2 and report.kernel.endswith("one call per block")
+    assert report.block_steps == 2 and "one call per block" in report.kernel
     served = []
 
     def counted(step):  # records whether the native step served a call (a tensor) or declined (None)

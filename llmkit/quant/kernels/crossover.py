@@ -1,0 +1,63 @@
+"""Up to how many activation rows llmkit's kernels multiply a quantised layer on this machine, measured
+rather than assumed.
+
+From a few rows on, the kernels expand each band of weights once into an fp32 panel and multiply every
+row by it (many_rows.inc). The other way to multiply many rows is to dequantise the whole weight and
+call torch's matmul, and that matmul's speed is a property of the machine, not of llmkit: on the AMD
+Zen 5 these kernels were written on, torch's fp32 matmul ran SmolLM2's layers at ~210 GFLOP/s on two
+cores (MKL takes slower paths on AMD CPUs) and the kernel beat it at every prompt length; MKL on an Intel
+CPU, or a bf16 matmul on AMX tiles, may win past some length. So `prepare_for_decoding` asks here, once
+per process and shape: both ways are timed on the model's largest quantised layer, with its own
+weights, in the layers' compute dtype, at PROBE_ROWS rows, alternating, best of ROUNDS each; the kernel
+keeps the products of up to the largest probed count at which it was the faster of the two (no
+limit where it won at every count).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+PROBE_ROWS = (16, 32, 64, 128, 256, 512, 1024)
+ROUNDS = 3
+NO_LIMIT = sys.maxsize
+
+_measured: dict[tuple, tuple[int, str]] = {}  # per process: (isa, dtype, shape, threads) → (rows, reason)
+
+
+def kernel_max_rows(layer, dtype: torch.dtype) -> tuple[int, str]:
+    """(the most rows the kernel should take, the measurement in words) for products shaped like `layer`
+    (an Int4Linear with llmkit's kernels) whose many-row alternative dequantises into `dtype`; NO_LIMIT:
+    any number."""
+    key = (layer.native.isa, dtype, layer.out_features, layer.in_features, torch.get_num_threads())
+    if key not in _measured:
+        _measured[key] = _probe(layer, dtype)
+    return _measured[key]
+
+
+def _probe(layer, dtype: torch.dtype) -> tuple[int, str]:
+    op, args = layer._native_op, layer._native_args
+    gen = torch.Generator().manual_seed(0)
+    won = 0
+    for rows in PROBE_ROWS:
+        x = torch.randn(rows, layer.in_features, generator=gen).to(dtype)
+        # the layer's two ways (its bias left out: both would add it alike)
+        kernel = lambda: op(x, *args[:4], None, None, args[-1])  # noqa: E731
+        matmul = lambda: F.linear(x, layer._weight_for_product(dtype))  # noqa: E731
+        kernel(), matmul()  # warm-up: first touch of the scratch buffers
+        best = [float("inf"), float("inf")]
+        with torch.no_grad():
+            for _ in range(ROUNDS):
+                for i, way in enumerate((kernel, matmul)):
+                    started = time.perf_counter()
+                    way()
+                    best[i] = min(best[i], time.perf_counter() - started)
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        if best[0] > best[1]:
+            return won, (f"dequantise + {name} matmul faster from {rows} rows: {best[1] * 1e3:.2f} against "
+                         f"{best[0] * 1e3:.2f} ms on {layer.out_features}×{layer.in_features}")
+        won = rows
+    return NO_LIMIT, f"faster than dequantise + {name} matmul at {PROBE_ROWS[0]} to {PROBE_ROWS[-1]:,} rows"
