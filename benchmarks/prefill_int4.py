@@ -4,9 +4,10 @@ fp32 (the case issue 13's "int4 prefill never slower than fp32" is about on CPUs
 
 Both models stay in one process and their prefills alternate, best of --repeats each, so a shared
 machine's drift moves both alike (benchmarks/smollm2.py measures each row's prefill in its own turn,
-which short prompts make noisy). int4 is the GGUF's own Q4_1 blocks kept at load (`--quantize auto`);
-a prompt of up to NATIVE_MAX_ROWS tokens runs on llmkit's kernels, a longer one dequantises each weight
-for the fp32 matmul (llmkit/layers/quantized.py).
+which short prompts make noisy). int4 is the GGUF's own Q4_1 blocks kept at load (`--quantize auto`)
+and prepared as generation prepares it: a prompt runs on llmkit's kernels up to the row count
+prepare_for_decoding measured them faster than dequantise + fp32 matmul here (the first line says it;
+llmkit/quant/kernels/crossover.py), a longer one dequantises each weight for that matmul.
 
     .venv/bin/python benchmarks/prefill_int4.py                        # 32, 64, 128, 256, 512 tokens
     .venv/bin/python benchmarks/prefill_int4.py --lengths 64,512 --repeats 4

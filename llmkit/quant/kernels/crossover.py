@@ -4,13 +4,17 @@ rather than assumed.
 From a few rows on, the kernels expand each band of weights once into an fp32 panel and multiply every
 row by it (many_rows.inc). The other way to multiply many rows is to dequantise the whole weight and
 call torch's matmul, and that matmul's speed is a property of the machine, not of llmkit: on the AMD
-Zen 5 these kernels were written on, torch's fp32 matmul ran SmolLM2's layers at ~210 GFLOP/s on two
-cores (MKL takes slower paths on AMD CPUs) and the kernel beat it at every prompt length; MKL on an Intel
-CPU, or a bf16 matmul on AMX tiles, may win past some length. So `prepare_for_decoding` asks here, once
-per process and shape: both ways are timed on the model's largest quantised layer, with its own
-weights, in the layers' compute dtype, at PROBE_ROWS rows, alternating, best of ROUNDS each; the kernel
-keeps the products of up to the largest probed count at which it was the faster of the two (no
-limit where it won at every count).
+Zen 5 these kernels were written on, torch's fp32 matmul (MKL 2024.2) ran at ~210 GFLOP/s on two cores,
+the same with AVX-512 allowed or not (so no AVX-512 path runs there), and the kernel beat it at every
+prompt length (AVX-512 ~400 GFLOP/s at 512 rows); its bf16 matmul (AVX512-BF16) won from 64 rows.
+MKL's paths on an Intel CPU, or a bf16 matmul on AMX tiles, may win elsewhere and sooner. So
+`prepare_for_decoding` asks here, once per process and shape: both ways are timed on the model's
+largest int4 layer, with its own weights, in the layers' compute dtype, at PROBE_ROWS rows,
+alternating, best of ROUNDS each (~0.2 s for SmolLM2); the kernel keeps the products of up to the
+largest probed count at which it was the faster of the two (no limit where it won at every count).
+In fp32 both ways compute the same products up to summation order, so a choice that noise flips between
+runs moves results by no more; in bf16 the matmul also rounds the dequantised weights to bf16, as every
+bf16 prefill did before the kernel took any.
 """
 
 from __future__ import annotations
