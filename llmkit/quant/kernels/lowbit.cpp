@@ -260,6 +260,7 @@ inline void prefetch_ahead(const uint8_t* block, int64_t block_bytes, int64_t g,
 // 6.5 against 7.2 ms at 4 rows and 12.1 against 9.8 at 8; AVX2 7.0 against 9.1 at 4, 13.1 against 12.4
 // at 8).
 constexpr int64_t PANEL_BYTES = int64_t{1} << 17;
+constexpr int64_t TASKS_PER_THREAD = 4;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
