@@ -132,13 +132,17 @@ def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None,
 
 def _measure_kernel_rows(model: nn.Module) -> str:
     """Up to how many rows (a prompt's tokens, a batch's sequences) llmkit's kernels multiply the quantised
-    layers, as measured on the largest int4 layer (llmkit/quant/kernels/crossover.py) — its int8 head
-    too, whose panel multiplies alike; "" where the kernels do not serve them. Said in words."""
+    layers, as measured on the largest int4 layer, else the largest int8 one, other than the output head
+    (llmkit/quant/kernels/crossover.py), and applied to all of them (int4 and int8 panels multiply alike);
+    "" where the kernels do not serve them. Said in words. (The head is left out of the probe: prompts
+    multiply it by their last row only, and its 1,024-row products would take most of a second.)"""
     served = [m for m in model.modules() if is_quantized(m) and m.native is not None and m.native.isa >= 1]
-    int4 = [m for m in served if isinstance(m, Int4Linear)]
-    if not int4:
+    head = getattr(model, "lm_head", None)
+    candidates = [m for m in served if isinstance(m, Int4Linear) and m is not head] or \
+                 [m for m in served if m is not head]
+    if not candidates:
         return ""
-    largest = max(int4, key=lambda m: m.out_features * m.in_features)
+    largest = max(candidates, key=lambda m: m.out_features * m.in_features)
     rows, measured = crossover.kernel_max_rows(largest, largest.compute_dtype or torch.float32)
     for module in served:
         module.kernel_max_rows = rows

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llmkit.config import ModelConfig
 from llmkit.inference.optimize import prepare_for_decoding
-from llmkit.layers.quantized import NATIVE_MAX_ROWS, Int4Linear, is_quantized
+from llmkit.layers.quantized import NATIVE_MAX_ROWS, Int4Linear, Int8Linear, is_quantized
 from llmkit.models.build import build_model
 from llmkit.quant import kernels
 from llmkit.quant.kernels import crossover
@@ -92,3 +92,20 @@ def test_prepare_for_decoding_applies_the_measured_limit_and_says_it(monkeypatch
     with torch.no_grad():
         model(ids)
     assert bool(dequantised) == (measured[0] < 200)
+
+
+def test_an_int8_model_is_probed_on_its_largest_layer_other_than_the_head(monkeypatch):
+    """A model quantised to int8 only (`llmkit quantize --bits 8`) is measured too — on a block layer:
+    the head multiplies one row per prompt, and probing it at 1,024 rows would take most of a second."""
+    probed = []
+    monkeypatch.setattr(crossover, "kernel_max_rows", lambda layer, dtype: probed.append(layer) or (48, "as measured"))
+    model = _model()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, Int8Linear(child, compute_dtype=torch.float32))
+    prepare_for_decoding(model, dtype=torch.float32)
+    largest = max((m for m in model.modules() if isinstance(m, Int8Linear) and m is not model.lm_head),
+                  key=lambda m: m.in_features * m.out_features)
+    assert probed == [largest]
+    assert {m.kernel_max_rows for m in model.modules() if is_quantized(m)} == {48}

@@ -9,7 +9,7 @@ the same with AVX-512 allowed or not (so no AVX-512 path runs there), and the ke
 prompt length (AVX-512 ~400 GFLOP/s at 512 rows); its bf16 matmul (AVX512-BF16) won from 64 rows.
 MKL's paths on an Intel CPU, or a bf16 matmul on AMX tiles, may win elsewhere and sooner. So
 `prepare_for_decoding` asks here, once per process and shape: both ways are timed on the model's
-largest int4 layer, with its own weights, in the layers' compute dtype, at PROBE_ROWS rows,
+largest int4 layer (else int8), with its own weights, in the layers' compute dtype, at PROBE_ROWS rows,
 alternating, best of ROUNDS each (~0.2 s for SmolLM2); the kernel keeps the products of up to the
 largest probed count at which it was the faster of the two (no limit where it won at every count).
 In fp32 both ways compute the same products up to summation order, so a choice that noise flips between
@@ -34,9 +34,10 @@ _measured: dict[tuple, tuple[int, str]] = {}  # per process: (isa, dtype, shape,
 
 def kernel_max_rows(layer, dtype: torch.dtype) -> tuple[int, str]:
     """(the most rows the kernel should take, the measurement in words) for products shaped like `layer`
-    (an Int4Linear with llmkit's kernels) whose many-row alternative dequantises into `dtype`; NO_LIMIT:
-    any number."""
-    key = (layer.native.isa, dtype, layer.out_features, layer.in_features, torch.get_num_threads())
+    (an int4 or int8 layer with llmkit's kernels) whose many-row alternative dequantises into `dtype`;
+    NO_LIMIT: any number."""
+    key = (type(layer).__name__, layer.native.isa, dtype, layer.out_features, layer.in_features,
+           torch.get_num_threads())
     if key not in _measured:
         _measured[key] = _probe(layer, dtype)
     return _measured[key]
