@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- CPU: {cpu_name()} ({os.cpu_count()} logical cores; flags {cpu_flags()}; "
           f"torch capability {torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"- int4 group {args.group_size}; every row written and reloaded through llmkit.load; prompts "
-          "multiply by the dequantised weights, decoded tokens run the kernel named under each table "
+    print(f"- int4 group {args.group_size}; every row written and reloaded through llmkit.load; the kernel that "
+          "multiplies each quantised row, and up to how many prompt tokens, is named under each table "
           "(docs/quantization.md)")
     print("- unstructured and 2:4 pruning store zeros densely: the same bytes and the same dense kernels as fp32; "
           "heads and neurons shrink the matrices\n")

@@ -143,7 +143,10 @@ def _measure_kernel_rows(model: nn.Module) -> str:
     if not candidates:
         return ""
     largest = max(candidates, key=lambda m: m.out_features * m.in_features)
-    rows, measured = crossover.kernel_max_rows(largest, largest.compute_dtype or torch.float32)
+    dtype = largest.compute_dtype or torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):  # (fp16: the kernels take fp32 or bf16 activations)
+        return ""
+    rows, measured = crossover.kernel_max_rows(largest, dtype)
     for module in served:
         module.kernel_max_rows = rows
     if rows == crossover.NO_LIMIT:

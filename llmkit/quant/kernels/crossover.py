@@ -52,9 +52,9 @@ def _probe(layer, dtype: torch.dtype) -> tuple[int, str]:
         # the layer's two ways (its bias left out: both would add it alike)
         kernel = lambda: op(x, *args[:4], None, None, args[-1])  # noqa: E731
         matmul = lambda: F.linear(x, layer._weight_for_product(dtype))  # noqa: E731
-        kernel(), matmul()  # warm-up: first touch of the scratch buffers
         best = [float("inf"), float("inf")]
         with torch.no_grad():
+            kernel(), matmul()  # warm-up: first touch of the scratch buffers
             for _ in range(ROUNDS):
                 for i, way in enumerate((kernel, matmul)):
                     started = time.perf_counter()
