@@ -69,6 +69,7 @@ KERNEL_MAX_ROWS = 128
 # (native bf16: Zen 5's `--dtype auto`) 0.60 at 16 against dequantise + bf16 matmul 0.89.
 NATIVE_MAX_ROWS = {2: 64, 1: 24, 0: 8}
 NATIVE_MAX_ROWS_BF16 = 16
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the activations llmkit's kernels take (fp16 dequantises)
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ class _KernelLinear(nn.Module):
         return floor if self.kernel_max_rows is None else max(floor, self.kernel_max_rows)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._native_op is not None and x.is_cpu:
+        if self._native_op is not None and x.is_cpu and x.dtype in NATIVE_DTYPES:
             n = x.numel() // self.in_features
             if n == 1 or n <= self.native_max_rows():  # one call: reshape, AWQ, bias, dtype inside
                 y = self._native_op(x, *self._native_args)

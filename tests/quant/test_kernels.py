@@ -115,6 +115,18 @@ def test_layers_use_the_native_kernel_with_bf16_inputs_awq_and_bf16_bias():
 
 
 @needs_native
+def test_fp16_activations_take_the_dequantised_path():
+    """The kernels take fp32 or bf16 activations; an fp16 model (`--dtype fp16`) multiplies by the
+    dequantised weight in fp16 instead of failing in the kernel's argument check."""
+    layer = Int4Linear(torch.nn.Linear(256, 40).half())  # an fp16 model's layer: computes in fp16
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6))
+    expected = x @ layer.dequantize(torch.float32).t() + layer.bias.float()
+    got = layer(x.half())
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, atol=0.02, rtol=2 ** -9)  # fp16 rounding: 2^-11 relative
+
+
+@needs_native
 def test_an_int4_model_decodes_in_fp32_like_its_dequantised_model():
     """With fp32 activations the kernel leaves only summation order between the int4 model and an fp32
     model holding the dequantised weights: logits within 1e-5 of their scale (the bf16 path of torch's
