@@ -31,7 +31,8 @@ import torch
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "lowbit.cpp", HERE / "decode_block.cpp"]  # compiled and linked into one library
-HEADERS = [HERE / "lowbit.h", HERE / "one_row.inc", HERE / "many_rows.inc", HERE / "attend_vec.inc"]  # included by the sources
+HEADERS = [HERE / "lowbit.h", HERE / "wide.inc", HERE / "one_row.inc", HERE / "many_rows.inc",
+           HERE / "attend_vec.inc"]  # included by the sources
 NAME = "llmkit_lowbit"
 SWITCH = "LLMKIT_NATIVE_KERNELS"  # "0": never build or load them (pure PyTorch)
 # -ffp-contract=off: no fused multiply-add where the source writes a product and a sum, so the

@@ -13,13 +13,13 @@
 // is a dot product of codes with x and each group costs one scaling.
 //
 // Which loop runs (product(), run()): one activation row (decoding one sequence) takes four output rows
-// side by side (one_row_*: their FMA chains overlap, the codes are prefetched ahead); a few rows (a small
-// decoding batch) go in tiles of WIDE_ROWS rows that share each expansion of the weights into their
-// dequantised fp32 values (*_wide_*: code·scale + minimum, rounded as the Python reference rounds it);
+// side by side (one_row.inc: their FMA chains overlap, the codes are prefetched ahead); a few rows (a
+// small decoding batch) go in tiles of WIDE_ROWS rows that share each expansion of the weights into their
+// dequantised fp32 values (wide.inc: code·scale + minimum, rounded as the Python reference rounds it);
 // from MANY_MIN_ROWS rows on (a prompt, a large batch) each band of weights is expanded once into a
-// cached panel for all rows (many_rows.inc); rows_* (the first kernel, per-group sums for up to 4 rows)
-// remains for remainders and the portable path. All accumulate in fp32; the tests bound each against
-// the dequantised fp32 matmul.
+// cached panel for all rows (many_rows.inc). Each is written once and compiled per vector width; the
+// portable path (*_rows_portable: per-group sums for up to 4 rows) serves other CPUs. All accumulate in
+// fp32; the tests bound each against the dequantised fp32 matmul.
 //
 // The vector width is chosen at run time (the `isa` argument: 2 AVX-512, 1 AVX2, 0 portable C++) from
 // what the CPU reports and what torch's own kernels use (ATEN_CPU_CAPABILITY), one binary for all.
@@ -32,7 +32,7 @@ namespace llmkit_lowbit {
 namespace {
 
 constexpr int MAX_ROWS = 4;    // activation rows sharing one expansion of the weights
-// int4, two rows or more: rows per tile of the kernel that expands the weights fully (int4_wide_*).
+// Two rows or more: rows per tile of the kernel that expands the weights fully (wide.inc).
 // Measured on SmolLM2's four block layers (1 thread, CPU time, Zen 5): tiles of 4 rows 0.071 ms a row
 // (AVX-512) and 0.09-0.10 (AVX2), against 0.10 and 0.14-0.15 for the per-row kernel's tiles; tiles of 8
 // were no faster on AVX-512 (0.06-0.09) and would spill AVX2's 16 registers; AVX2 tiles of 8 rows with
@@ -104,140 +104,11 @@ __attribute__((always_inline)) inline void row_params(const Problem& p, int64_t 
   }
 }
 
-// Σ code·x over one group, per activation row, into acc (AVX2: 8 lanes; per block of 32 columns,
-// bytes 0..7 hold even columns 0..14 (x[0..7]) and odd 1..15 (x[16..23]); bytes 8..15: x[8..15], x[24..31])
-template <int R>
-__attribute__((target("avx2,fma"), always_inline)) inline void int4_group_avx2(const Problem& p, const uint8_t* c,
-                                                                             int64_t row0, int64_t g, __m256* acc) {
-  const __m256i low4 = _mm256_set1_epi32(15);
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK)
-    for (int half = 0; half < 2; ++half) {
-      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-      for (int r = 0; r < R; ++r) {
-        const float* x = p.x + (row0 + r) * p.K + col + 8 * half;
-        acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x), acc[r]);
-        acc[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + 16), acc[r]);
-      }
-    }
-}
-
-template <int R>
-__attribute__((target("avx2,fma"), always_inline)) inline void int8_group_avx2(const Problem& p, const uint8_t* c,
-                                                                             int64_t row0, int64_t g, __m256* acc) {
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 8) {
-    const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col))));
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
-  }
-}
-
-// Groups two at a time into two running totals, so consecutive groups' scalings do not wait on each other.
-template <int R, bool INT4>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
-  std::vector<float> sc(p.G);
-  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * row_bytes;
-    float minimum[R];
-    row_params<R>(p, n, row0, sc.data(), minimum);
-    __m256 t0[R], t1[R], a0[R], a1[R];
-    for (int r = 0; r < R; ++r) t0[r] = t1[r] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 1 < p.G; g += 2) {
-      if (INT4) {
-        int4_group_avx2<R>(p, c, row0, g, a0);
-        int4_group_avx2<R>(p, c, row0, g + 1, a1);
-      } else {
-        int8_group_avx2<R>(p, c, row0, g, a0);
-        int8_group_avx2<R>(p, c, row0, g + 1, a1);
-      }
-      const __m256 s0 = _mm256_broadcast_ss(sc.data() + g), s1 = _mm256_broadcast_ss(sc.data() + g + 1);
-      for (int r = 0; r < R; ++r) {
-        t0[r] = _mm256_fmadd_ps(s0, a0[r], t0[r]);
-        t1[r] = _mm256_fmadd_ps(s1, a1[r], t1[r]);
-      }
-    }
-    if (g < p.G) {
-      if (INT4) int4_group_avx2<R>(p, c, row0, g, a0); else int8_group_avx2<R>(p, c, row0, g, a0);
-      const __m256 s0 = _mm256_broadcast_ss(sc.data() + g);
-      for (int r = 0; r < R; ++r) t0[r] = _mm256_fmadd_ps(s0, a0[r], t0[r]);
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(t0[r], t1[r])) + minimum[r] + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void int4_group_avx512(
-    const Problem& p, const uint8_t* c, int64_t row0, int64_t g, __m512* acc) {
-  const __m512i low4 = _mm512_set1_epi32(15);
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-    for (int r = 0; r < R; ++r) {
-      const float* x = p.x + (row0 + r) * p.K + col;
-      acc[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc[r]);
-      acc[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc[r]);
-    }
-  }
-}
-
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"), always_inline)) inline void int8_group_avx512(
-    const Problem& p, const uint8_t* c, int64_t row0, int64_t g, __m512* acc) {
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
-    const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col))));
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.x + (row0 + r) * p.K + col), acc[r]);
-  }
-}
-
-template <int R, bool INT4>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void rows_avx512(const Problem& p, int64_t row0, int64_t n0,
-                                                                          int64_t n1) {
-  std::vector<float> sc(p.G);
-  const int64_t row_bytes = INT4 ? p.K / 2 : p.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * row_bytes;
-    float minimum[R];
-    row_params<R>(p, n, row0, sc.data(), minimum);
-    __m512 t0[R], t1[R], a0[R], a1[R];
-    for (int r = 0; r < R; ++r) t0[r] = t1[r] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 1 < p.G; g += 2) {
-      if (INT4) {
-        int4_group_avx512<R>(p, c, row0, g, a0);
-        int4_group_avx512<R>(p, c, row0, g + 1, a1);
-      } else {
-        int8_group_avx512<R>(p, c, row0, g, a0);
-        int8_group_avx512<R>(p, c, row0, g + 1, a1);
-      }
-      const __m512 s0 = _mm512_set1_ps(sc[g]), s1 = _mm512_set1_ps(sc[g + 1]);
-      for (int r = 0; r < R; ++r) {
-        t0[r] = _mm512_fmadd_ps(s0, a0[r], t0[r]);
-        t1[r] = _mm512_fmadd_ps(s1, a1[r], t1[r]);
-      }
-    }
-    if (g < p.G) {
-      if (INT4) int4_group_avx512<R>(p, c, row0, g, a0); else int8_group_avx512<R>(p, c, row0, g, a0);
-      const __m512 s0 = _mm512_set1_ps(sc[g]);
-      for (int r = 0; r < R; ++r) t0[r] = _mm512_fmadd_ps(s0, a0[r], t0[r]);
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] =
-          _mm512_reduce_add_ps(_mm512_add_ps(t0[r], t1[r])) + minimum[r] + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
 // One activation row (decoding one sequence): NB output rows at a time, so that their NB chains of
 // FMAs run side by side (one output row's chain left the core waiting on FMA latency: 15 G MACs/s on
 // Zen 5 against 41 for four activation rows) and each load of x serves NB rows. The arithmetic per
-// output row is rows_*'s: per group Σ code·x, scaled once, plus the offset term from row_params.
+// output row is the portable kernel's: per group Σ code·x, scaled once, plus the offset term from
+// row_params.
 constexpr int NB = 4;
 
 // The NB rows' codes are read side by side, which the hardware prefetchers follow worse than one row
@@ -261,16 +132,15 @@ inline void prefetch_ahead(const uint8_t* block, int64_t block_bytes, int64_t g,
 constexpr int64_t PANEL_BYTES = int64_t{1} << 17;
 constexpr int64_t TASKS_PER_THREAD = 4;  // a small weight still spreads over every thread
 
-// Written once (one_row.inc, many_rows.inc) and compiled for each vector width with its operations
-// (lowbit.h); the rows after the last whole group of NB go to that width's rows_* kernel.
+// Written once (wide.inc, one_row.inc, many_rows.inc) and compiled for each vector width with its
+// operations (lowbit.h); the one-row kernel's last output rows, after its whole groups of NB, go to wide<1>.
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
 namespace on_avx512 {
 using namespace llmkit_lowbit::avx512;
 constexpr int MANY_MR = 6, MANY_NR = 4, MANY_MIN_ROWS = 6;
-template <bool INT4>
-void remaining_rows(const Problem& p, int64_t row0, int64_t n0, int64_t n1) { rows_avx512<1, INT4>(p, row0, n0, n1); }
+#include "wide.inc"
 #include "one_row.inc"
 #include "many_rows.inc"
 }  // namespace on_avx512
@@ -281,118 +151,11 @@ void remaining_rows(const Problem& p, int64_t row0, int64_t n0, int64_t n1) { ro
 namespace on_avx2 {
 using namespace llmkit_lowbit::avx2;
 constexpr int MANY_MR = 4, MANY_NR = 3, MANY_MIN_ROWS = 8;
-template <bool INT4>
-void remaining_rows(const Problem& p, int64_t row0, int64_t n0, int64_t n1) { rows_avx2<1, INT4>(p, row0, n0, n1); }
+#include "wide.inc"
 #include "one_row.inc"
 #include "many_rows.inc"
 }  // namespace on_avx2
 #pragma GCC pop_options
-
-// Many rows (a batch decoding together): each block of 32 columns is expanded once into the dequantised
-// weights themselves, code·scale + (offset − 8·scale) rounded as the Python reference rounds them, and
-// multiplied into all R rows, so the per-group scaling is paid once for the R rows rather than per row.
-// Two accumulators per row (even and odd columns): 2R independent FMA chains.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int4_wide_avx512(const Problem& p, int64_t row0,
-                                                                               int64_t n0, int64_t n1) {
-  const __m512i low4 = _mm512_set1_epi32(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * (p.K / 2);
-    __m512 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const float scale = bf16_to_float(p.scales[n * p.G + g]);
-      const __m512 s = _mm512_set1_ps(scale), minimum = _mm512_set1_ps(bf16_to_float(p.offsets[n * p.G + g]) - 8.f * scale);
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col / 2)));
-        const __m512 lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), s), minimum);
-        const __m512 hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), s), minimum);
-        const float* x = p.x + row0 * p.K + col;
-        for (int r = 0; r < R; ++r) {
-          even[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + r * p.K), even[r]);
-          odd[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + r * p.K + 16), odd[r]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r])) + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
-template <int R>
-__attribute__((target("avx2,fma"))) void int4_wide_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
-  const __m256i low4 = _mm256_set1_epi32(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* c = p.codes + n * (p.K / 2);
-    __m256 even[R], odd[R];
-    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const float scale = bf16_to_float(p.scales[n * p.G + g]);
-      const __m256 s = _mm256_set1_ps(scale), minimum = _mm256_set1_ps(bf16_to_float(p.offsets[n * p.G + g]) - 8.f * scale);
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK)
-        for (int half = 0; half < 2; ++half) {
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col / 2 + 8 * half)));
-          const __m256 lo = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, low4)), s), minimum);
-          const __m256 hi = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), s), minimum);
-          const float* x = p.x + row0 * p.K + col + 8 * half;
-          for (int r = 0; r < R; ++r) {
-            even[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + r * p.K), even[r]);
-            odd[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + r * p.K + 16), odd[r]);
-          }
-        }
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(even[r], odd[r])) + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
-// int8 likewise: code·scale (the dequantised weight as the reference rounds it) once per tile of rows.
-template <int R>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int8_wide_avx512(const Problem& p, int64_t row0,
-                                                                               int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-    __m512 first[R], second[R];
-    for (int r = 0; r < R; ++r) first[r] = second[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const __m512 s = _mm512_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += BLOCK) {
-        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col)))), s);
-        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + col + 16)))), s);
-        const float* x = p.x + row0 * p.K + col;
-        for (int r = 0; r < R; ++r) {
-          first[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * p.K), first[r]);
-          second[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * p.K + 16), second[r]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(first[r], second[r])) + (p.bias ? p.bias[n] : 0.f);
-  }
-}
-
-template <int R>
-__attribute__((target("avx2,fma"))) void int8_wide_avx2(const Problem& p, int64_t row0, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* c = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
-    __m256 first[R], second[R];
-    for (int r = 0; r < R; ++r) first[r] = second[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < p.G; ++g) {
-      const __m256 s = _mm256_set1_ps(bf16_to_float(p.scales[n * p.G + g]));
-      for (int64_t col = g * p.group; col < (g + 1) * p.group; col += 16) {
-        const __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col)))), s);
-        const __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + col + 8)))), s);
-        const float* x = p.x + row0 * p.K + col;
-        for (int r = 0; r < R; ++r) {
-          first[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * p.K), first[r]);
-          second[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * p.K + 8), second[r]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      p.out[(row0 + r) * p.N + n] = sum_avx2(_mm256_add_ps(first[r], second[r])) + (p.bias ? p.bias[n] : 0.f);
-  }
-}
 
 // ---- int8 --------------------------------------------------------------------------------------
 
@@ -416,7 +179,7 @@ void int8_rows_portable(const Problem& p, int64_t row0, int64_t n0, int64_t n1) 
 
 using RowsFn = void (*)(const Problem&, int64_t, int64_t, int64_t);
 
-// the portable kernels of r ≤ MAX_ROWS rows (the vector paths run one_row_* and *_wide_*)
+// the portable kernels of r ≤ MAX_ROWS rows (the vector paths run one_row, wide and product_many)
 RowsFn portable_rows(bool int4, int r) {
   switch (r) {
     case 1: return int4 ? int4_rows_portable<1> : int8_rows_portable<1>;
@@ -433,8 +196,8 @@ RowsFn one_row_kernel(bool int4, int64_t isa) {
 
 template <int R>
 RowsFn wide_of(bool int4, int64_t isa) {
-  if (int4) return isa >= 2 ? int4_wide_avx512<R> : int4_wide_avx2<R>;
-  return isa >= 2 ? int8_wide_avx512<R> : int8_wide_avx2<R>;
+  if (int4) return isa >= 2 ? on_avx512::wide<R, true> : on_avx2::wide<R, true>;
+  return isa >= 2 ? on_avx512::wide<R, false> : on_avx2::wide<R, false>;
 }
 
 RowsFn wide_kernel(bool int4, int64_t isa, int64_t r) {

@@ -49,6 +49,7 @@ constexpr int64_t LANES = 16;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vset1(float x) { return _mm512_set1_ps(x); }
 inline Vec vmul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {  // the four vectors' sums, in order
@@ -78,7 +79,7 @@ inline void expand_block(const uint8_t* c, Vec s, Vec minimum, float* out) {
   const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
   const __m128i part[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // columns 0-15, 16-31
   for (int i = 0; i < 2; ++i)
-    vstore(out + 16 * i, _mm512_add_ps(vmul(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i])), s), minimum));
+    vstore(out + 16 * i, vadd(vmul(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part[i])), s), minimum));
 }
 }  // namespace avx512
 #pragma GCC pop_options
@@ -92,6 +93,7 @@ constexpr int64_t LANES = 8;
 inline Vec vzero() { return _mm256_setzero_ps(); }
 inline Vec vset1(float x) { return _mm256_set1_ps(x); }
 inline Vec vmul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec vadd(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return sum_avx2(v); }
 inline __m128 vsum4(Vec a, Vec b, Vec c, Vec d) {  // the four vectors' sums, in order
@@ -115,7 +117,7 @@ inline void expand_block(const uint8_t* c, Vec s, Vec minimum, float* out) {  //
   const __m128i first = _mm_unpacklo_epi8(lo, hi), second = _mm_unpackhi_epi8(lo, hi);
   const __m128i part[4] = {first, _mm_unpackhi_epi64(first, first), second, _mm_unpackhi_epi64(second, second)};
   for (int i = 0; i < 4; ++i)
-    vstore(out + 8 * i, _mm256_add_ps(vmul(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[i])), s), minimum));
+    vstore(out + 8 * i, vadd(vmul(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[i])), s), minimum));
 }
 }  // namespace avx2
 #pragma GCC pop_options
