@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -22,15 +21,11 @@ import pytest
 import llmkit
 from llmkit.tokenizer import Tokenizer
 from conftest import make_corpus
+from llmkit_command import llmkit_cmd
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LONG_PROMPT = "def f(x):\n    return x\n" * 60  # far more than gpt2-tiny's 128-token context
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 class Runner:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from post_training_helpers import addition_records, easy_preferences, save_tiny_model, write_jsonl
+from llmkit_command import llmkit_cmd
 
 FAST = ("--steps", "3", "--batch-size", "4", "--eval-interval", "3", "--eval-batches", "1", "--log-interval", "1",
         "--lr", "3e-3", "--warmup-steps", "1", "--seed", "0")
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 def run_all(cwd: Path, commands: dict[str, tuple]) -> dict[str, subprocess.CompletedProcess]:

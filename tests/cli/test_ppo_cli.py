@@ -8,13 +8,12 @@ import json
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import llmkit
 from ppo_helpers import make_tiny_model
+from llmkit_command import llmkit_cmd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY_FLAGS = ("--rollout-batch", "4", "--minibatch-size", "2", "--max-new-tokens", "4", "--threads", "1",
@@ -34,11 +33,6 @@ BAD_REWARDS = {
     "no_module": ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
     "not_a_number": ("toy_rewards:not_a_number", "expected a finite number"),
 }
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 @pytest.fixture(scope="module")

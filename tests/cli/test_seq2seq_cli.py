@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 import llmkit
 from conftest import make_corpus
 from llmkit.training.seq2seq_demo import ONES, TENS
+from llmkit_command import llmkit_cmd
 
 TINY = ["--seq-len", "64", "--batch-size", "4", "--vocab-size", "400", "--eval-interval", "3", "--eval-batches",
         "1", "--threads", "1", "--log-interval", "1"]
@@ -32,11 +32,6 @@ BAD = {
                      ":3: field 'target' is empty"),
     "not_utf8": (b'{"source": "a", "target": "b"}\n{"source": "caf\xe9", "target": "b"}\n', ":2: not UTF-8 text"),
 }
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 class Runner:

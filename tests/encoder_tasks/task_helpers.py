@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +14,7 @@ from llmkit.config import preset
 from llmkit.io.weights import model_tensors
 from llmkit.models.build import build_model
 from llmkit.tokenizer import Tokenizer
+from llmkit_command import llmkit_cmd
 
 
 def tiny_encoder(directory: Path, texts: Iterable[str], *, name: str = "bert-tiny", vocab: int = 700,
@@ -29,11 +29,6 @@ def tiny_encoder(directory: Path, texts: Iterable[str], *, name: str = "bert-tin
     save_file({k: v.contiguous() for k, v in model_tensors(model).items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps({"format": "llmkit", "model": model.cfg.to_dict()}))
     return directory
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 class Runner:

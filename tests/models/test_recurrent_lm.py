@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from llmkit.inference.sampling import SamplingParams
 from llmkit.inference.state_cache import StateCache
 from llmkit.models.causal_lm import CausalLM
 from conftest import make_corpus
+from llmkit_command import llmkit_cmd
 
 BODIES = ("rwkv", "mamba")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 40, 41, 42]]
@@ -71,11 +71,6 @@ def test_state_size_is_constant_in_sequence_length(body):
 
 
 # ---- the command line ---------------------------------------------------------------------------
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
-
 
 def run(*args, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "LLMKIT_FAULT_AT"}

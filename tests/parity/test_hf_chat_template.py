@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE
 from llmkit.training.sft import sft
 from post_training_helpers import (CHATML, addition_records, fast_config, save_tiny_hf_chat_model, save_tiny_model,
                                    write_jsonl)
+from llmkit_command import llmkit_cmd
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,11 +29,6 @@ CONVERSATIONS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."},
      {"role": "assistant", "content": "hello"}, {"role": "user", "content": "And again, twice?"}],
 ]
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 def assert_same_chats(lm: "llmkit.LanguageModel", out: Path) -> None:

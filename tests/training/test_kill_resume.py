@@ -10,7 +10,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from llmkit.io.checkpoint import (FAULT_ENV, latest_checkpoint, list_checkpoints
 from llmkit.training.config import TrainConfig
 from llmkit.training.pretrain import pretrain
 from train_helpers import TOL, _one_thread, assert_losses_equal, corpus, max_tensor_diff, train_losses  # noqa: F401 (corpus, _one_thread: fixtures)
+from llmkit_command import llmkit_cmd
 
 
 # -- kill -9 during a checkpoint save (T2), resumed exactly (T3) ----------------------------------
@@ -30,11 +30,6 @@ from train_helpers import TOL, _one_thread, assert_losses_equal, corpus, max_ten
 KILL_STAGES = ("after_first_file", "before_manifest", "after_manifest", "after_rename")
 KILL_FLAGS = dict(preset="gpt2-tiny", batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, min_lr_ratio=1.0,
                   eval_interval=5, eval_batches=2, log_interval=1, vocab_size=320, seed=11, threads=1)
-
-
-def llmkit_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("llmkit")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "llmkit.cli"]
 
 
 def train_args(corpus: Path, out: Path, steps: int) -> list[str]:
