@@ -206,13 +206,26 @@ def _tiny_int4(**overrides):
     return m, report
 
 
+def _with_awq_divisors(m):
+    """Give every block projection an AWQ per-channel divisor (in 0.5..1.5), as `llmkit quantize --method
+    awq` leaves them: the layer divides its input by it before the product."""
+    g = torch.Generator().manual_seed(11)
+    for block in m.stack.blocks:
+        for layer in (block.attn.qkv_proj, block.attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj):
+            layer.act_scale = torch.rand(layer.in_features, generator=g) + 0.5
+            layer._prepare_native()
+
+
 @needs_native
-@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "n_kv_heads": 1}], ids=["llama", "qwen2 (MQA)"])
-def test_a_block_in_one_native_call_decodes_as_its_layers_do(overrides):
+@pytest.mark.parametrize("overrides,awq", [({}, False), ({"qkv_bias": True, "n_kv_heads": 1}, False), ({}, True)],
+                         ids=["llama", "qwen2 (MQA)", "llama + AWQ divisors"])
+def test_a_block_in_one_native_call_decodes_as_its_layers_do(overrides, awq):
     """The whole-block step (llmkit/quant/kernels/block.py) against the same block's layers, on every
     decode step of a greedy generation: logits within 1e-5 of their scale (fp32; the steps differ in
     summation order and the softmax's exp, < 2e-7 relative), the same tokens."""
     m, report = _tiny_int4(**overrides)
+    if awq:
+        _with_awq_divisors(m)
     blocks = list(m.stack.blocks)
     assert report.block_steps == 2 and "one call per block" in report.kernel
     served = []

@@ -46,11 +46,11 @@ class BlockStep:
         self.eps = [float(block.norm1.eps), float(block.norm2.eps)]
         self.op = native.ops.decode_block.default
         self._sources: tuple = ()  # the layers' _native_args the lists below were made from
-        self._weights: tuple[list, list, list] | None = None
+        self._weights: tuple[list, list, list, list] | None = None
 
-    def _arguments(self) -> tuple[list, list, list] | None:
-        """The four projections' codes/scale/offset, groups and biases, as the op takes them, or None
-        where a layer no longer fits the step (after a .to(bf16), a bias the kernel does not add);
+    def _arguments(self) -> tuple[list, list, list, list] | None:
+        """The four projections' codes/scale/offset, groups, biases and AWQ divisors, as the op takes them,
+        or None where a layer no longer fits the step (after a .to(bf16), a bias the kernel does not add);
         remade only when a layer's kernel arguments changed (a .to() or .float() rebuilds them)."""
         q, o, gate_up, down = self.projections
         sources = (q._native_args, o._native_args, gate_up._native_args, down._native_args)
@@ -58,10 +58,11 @@ class BlockStep:
         if not known or not (sources[0] is known[0] and sources[1] is known[1] and sources[2] is known[2]
                              and sources[3] is known[3]):
             self._sources, self._weights = sources, None
-            if all(layer._native_op is not None and layer._bias_after is None and layer.act_scale is None
+            if all(layer._native_op is not None and layer._bias_after is None
+                   and (layer.act_scale is None or layer.act_scale.dtype == torch.float32)
                    for layer in self.projections):
-                weights = [t for args in sources for t in args[:3]]  # codes, scale, offset, group, bias, …
-                self._weights = (weights, [a[3] for a in sources], [a[4] for a in sources])
+                weights = [t for args in sources for t in args[:3]]  # codes, scale, offset, group, bias, AWQ, …
+                self._weights = (weights, [a[3] for a in sources], [a[4] for a in sources], [a[5] for a in sources])
         return self._weights
 
     def __call__(self, x: Tensor, args: dict) -> Tensor | None:
@@ -86,16 +87,17 @@ class BlockStep:
         arguments = self._arguments()
         if arguments is None:
             return None
-        weights, groups, biases = arguments
+        weights, groups, biases, divisors = arguments
         cos, sin = rope  # (B, 1, 1, D), or broadcast over rows
-        return self.op(x.contiguous(), weights, groups, biases, self.norms, self.eps,
+        return self.op(x.contiguous(), weights, groups, biases, divisors, self.norms, self.eps,
                        cos.reshape(-1), sin.reshape(-1), keys[index], values[index], cache.pos, visible,
                        self.heads, self.scale, self.native.isa)
 
 
 def eligible(block: nn.Module) -> bool:
     """A pre-norm block of RMSNorms, rotary self-attention with fused q/k/v (no QK-norm, no DeBERTa terms)
-    and a SwiGLU MLP, every projection on the native kernel without AWQ's divisor or a non-fp32 bias."""
+    and a SwiGLU MLP, every projection on the native kernel without a non-fp32 bias (AWQ's divisor is
+    applied in the step, as the layer applies it)."""
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
     if not (getattr(block, "pre_norm", False) and getattr(block, "cross_attn", None) is None
             and isinstance(attn, Attention) and isinstance(mlp, GatedMLP) and mlp.act is F.silu
@@ -104,7 +106,7 @@ def eligible(block: nn.Module) -> bool:
     if not (isinstance(block.norm1, RMSNorm) and isinstance(block.norm2, RMSNorm)):
         return False
     for layer in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-        if getattr(layer, "_native_op", None) is None or layer.act_scale is not None or layer._bias_after is not None:
+        if getattr(layer, "_native_op", None) is None or layer._bias_after is not None:
             return False
     return True
 

@@ -199,18 +199,27 @@ void rope(float* x, int64_t heads, int64_t D, const float* cos, const float* sin
 }  // namespace
 
 at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArrayRef groups,
-                        const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norms,
+                        const c10::List<std::optional<at::Tensor>>& biases,
+                        const c10::List<std::optional<at::Tensor>>& act_scales, at::TensorList norms,
                         at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& keys, const at::Tensor& values, int64_t pos,
                         const std::optional<at::Tensor>& visible, at::IntArrayRef heads, double scale, int64_t isa) {
-  TORCH_CHECK(weights.size() == 12 && groups.size() == 4 && biases.size() == 4 && norms.size() == 2 &&
-              eps.size() == 2 && heads.size() == 3, "decode_block: 4 weights (3 tensors each), 2 norms");
+  TORCH_CHECK(weights.size() == 12 && groups.size() == 4 && biases.size() == 4 && act_scales.size() == 4 &&
+              norms.size() == 2 && eps.size() == 2 && heads.size() == 3,
+              "decode_block: 4 weights (3 tensors each), their biases and AWQ divisors, 2 norms");
   const int64_t C = x.size(-1), H = heads[0], Hkv = heads[1], D = heads[2], B = x.size(0);
   Weight w[4];
   for (int i = 0; i < 4; ++i) w[i] = weight_of(weights[3 * i], weights[3 * i + 1], weights[3 * i + 2], groups[i], biases.get(i));
   const int64_t F = w[2].N / 2, QKV = (H + 2 * Hkv) * D;
   TORCH_CHECK(w[0].K == C && w[0].N == QKV && w[1].K == H * D && w[1].N == C && w[2].K == C &&
               w[3].K == F && w[3].N == C && H % Hkv == 0 && D % 2 == 0, "decode_block: shapes do not fit together");
+  const float* divisors[4];  // AWQ: each projection's input divided by its per-channel scale first, or null
+  for (int i = 0; i < 4; ++i) {
+    const auto& s = act_scales.get(i);
+    TORCH_CHECK(!s || (s->scalar_type() == at::kFloat && s->is_contiguous() && s->numel() == w[i].K),
+                "decode_block: an AWQ divisor must be float32 with one value per input");
+    divisors[i] = s ? s->data_ptr<float>() : nullptr;
+  }
   // fp32 or bf16 (a bf16 model: its stream, norms and cache are bf16; everything between stays fp32)
   const auto dtype = x.scalar_type();
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && B >= 1 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
@@ -230,7 +239,8 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
 
   thread_local std::vector<float> scratch;
   const int64_t rope_rows = shared_rope ? 1 : B;
-  scratch.resize(B * C + 2 * C + 2 * rope_rows * D + B * (3 * C + QKV + H * D + 3 * F + H * length));
+  const int64_t widest = std::max({C, H * D, F});  // an AWQ-divided input
+  scratch.resize(B * C + 2 * C + 2 * rope_rows * D + B * (3 * C + QKV + H * D + 3 * F + H * length) + B * widest);
   float* converted = scratch.data();  // x, the two norms and cos/sin as floats (bf16 models)
   float* y = converted + B * C + 2 * C + 2 * rope_rows * D;
   float* normed = y + B * C;
@@ -240,6 +250,18 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
   float* gate_up = projected + B * C;
   float* act = gate_up + B * 2 * F;
   float* scores = act + B * F;
+  float* divided = scores + B * H * length;
+  // product i of `in` (B rows), its input first divided by the AWQ scale where the layer has one (as the
+  // layer divides it: x / s in fp32)
+  const auto project = [&](int i, const float* in, float* out) {
+    if (divisors[i]) {
+      const int64_t K = w[i].K;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k) divided[b * K + k] = in[b * K + k] / divisors[i][k];
+      in = divided;
+    }
+    product(w[i], in, B, out, isa);
+  };
   const float* xin = floats(x, converted);
   const float* norm1 = floats(norms[0], converted + B * C);
   const float* norm2 = floats(norms[1], converted + B * C + C);
@@ -247,7 +269,7 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
   const float* sinf = floats(sin, converted + B * C + 2 * C + rope_rows * D);
 
   for (int64_t b = 0; b < B; ++b) rms_norm(xin + b * C, norm1, C, eps[0], normed + b * C);
-  product(w[0], normed, B, qkv, isa);
+  project(0, normed, qkv);
   const int64_t head_stride = keys.stride(1), time_stride = keys.stride(2), batch_stride = keys.stride(0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = shared_rope ? 0 : b;
@@ -279,12 +301,12 @@ at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArra
                                seen, QKV, batch_stride, head_stride, time_stride, H, Hkv, D, length,
                                static_cast<float>(scale), scores, attended}, B, isa);
   }
-  product(w[1], attended, B, projected, isa);
+  project(1, attended, projected);
   for (int64_t i = 0; i < B * C; ++i) y[i] = xin[i] + projected[i];
   for (int64_t b = 0; b < B; ++b) rms_norm(y + b * C, norm2, C, eps[1], normed + b * C);
-  product(w[2], normed, B, gate_up, isa);
+  project(2, normed, gate_up);
   swiglu(gate_up, B, F, act, isa);
-  product(w[3], act, B, projected, isa);
+  project(3, act, projected);
   at::Tensor out = at::empty_like(x);
   if (dtype == at::kFloat) {
     float* o = out.data_ptr<float>();

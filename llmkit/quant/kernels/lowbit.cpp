@@ -378,7 +378,8 @@ TORCH_LIBRARY(llmkit_lowbit, m) {
         "int isa) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor scale, Tensor offset, int group, int isa) -> Tensor");
   m.def("int4_dequantize_into(Tensor packed, Tensor scale, Tensor offset, int group, Tensor(a!) out, int isa) -> ()");
-  m.def("decode_block(Tensor x, Tensor[] weights, int[] groups, Tensor?[] biases, Tensor[] norms, float[] eps, "
+  m.def("decode_block(Tensor x, Tensor[] weights, int[] groups, Tensor?[] biases, Tensor?[] act_scales, "
+        "Tensor[] norms, float[] eps, "
         "Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, int pos, Tensor? visible, int[] heads, "
         "float scale, int isa) "
         "-> Tensor");

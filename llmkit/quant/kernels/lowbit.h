@@ -145,7 +145,8 @@ void product(const Weight& w, const float* x, int64_t M, float* out, int64_t isa
 
 // decode_block.cpp: a pre-norm LLaMA-style block for one new position of each row (see there)
 at::Tensor decode_block(const at::Tensor& x, at::TensorList weights, at::IntArrayRef groups,
-                        const c10::List<std::optional<at::Tensor>>& biases, at::TensorList norms,
+                        const c10::List<std::optional<at::Tensor>>& biases,
+                        const c10::List<std::optional<at::Tensor>>& act_scales, at::TensorList norms,
                         at::ArrayRef<double> eps, const at::Tensor& cos, const at::Tensor& sin,
                         const at::Tensor& keys, const at::Tensor& values, int64_t pos,
                         const std::optional<at::Tensor>& visible, at::IntArrayRef heads, double scale, int64_t isa);
