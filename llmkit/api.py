@@ -28,7 +28,7 @@ from llmkit.io.gguf import load_gguf
 from llmkit.io.gguf_reader import is_gguf_file
 from llmkit.io.hf import hf_chat_template, is_hf_dir, load_hf, refuse_pickles
 from llmkit.models.build import build_model, skip_init, tie_weights
-from llmkit.runtime import DTYPES, Runtime, decoding_shapes, make_runtime, model_device, model_dtype, resolve_device
+from llmkit.runtime import DTYPES, Runtime, decoding_shapes, dtype_name, make_runtime, model_device, model_dtype, resolve_device
 from llmkit.tokenizer import Tokenizer
 from llmkit.tokenizer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
@@ -110,13 +110,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu",
                          eos_ids=chat.eos_ids, chat_template=chat.template).placed(where, dtype)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
-
-
 def _runtime_as_loaded(model: nn.Module) -> Runtime:
     """The Runtime of a model nobody chose a precision for: where it is, in the dtype it has."""
-    return Runtime(model_device(model), _dtype_name(model_dtype(model)), torch.get_num_threads(), "as loaded")
+    return Runtime(model_device(model), dtype_name(model_dtype(model)), torch.get_num_threads(), "as loaded")
 
 
 @dataclass
@@ -149,9 +145,9 @@ class LanguageModel:
             return self
         if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():  # float64, say: no choice to make
             self.model.to(device=device, dtype=dtype)
-            self.runtime = Runtime(device, _dtype_name(dtype), torch.get_num_threads(), "as asked")
+            self.runtime = Runtime(device, dtype_name(dtype), torch.get_num_threads(), "as asked")
             return self
-        spec = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+        spec = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
         self.runtime = make_runtime(str(device), spec, shapes=decoding_shapes(self.model), training=False)
         self.model.to(device=device, dtype=self.runtime.torch_dtype)
         return self

@@ -32,6 +32,12 @@ from llmkit.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The flag's name of a torch dtype (fp32, bf16, fp16), else torch's own (float64, …)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype).removeprefix("torch."))
+
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 # A (rows, in_features, out_features) matrix product: what the probe times.
 Shape = tuple[int, int, int]

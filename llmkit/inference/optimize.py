@@ -37,7 +37,8 @@ from llmkit.errors import GenerationError
 from llmkit.layers.attention import Attention
 from llmkit.layers.feedforward import GatedMLP
 from llmkit.layers.linear import Linear
-from llmkit.layers.quantized import GROUP, Int4Linear, Int8Linear, int8_kernel_usable, is_quantized
+from llmkit.layers.quantized import (GROUP, NATIVE_DTYPES, Int4Linear, Int8Linear, int8_kernel_usable,
+                                     is_quantized)
 from llmkit.quant import kernels
 from llmkit.quant.kernels import block as block_steps
 from llmkit.quant.kernels import crossover
@@ -144,7 +145,7 @@ def _measure_kernel_rows(model: nn.Module) -> str:
         return ""
     largest = max(candidates, key=lambda m: m.out_features * m.in_features)
     dtype = largest.compute_dtype or torch.float32
-    if dtype not in (torch.float32, torch.bfloat16):  # (fp16: the kernels take fp32 or bf16 activations)
+    if dtype not in NATIVE_DTYPES:  # (fp16: the kernels take fp32 or bf16 activations)
         return ""
     rows, measured = crossover.kernel_max_rows(largest, dtype)
     for module in served:

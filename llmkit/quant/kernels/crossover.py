@@ -25,11 +25,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmkit.runtime import dtype_name
+
 PROBE_ROWS = (16, 32, 64, 128, 256, 512, 1024)
 ROUNDS = 3
 NO_LIMIT = sys.maxsize
 
-_measured: dict[tuple, tuple[int, str]] = {}  # per process: (isa, dtype, shape, threads) → (rows, reason)
+_measured: dict[tuple, tuple[int, str]] = {}  # per process: (layer type, isa, dtype, shape, threads) → answer
 
 
 def kernel_max_rows(layer, dtype: torch.dtype) -> tuple[int, str]:
@@ -45,6 +47,7 @@ def kernel_max_rows(layer, dtype: torch.dtype) -> tuple[int, str]:
 
 def _probe(layer, dtype: torch.dtype) -> tuple[int, str]:
     op, args = layer._native_op, layer._native_args
+    name = dtype_name(dtype)
     gen = torch.Generator().manual_seed(0)
     won = 0
     for rows in PROBE_ROWS:
@@ -60,7 +63,6 @@ def _probe(layer, dtype: torch.dtype) -> tuple[int, str]:
                     started = time.perf_counter()
                     way()
                     best[i] = min(best[i], time.perf_counter() - started)
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
         if best[0] > best[1]:
             return won, (f"dequantise + {name} matmul faster from {rows} rows: {best[1] * 1e3:.2f} against "
                          f"{best[0] * 1e3:.2f} ms on {layer.out_features}×{layer.in_features}")
