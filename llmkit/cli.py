@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from llmkit.commands.flag_ranges import check_flag_ranges
+from llmkit.commands.flag_ranges import check_flag_ranges, check_no_dropped_values
 from llmkit.errors import LlmkitError
 
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str] | None) -> int:
     command = "llmkit"
     try:
+        check_no_dropped_values(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         command = " ".join(["llmkit", args.command, *([args.tokenizer_command] if args.command == "tokenizer" else [])])
         check_flag_ranges(args)  # every number finite and in range, before any command runs

@@ -40,3 +40,23 @@ def check_flag_ranges(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be at most {FLAG_LIMITS[name]:,}, got {value:,}")
         if isinstance(value, int) and abs(value) >= 1 << 63:
             raise ConfigError(f"{flag} is out of range, got {value}")
+
+
+# CPython's argparse (3.11) drops a value of exactly `--` given as `--flag=--` and leaves that flag an empty
+# list, which no command expects (`llmkit explain attention --top=--` compared a list with a number: an
+# internal error; the server's explain views, which build `--flag=value` from their query, answered 500).
+DROPPED = "--"
+
+
+def dropped_value_message(flag: str) -> str:
+    return f"{flag}: '--' cannot be a value here (argparse reads it as the end of the options)"
+
+
+def check_no_dropped_values(argv: list[str]) -> None:
+    """Refuse `--flag=--` among the options (before a bare `--`), before argparse turns it into an empty list."""
+    for arg in argv:
+        if arg == "--":
+            return
+        flag, equals, value = arg.partition("=")
+        if arg.startswith("--") and equals and value == DROPPED:
+            raise ConfigError(dropped_value_message(flag))

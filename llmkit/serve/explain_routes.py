@@ -83,6 +83,7 @@ def query_flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def parse_query(view: str, parser: argparse.ArgumentParser, items: list[tuple[str, str]]) -> argparse.Namespace:
     """The query's parameters as the CLI's flags of `view`, checked as the CLI checks them."""
     from llmkit.commands.explain import check_view_flags
+    from llmkit.commands.flag_ranges import DROPPED, dropped_value_message
     from llmkit.errors import LlmkitError
 
     flags = query_flags(parser)
@@ -97,6 +98,8 @@ def parse_query(view: str, parser: argparse.ArgumentParser, items: list[tuple[st
                                     "`llmkit explain`)", param=name[:60], code="unsupported_parameter")
             raise APIError(400, f"{view} takes no parameter {name[:60]!r}; it takes format, "
                                 + ", ".join(flags), param=name[:60], code="unknown_parameter")
+        if value == DROPPED:
+            raise APIError(400, dropped_value_message(name), param=name, code="invalid_value")
         given.setdefault(name, []).append(value)
     argv = []
     for name, values in given.items():

@@ -129,6 +129,8 @@ BAD = [("attention", {"text": ""}, "text", None),
        ("attention", {"context": "5"}, "context", "takes no parameter"),
        ("attention", {"top": "x"}, "top", "invalid int value"),
        ("attention", {"top": "0"}, "top", "top must be in"),
+       ("attention", {"top": "--"}, "top", "'--' cannot be a value"),  # argparse dropped it: a 500 before
+       ("attention", {"text": "--"}, "text", "'--' cannot be a value"),
        ("attention", {"query": "dog", "keys": "b"}, "query", "not in the text"),
        ("attention", {"format": "xml"}, "format", None),
        ("attention", {"model": "/etc/passwd"}, "model", "not offered"),
