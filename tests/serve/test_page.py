@@ -95,7 +95,17 @@ def test_streamed_answer_with_markup_shows_as_text(browser, lm):
         page.close()
 
 
-def test_stop_cancels_the_answer_on_the_server(browser, lm):
+def test_stop_cancels_the_answer_on_the_server(browser, lm, monkeypatch):
+    # Each decoding step made ≥ 3 ms (4,000 tokens: ≥ 12 s), so the answer is still streaming when the
+    # page is checked and stopped: on a loaded CI machine the tiny model once finished all 4,000 tokens
+    # between the page showing "more more" and the check of the stop button.
+    forward = lm.model.forward
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.003)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", slowed)
     with running_server(lm) as url:
         page = open_page(browser, url)
         ask(page, "Tell me everything.", 4000)
